@@ -1,0 +1,34 @@
+# DMAT: the two commands users need are `make repro` and `make test`; each installs what it needs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+INSTALLED := $(VENV)/.dmat-installed
+
+.PHONY: install repro test lint bench clean-venv
+
+# Create .venv if missing and install the pinned dependencies plus the package (editable).
+$(INSTALLED): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+install: $(INSTALLED)
+
+# Rebuild the whole pipeline with the committed params.yaml.
+repro: install
+	PATH="$(BIN):$$PATH" $(BIN)/dvc repro
+
+# Lint, then the whole test suite (slow end-to-end tests included).
+test: install lint
+	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+# Speed and memory figures (not tests): see benchmarks/README.md.
+bench: install
+	PATH="$(BIN):$$PATH" $(BIN)/python -m benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

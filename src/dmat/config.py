@@ -1,0 +1,285 @@
+"""Typed, validated `params.yaml`.
+
+Every section of params.yaml is a frozen dataclass below. Loading walks the YAML against those
+dataclasses: an unknown key, a value of the wrong type or a value outside its allowed range raises
+`ParamsError` with a one-line message naming the key, the bad value and what is allowed. The CLI
+turns that error into exit code 2 before any stage writes anything.
+
+Field constraints live in the field's metadata (`allowed(...)`); `Literal[...]` types give the
+allowed choices; `X | None` makes a key nullable. Floats also accept fractions such as "8/255".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn")
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used: names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Inclusive numeric bounds (None = unbounded) and, for strings, a regular expression."""
+
+    min: float | None = None
+    max: float | None = None
+    pattern: str | None = None
+
+    def describe(self) -> str:
+        if self.pattern is not None:
+            return f"matching /{self.pattern}/"
+        if self.min is not None and self.max is not None:
+            return f"between {_fmt(self.min)} and {_fmt(self.max)}"
+        if self.min is not None:
+            return f">= {_fmt(self.min)}"
+        if self.max is not None:
+            return f"<= {_fmt(self.max)}"
+        return ""
+
+
+def allowed(default: Any, *, min: float | None = None, max: float | None = None, pattern: str | None = None):
+    """A dataclass field with a default and bounds checked at load time."""
+    if isinstance(default, list | dict):
+        raise TypeError("use immutable defaults (tuples) in config dataclasses")
+    return field(default=default, metadata={"bounds": Bounds(min, max, pattern)})
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else repr(number)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections. Each stage reads only its own section (plus `base`).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Settings every stage shares."""
+
+    seed: int = allowed(0, min=0, max=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = allowed(0, min=0, max=1024)  # 0 = let torch decide
+    experiment: str = allowed("dmat", pattern=r"^[\w.\- /]{1,200}$")  # MLflow experiment name
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `prepare` stage: where real data comes from and how it is split."""
+
+    # Dataset name: picks the torchvision dataset and the classifier's normalisation constants.
+    name: str = allowed("cifar10", pattern=r"^[a-z0-9_\-]{1,64}$")
+    source: Literal["torchvision", "imagefolder", "npz"] = "imagefolder"
+    # imagefolder: a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*;
+    # npz: a directory with train.npz and test.npz; torchvision: the download/cache directory.
+    path: str = allowed("../shared/data/cifar10-jpeg.tar.gz", pattern=r"^.{1,4096}$")
+    val_size: int = allowed(1024, min=0)  # held out of the training images before any subsetting
+    train_limit: int | None = allowed(None, min=1)  # class-stratified seeded subset; null = all
+    test_limit: int | None = allowed(None, min=1)
+    resize: tuple[int, int] | None = allowed(None, min=1, max=4096)  # [height, width]; null = reject other sizes
+    classes: tuple[str, ...] | None = None  # class names for npz files that carry none
+
+    def check(self) -> None:
+        if self.source == "torchvision" and self.name not in TORCHVISION_DATASETS:
+            raise ParamsError(
+                f"data.name = {self.name!r} is not allowed with data.source = 'torchvision': "
+                f"expected one of {', '.join(TORCHVISION_DATASETS)}"
+            )
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml."""
+
+    base: BaseConfig = field(default_factory=BaseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation.
+# --------------------------------------------------------------------------------------------
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises ParamsError naming the first bad key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot read params file: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if raw is None:
+        raw = {}
+    try:
+        return parse_params(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate an already-parsed params mapping."""
+    return _parse_dataclass(Params, raw, key="")
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """A config object as plain YAML-friendly data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _parse_dataclass(cls: type, raw: Any, key: str) -> Any:
+    where = key or "the top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where} = {_show(raw)} is not allowed: expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, raw)) - set(fields))
+    if unknown:
+        name = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ParamsError(f"{name} is not a known key: allowed keys {'in ' + key if key else 'are'}: "
+                          f"{', '.join(fields)}")
+    values = {}
+    for name, spec in fields.items():
+        if name in raw:
+            child_key = f"{key}.{name}" if key else name
+            bounds = spec.metadata.get("bounds", Bounds())
+            values[name] = _parse_value(hints[name], raw[name], child_key, bounds)
+    config = cls(**values)
+    if hasattr(config, "check"):
+        config.check()
+    return config
+
+
+def _parse_value(tp: Any, value: Any, key: str, bounds: Bounds) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None:
+            return None
+        if len(inner) != 1:
+            raise TypeError(f"unsupported union type for {key}")
+        return _parse_value(inner[0], value, key, bounds)
+    if value is None:
+        raise ParamsError(f"{key} = null is not allowed: expected {_expected(tp, bounds)}")
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, key)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise ParamsError(f"{key} = {_show(value)} is not allowed: expected one of "
+                              f"{', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        return _parse_tuple(args, value, key, bounds)
+    return _parse_scalar(tp, value, key, bounds)
+
+
+def _parse_tuple(args: tuple, value: Any, key: str, bounds: Bounds) -> tuple:
+    if not isinstance(value, list):
+        raise ParamsError(f"{key} = {_show(value)} is not allowed: expected a list")
+    if len(args) == 2 and args[1] is Ellipsis:
+        item_types = [args[0]] * len(value)
+    else:
+        item_types = list(args)
+        if len(value) != len(item_types):
+            raise ParamsError(f"{key} = {_show(value)} is not allowed: expected a list of "
+                              f"{len(item_types)} values")
+    pairs = enumerate(zip(item_types, value, strict=True))
+    return tuple(_parse_value(t, v, f"{key}[{i}]", bounds) for i, (t, v) in pairs)
+
+
+def _parse_scalar(tp: type, value: Any, key: str, bounds: Bounds) -> Any:
+    def bad() -> ParamsError:
+        return ParamsError(f"{key} = {_show(value)} is not allowed: expected {_expected(tp, bounds)}")
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif tp is float:
+        value = _to_float(value)
+        if value is None:
+            raise bad()
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        if bounds.pattern is not None and not re.fullmatch(bounds.pattern, value):
+            raise bad()
+        return value
+    else:
+        raise TypeError(f"unsupported config type {tp!r} for {key}")
+    if (bounds.min is not None and value < bounds.min) or (bounds.max is not None and value > bounds.max):
+        raise bad()
+    return value
+
+
+def _to_float(value: Any) -> float | None:
+    """A finite float from a number or a fraction string such as "8/255"; None if it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*", value)
+        try:
+            value = float(match[1]) / float(match[2]) if match else float(value)
+        except (ValueError, ZeroDivisionError):
+            return None
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _expected(tp: Any, bounds: Bounds) -> str:
+    names = {int: "an integer", float: "a number (fractions like 8/255 are fine)", bool: "true or false",
+             str: "a string"}
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    text = names.get(tp, str(tp))
+    extra = bounds.describe()
+    return f"{text} {extra}".strip()
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value).replace("None", "null")
+    return text if len(text) <= 80 else text[:77] + "..."

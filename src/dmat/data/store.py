@@ -1,0 +1,210 @@
+"""The canonical array store (DESIGN.md §3): every dataset the pipeline writes.
+
+A store is a directory holding
+  images.npy  uint8, N×H×W×C, always opened memory-mapped,
+  labels.npy  int64, N,
+  meta.json   class names, shape, per-class counts, source, sha256 of both array files.
+
+Writers fill a pre-allocated memory-mapped file and publish the directory with one rename, so a
+reader sees either the previous store or the complete new one, and millions of images never need
+to sit in RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmat.fsutil import atomic_path, sha256_file
+
+IMAGES_FILE = "images.npy"
+LABELS_FILE = "labels.npy"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+class StoreError(ValueError):
+    """A store that is missing, corrupt or inconsistent; the message names the path."""
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    classes: tuple[str, ...]
+    shape: tuple[int, int, int, int]  # N, H, W, C
+    class_counts: tuple[int, ...]
+    source: dict[str, Any]
+    images_sha256: str
+    labels_sha256: str
+
+    @property
+    def digest(self) -> str:
+        """One sha256 for the store: it changes when either array file changes."""
+        return hashlib.sha256(f"{self.images_sha256}:{self.labels_sha256}".encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "classes": list(self.classes),
+            "shape": list(self.shape),
+            "class_counts": dict(zip(self.classes, self.class_counts, strict=True)),
+            "source": self.source,
+            "sha256": {"images": self.images_sha256, "labels": self.labels_sha256, "store": self.digest},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoreMeta:
+        classes = tuple(data["classes"])
+        return cls(
+            classes=classes,
+            shape=tuple(int(v) for v in data["shape"]),  # type: ignore[arg-type]
+            class_counts=tuple(int(data["class_counts"][c]) for c in classes),
+            source=dict(data["source"]),
+            images_sha256=str(data["sha256"]["images"]),
+            labels_sha256=str(data["sha256"]["labels"]),
+        )
+
+
+class ArrayStore:
+    """A read-only view of a canonical store; `images` is memory-mapped."""
+
+    def __init__(self, path: Path, images: np.ndarray, labels: np.ndarray, meta: StoreMeta):
+        self.path = path
+        self.images = images
+        self.labels = labels
+        self.meta = meta
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = False) -> ArrayStore:
+        """Open a store, checking its files agree with meta.json; `verify` also re-hashes both arrays."""
+        path = Path(path)
+        meta = _read_meta(path)
+        images = _load_array(path / IMAGES_FILE, np.uint8, 4)
+        labels = _load_array(path / LABELS_FILE, np.int64, 1)
+        if images.shape != meta.shape or labels.shape[0] != images.shape[0]:
+            raise StoreError(f"{path}: images {images.shape} and labels {labels.shape} do not match "
+                             f"meta.json shape {meta.shape}")
+        if verify:
+            for name, expected in ((IMAGES_FILE, meta.images_sha256), (LABELS_FILE, meta.labels_sha256)):
+                if sha256_file(path / name) != expected:
+                    raise StoreError(f"{path / name}: sha256 differs from meta.json: the file is corrupt "
+                                     "or was changed after it was written")
+        return cls(path, images, labels, meta)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.meta.classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def digest(self) -> str:
+        return self.meta.digest
+
+
+def _read_meta(path: Path) -> StoreMeta:
+    if not path.is_dir():
+        raise StoreError(f"{path}: store directory not found")
+    try:
+        return StoreMeta.from_json(json.loads((path / META_FILE).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise StoreError(f"{path / META_FILE}: missing: not a canonical store") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise StoreError(f"{path / META_FILE}: unreadable store metadata ({err!r})") from None
+
+
+def _load_array(file: Path, dtype: type, ndim: int) -> np.ndarray:
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise StoreError(f"{file}: missing") from None
+    except (ValueError, OSError) as err:
+        raise StoreError(f"{file}: not a readable .npy array ({err})") from None
+    if array.dtype != dtype or array.ndim != ndim:
+        raise StoreError(f"{file}: expected {np.dtype(dtype).name} with {ndim} dimensions, "
+                         f"found {array.dtype} with shape {array.shape}")
+    return array
+
+
+class StoreWriter:
+    """Fill a new store slice by slice, then publish it atomically with `commit()`.
+
+    Use as a context manager: leaving the block without `commit()` (an error, a kill) leaves no
+    trace at the target path.
+    """
+
+    def __init__(self, tmp_dir: Path, size: int, image_shape: Sequence[int], classes: Sequence[str]):
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (H, W, C), got {tuple(image_shape)}")
+        self.dir = tmp_dir
+        self.classes = tuple(classes)
+        self.images = np.lib.format.open_memmap(tmp_dir / IMAGES_FILE, mode="w+", dtype=np.uint8,
+                                                shape=(size, *image_shape))
+        self.labels = np.lib.format.open_memmap(tmp_dir / LABELS_FILE, mode="w+", dtype=np.int64,
+                                                shape=(size,))
+        self._written = np.zeros(size, dtype=bool)
+
+    def write(self, rows: slice | np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+        """Write images (uint8 N×H×W×C) and their labels into `rows` (a slice or an index array)."""
+        rows = np.arange(len(self.labels))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        if images.dtype != np.uint8 or images.shape[1:] != self.images.shape[1:]:
+            expected = ", ".join(map(str, self.images.shape[1:]))
+            raise ValueError(f"images must be uint8 with shape (N, {expected}), got {images.dtype} {images.shape}")
+        if not len(rows) == len(images) == len(labels):
+            raise ValueError(f"{len(rows)} rows, {len(images)} images and {len(labels)} labels do not match")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
+            raise ValueError(f"labels must lie in [0, {len(self.classes)}), got [{labels.min()}, {labels.max()}]")
+        self.images[rows] = images
+        self.labels[rows] = labels
+        self._written[rows] = True
+
+    def finish(self, source: dict[str, Any]) -> StoreMeta:
+        missing = np.flatnonzero(~self._written)
+        if len(missing):
+            raise ValueError(f"{len(missing)} rows of the store were never written (first: {missing[0]})")
+        self.images.flush()
+        self.labels.flush()
+        counts = np.bincount(np.asarray(self.labels), minlength=len(self.classes))
+        meta = StoreMeta(
+            classes=self.classes,
+            shape=tuple(self.images.shape),  # type: ignore[arg-type]
+            class_counts=tuple(int(c) for c in counts),
+            source=source,
+            images_sha256=sha256_file(self.dir / IMAGES_FILE),
+            labels_sha256=sha256_file(self.dir / LABELS_FILE),
+        )
+        del self.images, self.labels  # close the memory maps before the directory is renamed
+        (self.dir / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n",
+                                          encoding="utf-8")
+        return meta
+
+
+@contextlib.contextmanager
+def create_store(path: str | Path, size: int, image_shape: Sequence[int], classes: Sequence[str],
+                 source: dict[str, Any]) -> Iterator[StoreWriter]:
+    """Context manager: yields a writer; on a clean exit the finished store replaces `path`."""
+    with atomic_path(path, directory=True) as tmp:
+        writer = StoreWriter(tmp, size, image_shape, classes)
+        yield writer
+        writer.finish(source)
+
+
+def write_store(path: str | Path, images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                source: dict[str, Any], *, chunk: int = 4096) -> ArrayStore:
+    """Write in-memory (or memory-mapped) arrays as a store, chunk by chunk."""
+    with create_store(path, len(images), images.shape[1:], classes, source) as writer:
+        for start in range(0, len(images), chunk):
+            block = slice(start, min(start + chunk, len(images)))
+            writer.write(block, np.asarray(images[block]), np.asarray(labels[block]))
+    return ArrayStore.open(path)

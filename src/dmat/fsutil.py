@@ -1,0 +1,70 @@
+"""Atomic file and directory writes: readers never see a half-written output."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `target`; on success rename it over `target`, on error delete it.
+
+    The temporary lives in the same directory so the final rename never crosses file systems.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.tmp-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        _replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    if tmp.is_dir():
+        # os.replace cannot swap a non-empty directory: move the old one aside first.
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            _remove(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            _remove(old)
+    else:
+        os.replace(tmp, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically, pretty-printed with sorted keys so equal data gives equal bytes."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -1,0 +1,118 @@
+"""`prepare`: real data → data/real/{train,val,test} canonical stores.
+
+The validation split (`data.val_size`) is a class-stratified seeded draw from the training data,
+taken before any subsetting; `data.train_limit` / `data.test_limit` then take stratified seeded
+subsets. Same params, same bytes: every random choice comes from `base.seed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dmat.config import Params
+from dmat.data.sources import DataError, SplitSource, open_source
+from dmat.data.splits import purpose_rng, stratified_sample
+from dmat.data.store import ArrayStore, create_store
+from dmat.fsutil import atomic_path, write_json
+from dmat.tracking import stage_run
+
+STAGE = "prepare"
+SECTIONS = ("base", "data")
+OUT_DIR = Path("data/real")
+METRICS_FILE = Path("metrics/prepare.json")
+OUTPUTS = ("train", "val", "test")
+WRITE_CHUNK = 1024
+
+
+def select_items(splits: dict[str, SplitSource], params: Params) -> dict[str, np.ndarray]:
+    """Source indices for each output store, in the order they will be written."""
+    cfg, seed = params.data, params.base.seed
+    n_train = len(splits["train"].labels)
+    if cfg.val_size >= n_train:
+        raise DataError(f"data.val_size = {cfg.val_size} leaves no training images: the source has {n_train}")
+    labels = splits["train"].labels
+    val = stratified_sample(labels, cfg.val_size, purpose_rng(seed, "val"))
+    rest = np.setdiff1d(np.arange(n_train), val)
+    chosen = {
+        "val": val,
+        "train": _limit(rest, labels, cfg.train_limit, "data.train_limit", seed),
+        "test": _limit(np.arange(len(splits["test"].labels)), splits["test"].labels, cfg.test_limit,
+                       "data.test_limit", seed),
+    }
+    if not splits["train"].ordered:  # class-sorted folders: write a seeded shuffle instead
+        chosen = {name: purpose_rng(seed, f"order/{name}").permutation(idx) for name, idx in chosen.items()}
+    return chosen
+
+
+def _limit(candidates: np.ndarray, labels: np.ndarray, limit: int | None, key: str, seed: int) -> np.ndarray:
+    if limit is None:
+        return candidates
+    if limit > len(candidates):
+        raise DataError(f"{key} = {limit} is more than the {len(candidates)} images available")
+    return candidates[stratified_sample(labels[candidates], limit, purpose_rng(seed, key))]
+
+
+def write_split(outputs: dict[str, tuple[Path, np.ndarray, dict]], split: SplitSource) -> None:
+    """Write several stores from one source split, reading (and decoding) the source once, in its order.
+
+    `outputs` maps a store name to (path, source indices in store order, source description).
+    """
+    owner = np.full(len(split.labels), -1, dtype=np.int64)  # which output each source item goes to
+    position = np.empty(len(split.labels), dtype=np.int64)  # and its row there
+    for k, (_, order, _) in enumerate(outputs.values()):
+        owner[order], position[order] = k, np.arange(len(order))
+    wanted = np.flatnonzero(owner >= 0)
+    items = split.read(wanted)
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(create_store(path, len(order), split.image_shape, split.classes, source))
+                   for path, order, source in outputs.values()]
+        progress = stack.enter_context(tqdm(total=len(wanted), desc=f"prepare {'+'.join(outputs)}", unit="img",
+                                            mininterval=2))
+        while block := list(itertools.islice(items, WRITE_CHUNK)):
+            indices = np.array([index for index, _ in block])
+            images = np.stack([image for _, image in block])
+            for k, writer in enumerate(writers):
+                mine = owner[indices] == k
+                writer.write(position[indices[mine]], images[mine], split.labels[indices[mine]])
+            progress.update(len(block))
+
+
+def _describe(split: SplitSource, name: str, params: Params) -> dict:
+    limits = {"train": params.data.train_limit, "val": None, "test": params.data.test_limit}
+    return {**split.description, "output": name, "seed": params.base.seed, "val_size": params.data.val_size,
+            "limit": limits[name]}
+
+
+def run(params: Params) -> dict:
+    cfg = params.data
+    with stage_run(STAGE, params, SECTIONS) as tracked:
+        splits = open_source(cfg.source, cfg.path, name=cfg.name, resize=cfg.resize, classes=cfg.classes)
+        chosen = select_items(splits, params)
+        source = splits["train"].description
+        if "sha256" in source:
+            tracked.log_dataset(f"source/{cfg.name}", str(Path(source["path"]).resolve()), source["sha256"],
+                                context="source")
+        with atomic_path(OUT_DIR, directory=True) as staging:  # all three stores appear together
+            for source_split, names in (("train", ("train", "val")), ("test", ("test",))):
+                split = splits[source_split]
+                write_split({name: (staging / name, chosen[name], _describe(split, name, params))
+                             for name in names}, split)
+        stores = {name: ArrayStore.open(OUT_DIR / name) for name in OUTPUTS}
+        metrics = {
+            name: {"images": len(store), "sha256": store.digest,
+                   "class_counts": dict(zip(store.classes, map(int, store.meta.class_counts), strict=True))}
+            for name, store in stores.items()
+        }
+        write_json(METRICS_FILE, metrics)
+        for name, store in stores.items():
+            tracked.log_store(store, name=f"real/{name}", context=f"prepared-{name}")
+            counts = zip(store.classes, store.meta.class_counts, strict=True)
+            tracked.log_metrics({f"{name}.images": len(store)} | {f"{name}.count.{c}": n for c, n in counts})
+            tracked.set_tags({f"dmat.output.{name}.sha256": store.digest})
+        tracked.log_artifact(METRICS_FILE)
+    return metrics

@@ -1,0 +1,171 @@
+"""Experiment tracking: the only module that imports mlflow.
+
+One MLflow run per stage execution, all in one experiment (`base.experiment`). The default store
+is `sqlite:///<project root>/mlflow.db`, resolved to the real project root even when DVC runs the
+stage in a temporary copy under `.dvc/tmp` (`dvc exp run --temp/--queue`), so every run of the
+project lands in one database. `MLFLOW_TRACKING_URI` overrides it (e.g. a team tracking server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from dmat.config import as_dict, flatten
+from dmat.data.store import ArrayStore
+
+# MLflow stores a dataset digest in a 36-character column; the full sha256 goes into a tag.
+MLFLOW_DIGEST_LENGTH = 36
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI."""
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project's root: the directory holding `.dvc/`, looking through DVC's temporary copies."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    # `dvc exp run --temp` works in <root>/.dvc/tmp/exps/<name>/...: the store belongs to <root>.
+    for i in range(len(parts) - 1):
+        if parts[i] == ".dvc" and parts[i + 1] == "tmp":
+            return Path(*parts[:i])
+    for candidate in (here, *here.parents):
+        if (candidate / ".dvc").is_dir():
+            return candidate
+    return here
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in seconds, naming the URI, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PREFLIGHT_TIMEOUT_S) as response:
+            if response.status != 200:
+                raise TrackingError(f"MLflow tracking server {uri} answered {response.status} on /health")
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it or unset "
+                            "MLFLOW_TRACKING_URI to use the local mlflow.db") from None
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+class StageRun:
+    """What a stage may report: metrics, datasets, files, pictures. Wraps one active MLflow run."""
+
+    def __init__(self, mlflow_module: Any, run_id: str):
+        self._mlflow = mlflow_module
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_dataset(self, name: str, uri: str, sha256: str, context: str, **tags: Any) -> None:
+        """Record a dataset as an MLflow run input: its sha256 is the digest (MLflow keeps 36 chars)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
+        dataset = MetaDataset(source, name=name, digest=sha256[:MLFLOW_DIGEST_LENGTH])
+        self._mlflow.log_input(dataset, context=context,
+                               tags={"dmat.sha256": sha256, **{f"dmat.{k}": str(v) for k, v in tags.items()}})
+
+    def log_store(self, store: ArrayStore, name: str, context: str) -> None:
+        """Record a canonical store as a run input, identified by its sha256."""
+        self.log_dataset(name, str(store.path.resolve()), store.digest, context, images=len(store))
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self._mlflow.log_dict(data, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path)
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        self._mlflow.log_image(image, artifact_file=artifact_file)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Any, sections: tuple[str, ...]) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage execution; it ends FAILED if the stage raises.
+
+    `sections` are the params sections the stage reads; they are logged flattened as run params.
+    """
+    uri = tracking_uri()
+    check_reachable(uri)
+    with _quiet_mlflow():
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        try:
+            mlflow.set_experiment(params.base.experiment)
+        except Exception as err:  # the store itself is broken: say which one
+            raise TrackingError(f"cannot use MLflow tracking store {uri}: {err}") from None
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    run_name = f"{stage}@{exp_name}" if exp_name else stage
+    root = project_root()
+    tags = {
+        "dmat.stage": stage,
+        "dvc.stage": os.environ.get("DVC_STAGE", ""),
+        "dvc.exp_name": exp_name,
+        "git.commit": git_commit(root),
+        "mlflow.source.git.commit": git_commit(root),
+    }
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        tracked = StageRun(mlflow, run.info.run_id)
+        resolved = {name: as_dict(params.section(name)) for name in sections}
+        tracked.log_params(flatten(resolved))
+        with tempfile.TemporaryDirectory() as tmp:  # the fully resolved config, next to the results
+            config_file = Path(tmp) / "params.resolved.yaml"
+            import yaml
+
+            config_file.write_text(yaml.safe_dump(resolved, sort_keys=True))
+            tracked.log_artifact(config_file)
+        yield tracked
+
+
+def _param_value(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """MLflow's database migrations log at INFO on first use; keep the stage output readable."""
+    loggers = [logging.getLogger(name) for name in ("alembic", "mlflow.store.db.utils")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -1,0 +1,115 @@
+"""Data sources: image folders (directory and archive) and npz, and the errors users meet."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmat.data.sources import DataError, open_source
+from tests.conftest import TINY_CLASSES, class_image, encode_png, make_archive
+
+
+def _read_all(split) -> np.ndarray:
+    return np.stack([image for _, image in split.read(np.arange(len(split.labels)))])
+
+
+@pytest.mark.parametrize("kind", ["directory", "archive"])
+def test_image_folder_lists_labels_and_decodes(kind: str, image_folder: Path, image_archive: Path) -> None:
+    splits = open_source("imagefolder", image_folder if kind == "directory" else image_archive, name="tiny")
+    train = splits["train"]
+    assert train.classes == TINY_CLASSES and train.image_shape == (8, 8, 3)
+    assert np.array_equal(np.bincount(train.labels), [12, 12, 12])
+    images = _read_all(train)
+    np.testing.assert_array_equal(images[12], class_image(1, 0))  # sorted by class, then file name
+    assert not train.ordered
+
+
+def test_archive_reads_subsets_in_one_forward_pass(image_archive: Path) -> None:
+    split = open_source("imagefolder", image_archive, name="tiny")["test"]
+    wanted = np.array([1, 6, 11])
+    got = list(split.read(wanted))
+    assert [i for i, _ in got] == [1, 6, 11]
+    np.testing.assert_array_equal(got[1][1], class_image(1, 2))
+
+
+def _break(folder: Path, how: str) -> None:
+    if how == "no_test":
+        shutil.rmtree(folder / "test")
+    elif how == "class_mismatch":
+        (folder / "test" / "cherry").rename(folder / "test" / "date")
+    elif how == "corrupt":
+        (folder / "train" / "apple" / "0003.png").write_bytes(b"\x89PNG not really")
+    elif how == "empty_class":
+        for f in (folder / "train" / "banana").iterdir():
+            f.unlink()
+    elif how == "wrong_size":
+        (folder / "train" / "apple" / "0005.png").write_bytes(encode_png(class_image(0, 5, size=9)))
+
+
+ERRORS = {
+    "no_test": "no test/",
+    "class_mismatch": "class folders differ",
+    "corrupt": "0003.png: unreadable or corrupt image",
+    "empty_class": "train/banana/ holds no images",
+    "wrong_size": "0005.png: image is 9x9 RGB, expected 8x8 RGB",
+}
+
+
+@pytest.mark.parametrize("kind", ["directory", "archive"])
+@pytest.mark.parametrize("how", list(ERRORS))
+def test_bad_image_folders_name_the_problem(tmp_path: Path, image_folder: Path, kind: str, how: str) -> None:
+    _break(image_folder, how)
+    path = image_folder if kind == "directory" else make_archive(image_folder, tmp_path / "broken.tar.gz")
+    with pytest.raises(DataError, match=ERRORS[how].replace("(", r"\(")):
+        for split in open_source("imagefolder", path, name="tiny").values():
+            _read_all(split)
+
+
+def test_resize_converts_odd_images(image_folder: Path) -> None:
+    _break(image_folder, "wrong_size")
+    train = open_source("imagefolder", image_folder, name="tiny", resize=(6, 7))["train"]
+    assert train.image_shape == (6, 7, 3) and _read_all(train).shape == (36, 6, 7, 3)
+
+
+def test_missing_path_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist.*torchvision"):
+        open_source("imagefolder", tmp_path / "nowhere.tar.gz", name="x")
+
+
+def test_not_an_archive(tmp_path: Path) -> None:
+    (tmp_path / "x.tar.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="not a directory or a .tar"):
+        open_source("imagefolder", tmp_path / "x.tar.gz", name="x")
+
+
+def _write_npz(folder: Path, labels_train: np.ndarray, **extra) -> Path:
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, labels in (("train", labels_train), ("test", np.array([0, 1]))):
+        images = rng.integers(0, 256, (len(labels), 4, 4, 3), dtype=np.uint8)
+        np.savez(folder / f"{split}.npz", image=images, label=labels, **extra)
+    return folder
+
+
+def test_npz_source_with_class_names(tmp_path: Path) -> None:
+    folder = _write_npz(tmp_path / "npz", np.array([0, 1, 1, 0]), classes=np.array(["x", "y"]))
+    splits = open_source("npz", folder, name="toy")
+    assert splits["train"].classes == ("x", "y") and splits["train"].ordered
+    assert _read_all(splits["train"]).shape == (4, 4, 4, 3)
+
+
+def test_npz_labels_out_of_range(tmp_path: Path) -> None:
+    folder = _write_npz(tmp_path / "npz", np.array([0, 1, 5]))
+    with pytest.raises(DataError, match=r"train.npz: label 5 at index 2 is out of range \[0, 3\)"):
+        open_source("npz", folder, name="toy", classes=("a", "b", "c"))
+
+
+def test_npz_missing_key(tmp_path: Path) -> None:
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    np.savez(folder / "train.npz", images=np.zeros((1, 2, 2, 3), np.uint8), label=np.zeros(1))
+    with pytest.raises(DataError, match=r"train.npz: missing key\(s\) \['image'\]"):
+        open_source("npz", folder, name="toy")

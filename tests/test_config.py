@@ -1,0 +1,83 @@
+"""params.yaml validation: every bad value stops a stage with exit 2, naming the key, writing nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dmat.config import ParamsError, as_dict, flatten, load_params, parse_params
+from tests.conftest import REPO_ROOT, run_dmat, write_params
+
+
+def test_committed_params_validate() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.data.val_size == 1024
+    assert params.base.device in ("auto", "cpu", "cuda")
+
+
+def test_empty_sections_take_defaults() -> None:
+    params = parse_params({})
+    assert params.base.seed == 0 and params.data.source == "imagefolder" and params.data.resize is None
+
+
+def test_fractions_and_tuples_parse() -> None:
+    params = parse_params({"data": {"resize": [32, 24], "classes": ["a", "b"]}})
+    assert params.data.resize == (32, 24) and params.data.classes == ("a", "b")
+
+
+def test_flatten_for_mlflow() -> None:
+    flat = flatten({"data": as_dict(parse_params({}).data)})
+    assert flat["data.val_size"] == 1024 and "data.path" in flat
+
+
+BAD_VALUES = [
+    # (yaml mapping, key the message must name, fragment of what is allowed)
+    ({"data": {"val_size": -5}}, "data.val_size", ">= 0"),
+    ({"data": {"val_size": "many"}}, "data.val_size", "an integer"),
+    ({"data": {"val_size": 3.5}}, "data.val_size", "an integer"),
+    ({"base": {"seed": True}}, "base.seed", "an integer"),
+    ({"base": {"device": "tpu"}}, "base.device", "auto, cpu, cuda"),
+    ({"base": {"threads": 5000}}, "base.threads", "between 0 and 1024"),
+    ({"data": {"source": "s3"}}, "data.source", "torchvision, imagefolder, npz"),
+    ({"data": {"train_limit": 0}}, "data.train_limit", ">= 1"),
+    ({"data": {"resize": [32]}}, "data.resize", "list of 2"),
+    ({"data": {"resize": [32, -1]}}, "data.resize[1]", "between 1 and 4096"),
+    ({"data": {"resize": "32x32"}}, "data.resize", "a list"),
+    ({"data": {"val_sizee": 10}}, "data.val_sizee", "not a known key"),
+    ({"datta": {}}, "datta", "not a known key"),
+    ({"data": [1, 2]}, "data", "a mapping"),
+    ({"data": {"path": None}}, "data.path", "null is not allowed"),
+    ({"data": {"name": "CIFAR 10!"}}, "data.name", "matching"),
+    ({"data": {"source": "torchvision", "name": "mnist"}}, "data.name", "cifar10, cifar100, svhn"),
+    ({"base": {"experiment": ""}}, "base.experiment", "matching"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key", "allowed"), BAD_VALUES, ids=[case[1] + ":" + str(case[0])[:40]
+                                                                   for case in BAD_VALUES])
+def test_bad_value_names_key_value_and_what_is_allowed(raw: dict, key: str, allowed: str) -> None:
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw)
+    message = str(caught.value)
+    assert key in message and allowed in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text", ["data: {val_size: [unclosed", "- just\n- a list\n"])
+def test_malformed_yaml_is_a_params_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ParamsError, match="params.yaml"):
+        load_params(write_params(tmp_path / "params.yaml", text))
+
+
+def test_missing_params_file(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_cli_exits_2_before_writing_anything(tmp_path: Path, image_archive: Path) -> None:
+    bad = write_params(tmp_path / "bad.yaml", f"data:\n  path: {image_archive}\n  val_size: -3\n")
+    result = run_dmat("prepare", "--params", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "data.val_size" in result.stderr and "-3" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "folder", "tiny.tar.gz"]
