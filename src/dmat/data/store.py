@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,28 @@ class ArrayStore:
     @property
     def digest(self) -> str:
         return self.meta.digest
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Copy the given rows (any order, repeats allowed) into fresh arrays: (images, labels).
+
+        Rows are read with pread, not through the memory map: touching a mapping faults in whole
+        neighbourhoods of pages that then count as the process's memory, so random access over a
+        huge generated store would grow RSS towards the store's size.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"{self.path}: rows must lie in [0, {len(self)}), got [{rows.min()}, {rows.max()}]")
+        return _pread_rows(self.images, rows), _pread_rows(self.labels, rows)
+
+
+def _pread_rows(array: np.memmap, rows: np.ndarray) -> np.ndarray:
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    row_bytes = out.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+    with open(array.filename, "rb", buffering=0) as f:
+        fd = f.fileno()
+        for i in np.argsort(rows, kind="stable"):  # ascending offsets: friendly to the disk and page cache
+            os.preadv(fd, [memoryview(out[i:i + 1]).cast("B")], array.offset + int(rows[i]) * row_bytes)
+    return out
 
 
 def _read_meta(path: Path) -> StoreMeta:
