@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,9 +78,9 @@ def _zeros_store(path: Path, n: int) -> Path:
     path.mkdir()
     np.lib.format.open_memmap(path / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 32, 32, 3)).flush()
     np.lib.format.open_memmap(path / "labels.npy", mode="w+", dtype=np.int64, shape=(n,)).flush()
-    (path / "meta.json").write_text(
-        '{"classes": ["a"], "shape": [%d, 32, 32, 3], "class_counts": {"a": %d}, "source": {}, '
-        '"sha256": {"images": "x", "labels": "y"}}' % (n, n))
+    meta = {"classes": ["a"], "shape": [n, 32, 32, 3], "class_counts": {"a": n}, "source": {},
+            "sha256": {"images": "x", "labels": "y"}}
+    (path / "meta.json").write_text(json.dumps(meta))
     return path
 
 
