@@ -100,11 +100,129 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class DiffusionATParams:
+    """Adversarial training of the diffusion model (DESIGN.md §5); see dmat.core.diffusion_at."""
+
+    mode: Literal["none", "random", "adversarial", "invariance"] = "none"
+    lam: float = allowed(0.3, min=0)  # weight λ of the regulariser
+    rho: float = allowed(2.0, min=0)  # radius exponent: r = g(σ)^ρ + floor
+    floor_min: float = allowed(8 / 255, min=0)  # random floor of the radius, uniform in [min, max]
+    floor_max: float = allowed(16 / 255, min=0)
+    step_size: float = allowed(1.0, min=0, max=10)  # adversarial step, as a fraction of the radius
+    detach_clean: bool = False  # stop gradients through D(x) in the regulariser
+
+    def check(self) -> None:
+        if self.floor_min > self.floor_max:
+            raise ParamsError(f"train_diffusion.adversarial.floor_min = {self.floor_min} is not allowed: "
+                              f"expected <= floor_max ({self.floor_max})")
+
+
+@dataclass(frozen=True)
+class CorruptParams:
+    """Optional corruption of the diffusion model's training images (how the AT claim is tested)."""
+
+    fraction: float = allowed(0.0, min=0, max=1)  # share of training images corrupted (fixed per image)
+    sigma: float = allowed(0.2, min=0)  # std of the added Gaussian noise, in [-1, 1] image units
+
+
+@dataclass(frozen=True)
+class TrainDiffusionConfig:
+    """The `train_diffusion` stage: class-conditional EDM on data/real/train."""
+
+    model: str = allowed("unet-tiny", pattern=r"^[a-z0-9\-]{1,64}$")  # dmat.core.denoisers registry
+    steps: int = allowed(2000, min=1)  # optimiser steps
+    batch_size: int = allowed(64, min=1)  # global batch (split across torchrun processes)
+    lr: float = allowed(1e-3, min=0)  # Adam learning rate
+    warmup_steps: int = allowed(100, min=0)  # linear learning-rate ramp
+    ema_half_life_images: float = allowed(20000, min=1)  # EMA half-life in training images (EDM)
+    ema_rampup_ratio: float | None = allowed(0.05, min=0)  # half-life <= ratio × images seen; null = off
+    label_dropout: float = allowed(0.0, min=0, max=1)  # for classifier-free / unconditional use
+    augment: bool = False  # horizontal flips of the training images
+    adversarial: DiffusionATParams = field(default_factory=DiffusionATParams)
+    corrupt: CorruptParams = field(default_factory=CorruptParams)
+    log_every: int = allowed(50, min=1)  # steps between MLflow metric points
+    checkpoint_every: int = allowed(250, min=1)  # steps between resumable checkpoints
+    grid_steps: int = allowed(18, min=1, max=1000)  # sampler steps for the end-of-training sample grid
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """The `generate` stage: class-conditional samples from the EMA denoiser into data/synthetic."""
+
+    per_class: int = allowed(500, min=1)
+    batch_size: int = allowed(128, min=1)  # does not change the output (noise is per image)
+    sampler: Literal["heun", "euler"] = "heun"
+    steps: int = allowed(18, min=1, max=1000)  # Heun: NFE = 2·steps − 1
+    sigma_min: float = allowed(0.002, min=0)
+    sigma_max: float = allowed(80.0, min=0)
+    rho: float = allowed(7.0, min=0)
+    s_churn: float = allowed(0.0, min=0)  # stochastic churn (0 = deterministic)
+    s_min: float = allowed(0.0, min=0)
+    s_max: float | None = allowed(None, min=0)  # null = no upper bound
+    s_noise: float = allowed(1.0, min=0)
+    filter_scorer: str | None = allowed(None, pattern=r"^.{1,4096}$")  # classifier checkpoint scoring images
+    filter_keep: float = allowed(1.0, min=0, max=1)  # keep this top fraction per class by the scorer
+
+    def check(self) -> None:
+        if self.sigma_min >= self.sigma_max:
+            raise ParamsError(f"generate.sigma_min = {self.sigma_min} is not allowed: expected < sigma_max "
+                              f"({self.sigma_max})")
+        if self.filter_keep < 1 and self.filter_scorer is None:
+            raise ParamsError(f"generate.filter_keep = {self.filter_keep} is not allowed without "
+                              "generate.filter_scorer: name the classifier checkpoint that scores images")
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """The `mix` stage: which generated images the classifier may use, and in what share."""
+
+    synthetic_fraction: float = allowed(0.5, min=0, max=1)  # share of every batch that is generated
+    synthetic_limit: int | None = allowed(None, min=1)  # seeded random draw of generated images; null = all
+
+
+@dataclass(frozen=True)
+class ThreatConfig:
+    """A threat model and the PGD attack used against it."""
+
+    norm: Literal["Linf", "L2"] = "Linf"
+    eps: float = allowed(8 / 255, min=0)
+    step_size: float = allowed(2 / 255, min=0)
+    steps: int = allowed(10, min=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train` stage: adversarial training of the classifier on mixed batches (DESIGN.md §4)."""
+
+    model: str = allowed("wrn-16-1", pattern=r"^[a-z0-9\-]{1,64}$")  # dmat.core.classifiers registry
+    loss: Literal["trades", "pgd-at"] = "trades"
+    epochs: int = allowed(10, min=1)  # an epoch is ceil(N_real / batch_size) steps
+    batch_size: int = allowed(128, min=1)  # global batch (split across torchrun processes)
+    lr: float = allowed(0.2, min=0)  # peak of the one-cycle schedule
+    warmup_fraction: float = allowed(0.025, min=0, max=1)
+    momentum: float = allowed(0.9, min=0, max=1)
+    nesterov: bool = True
+    weight_decay: float = allowed(5e-4, min=0)  # not applied to BatchNorm parameters
+    beta: float = allowed(5.0, min=0)  # TRADES robustness weight
+    label_smoothing: float = allowed(0.1, min=0, max=0.99)  # clean CE term only
+    ema_tau: float = allowed(0.995, min=0, max=1)
+    augment: bool = True  # crop + flip (never for SVHN)
+    attack: ThreatConfig = field(default_factory=ThreatConfig)
+    val_attack_steps: int = allowed(40, min=1)  # PGD-CW steps for checkpoint selection on data/real/val
+    val_limit: int | None = allowed(None, min=1)  # first n validation images; null = all
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast precision
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params.yaml."""
 
     base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train_diffusion: TrainDiffusionConfig = field(default_factory=TrainDiffusionConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def section(self, name: str) -> Any:
         return getattr(self, name)

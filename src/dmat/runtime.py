@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from dmat.config import BaseConfig
+from dmat.config import BaseConfig, ParamsError
 
 
 def apply_base(base: BaseConfig) -> None:
@@ -32,5 +32,5 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("base.device = 'cuda' but no CUDA device is available: use 'auto' or 'cpu'")
+        raise ParamsError("base.device = 'cuda' but no CUDA device is available: use 'auto' or 'cpu'")
     return device

@@ -113,13 +113,37 @@ class StageRun:
     def log_image(self, image: Any, artifact_file: str) -> None:
         self._mlflow.log_image(image, artifact_file=artifact_file)
 
+    def log_torch_model(self, module: Any, input_example: Any, name: str = "model") -> None:
+        """Log a PyTorch model (with signature from `input_example`) as an MLflow model of this run."""
+        import mlflow.pytorch
+
+        requirements = [f"torch=={_version('torch')}", f"numpy=={_version('numpy')}"]
+        with warnings.catch_warnings():  # mlflow warns about pickling and unpinned extras it cannot act on
+            warnings.simplefilter("ignore")
+            mlflow.pytorch.log_model(module, name=name, input_example=input_example, pip_requirements=requirements)
+
+
+class NullRun:
+    """What torchrun ranks other than 0 get: every report is dropped (rank 0 reports for all)."""
+
+    run_id = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Any, sections: tuple[str, ...]) -> Iterator[StageRun]:
+def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_id: str | None = None,
+              enabled: bool = True) -> Iterator[StageRun | NullRun]:
     """Open the MLflow run of one stage execution; it ends FAILED if the stage raises.
 
     `sections` are the params sections the stage reads; they are logged flattened as run params.
+    `resume_run_id` continues the run of an interrupted execution (its checkpoint knows the id).
+    `enabled=False` (torchrun ranks other than 0) yields a run that records nothing.
     """
+    if not enabled:
+        yield NullRun()
+        return
     uri = tracking_uri()
     check_reachable(uri)
     with _quiet_mlflow():
@@ -132,25 +156,36 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...]) -> Iterator[St
             raise TrackingError(f"cannot use MLflow tracking store {uri}: {err}") from None
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     run_name = f"{stage}@{exp_name}" if exp_name else stage
-    root = project_root()
-    tags = {
-        "dmat.stage": stage,
-        "dvc.stage": os.environ.get("DVC_STAGE", ""),
-        "dvc.exp_name": exp_name,
-        "git.commit": git_commit(root),
-        "mlflow.source.git.commit": git_commit(root),
-    }
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    commit = git_commit(project_root())
+    tags = {"dmat.stage": stage, "dvc.stage": os.environ.get("DVC_STAGE", ""), "dvc.exp_name": exp_name,
+            "git.commit": commit, "mlflow.source.git.commit": commit}
+    if resume_run_id:
+        run_context = mlflow.start_run(run_id=resume_run_id)
+    else:
+        run_context = mlflow.start_run(run_name=run_name, tags=tags)
+    with run_context as run:
         tracked = StageRun(mlflow, run.info.run_id)
-        resolved = {name: as_dict(params.section(name)) for name in sections}
-        tracked.log_params(flatten(resolved))
-        with tempfile.TemporaryDirectory() as tmp:  # the fully resolved config, next to the results
-            config_file = Path(tmp) / "params.resolved.yaml"
-            import yaml
-
-            config_file.write_text(yaml.safe_dump(resolved, sort_keys=True))
-            tracked.log_artifact(config_file)
+        if not resume_run_id:
+            _log_config(tracked, params, sections)
         yield tracked
+
+
+def _log_config(tracked: StageRun, params: Any, sections: tuple[str, ...]) -> None:
+    """The stage's params, flattened, plus the fully resolved config file next to the results."""
+    import yaml
+
+    resolved = {name: as_dict(params.section(name)) for name in sections}
+    tracked.log_params(flatten(resolved))
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "params.resolved.yaml"
+        config_file.write_text(yaml.safe_dump(resolved, sort_keys=True))
+        tracked.log_artifact(config_file)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package).split("+")[0]
 
 
 def _param_value(value: Any) -> str:

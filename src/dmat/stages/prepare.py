@@ -84,8 +84,8 @@ def write_split(outputs: dict[str, tuple[Path, np.ndarray, dict]], split: SplitS
 
 def _describe(split: SplitSource, name: str, params: Params) -> dict:
     limits = {"train": params.data.train_limit, "val": None, "test": params.data.test_limit}
-    return {**split.description, "output": name, "seed": params.base.seed, "val_size": params.data.val_size,
-            "limit": limits[name]}
+    return {**split.description, "dataset": params.data.name, "output": name, "seed": params.base.seed,
+            "val_size": params.data.val_size, "limit": limits[name]}
 
 
 def run(params: Params) -> dict:

@@ -1,0 +1,43 @@
+"""Checkpoints: written atomically, read with `weights_only=True` (a checkpoint is untrusted input)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from dmat.fsutil import atomic_path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or from another configuration; names the file."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a torn checkpoint."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for torn or foreign files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a DMAT checkpoint (top level is {type(state).__name__})")
+    return state
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of configuration and input digests: a checkpoint resumes only its own run."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,103 @@
+"""`mix`: decide which generated images the classifier may use, and in what share of each batch.
+
+Writes data/mixed/ with `manifest.json` (both stores with their sha256 digests, the synthetic
+fraction, how many generated images are used and their class histograms) and
+`synthetic_indices.npy` (the rows of the generated store that are used: a seeded, class-stratified
+draw, never a prefix, because generated stores are sorted by class). The batch sampler of `train`
+then draws round(f·B) of every batch from those rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dmat.config import Params
+from dmat.data.sources import DataError
+from dmat.data.splits import purpose_rng, stratified_sample
+from dmat.data.store import ArrayStore
+from dmat.fsutil import atomic_path, sha256_file
+from dmat.tracking import stage_run
+
+STAGE = "mix"
+SECTIONS = ("base", "mix")
+REAL_DIR = Path("data/real/train")
+SYNTHETIC_DIR = Path("data/synthetic")
+OUT_DIR = Path("data/mixed")
+MANIFEST_FILE = "manifest.json"
+INDICES_FILE = "synthetic_indices.npy"
+
+
+def check_compatible(real: ArrayStore, synthetic: ArrayStore, fraction: float) -> None:
+    """Refuse stores that cannot share a batch, naming both."""
+    if len(real) == 0 and fraction < 1:
+        raise DataError(f"{real.path}: the real training store is empty")
+    if fraction > 0 and len(synthetic) == 0:
+        raise DataError(f"{synthetic.path}: the generated store is empty, but mix.synthetic_fraction = {fraction}")
+    if real.image_shape != synthetic.image_shape:
+        raise DataError(f"{synthetic.path}: generated images are {synthetic.image_shape}, real ones in {real.path} "
+                        f"are {real.image_shape}: they cannot share a batch")
+    if real.classes != synthetic.classes:
+        raise DataError(f"{synthetic.path}: classes {list(synthetic.classes)} differ from {real.path}'s "
+                        f"{list(real.classes)}")
+
+
+def choose_synthetic(synthetic: ArrayStore, params: Params) -> np.ndarray:
+    cfg = params.mix
+    if cfg.synthetic_fraction == 0:
+        return np.empty(0, dtype=np.int64)
+    if cfg.synthetic_limit is None:
+        return np.arange(len(synthetic), dtype=np.int64)
+    if cfg.synthetic_limit > len(synthetic):
+        raise DataError(f"mix.synthetic_limit = {cfg.synthetic_limit} is more than the {len(synthetic)} images in "
+                        f"{synthetic.path}")
+    return stratified_sample(np.asarray(synthetic.labels), cfg.synthetic_limit,
+                             purpose_rng(params.base.seed, "mix.synthetic_limit"))
+
+
+def histogram(labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, int]:
+    counts = np.bincount(labels, minlength=len(classes))
+    return {name: int(n) for name, n in zip(classes, counts, strict=True)}
+
+
+def run(params: Params) -> dict:
+    cfg = params.mix
+    with stage_run(STAGE, params, SECTIONS) as tracked:
+        real, synthetic = ArrayStore.open(REAL_DIR), ArrayStore.open(SYNTHETIC_DIR)
+        check_compatible(real, synthetic, cfg.synthetic_fraction)
+        rows = choose_synthetic(synthetic, params)
+        manifest = {
+            "real": {"path": str(REAL_DIR), "sha256": real.digest, "images": len(real),
+                     "class_counts": histogram(np.asarray(real.labels), real.classes)},
+            "synthetic": {"path": str(SYNTHETIC_DIR), "sha256": synthetic.digest, "images": len(synthetic),
+                          "used": len(rows),
+                          "class_counts_used": histogram(np.asarray(synthetic.labels[rows]), real.classes)},
+            "synthetic_fraction": cfg.synthetic_fraction,
+            "synthetic_limit": cfg.synthetic_limit,
+            "seed": params.base.seed,
+            "classes": list(real.classes),
+            "indices_file": INDICES_FILE,
+        }
+        with atomic_path(OUT_DIR, directory=True) as staging:
+            np.save(staging / INDICES_FILE, rows)
+            manifest["indices_sha256"] = sha256_file(staging / INDICES_FILE)
+            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tracked.log_store(real, "real/train", context="training")
+        tracked.log_store(synthetic, "synthetic", context="training")
+        tracked.log_metrics({"synthetic_used": len(rows), "synthetic_fraction": cfg.synthetic_fraction})
+        tracked.log_artifact(OUT_DIR / MANIFEST_FILE)
+    return manifest
+
+
+def load_manifest(out_dir: Path = OUT_DIR) -> tuple[dict, np.ndarray]:
+    """The manifest and the chosen generated rows, checked against each other."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        rows = np.load(out_dir / manifest["indices_file"], allow_pickle=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{out_dir}: unreadable mix manifest ({err}); run the mix stage") from None
+    if sha256_file(out_dir / manifest["indices_file"]) != manifest["indices_sha256"]:
+        raise DataError(f"{out_dir / manifest['indices_file']}: sha256 differs from {MANIFEST_FILE}")
+    return manifest, rows

@@ -1,0 +1,303 @@
+"""`train`: adversarial training of the classifier on mixed real/generated batches (DESIGN.md §4).
+
+TRADES (or PGD-AT) with SGD + Nesterov, weight decay except on BatchNorm, a one-cycle learning
+rate, and weight averaging (EMA). After every epoch the EMA model is scored on data/real/val
+(clean accuracy and PGD-CW accuracy, eval mode) and the best by robust accuracy is kept.
+
+Writes models/classifier/{last,best}.pt, metrics/train.json and plots/train_curves.csv. A
+checkpoint is written atomically after every epoch; re-running after a kill resumes from it
+(dvc.yaml declares the directory `persist: true`), provided it belongs to the same configuration
+and inputs. Under torchrun each process trains on its share of every global batch (DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dmat.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from dmat.config import Params, ParamsError, as_dict
+from dmat.core.attacks import pgd
+from dmat.core.classifiers import CLASSIFIERS, DATASET_STATS, build_classifier
+from dmat.core.ema import WeightAverage, trades_ema_decay
+from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay, pgd_at_loss, trades_loss
+from dmat.data.augment import augmentation_for
+from dmat.data.sampler import MixedBatchSampler
+from dmat.data.store import ArrayStore
+from dmat.distributed import World, all_reduce_sum, broadcast_object, world
+from dmat.fsutil import atomic_path, write_json
+from dmat.runtime import apply_torch
+from dmat.stages import mix
+from dmat.tracking import stage_run
+
+STAGE = "train"
+SECTIONS = ("base", "train")
+VAL_DIR = Path("data/real/val")
+OUT_DIR = Path("models/classifier")
+LAST, BEST = "last.pt", "best.pt"
+METRICS_FILE = Path("metrics/train.json")
+CURVES_FILE = Path("plots/train_curves.csv")
+CHECKPOINT_FORMAT = "dmat-classifier-1"
+EVAL_BATCH = 256
+
+
+def check_config(params: Params, device: str) -> None:
+    """Checks that need the registries or the device: still before anything is written."""
+    cfg = params.train
+    if cfg.model not in CLASSIFIERS:
+        raise ParamsError(f"train.model = {cfg.model!r} is not allowed: expected one of {', '.join(CLASSIFIERS)}")
+    if cfg.amp == "fp16" and not device.startswith("cuda"):
+        raise ParamsError("train.amp = 'fp16' is not allowed on the CPU: expected off or bf16")
+
+
+def normalisation(store: ArrayStore) -> tuple[list[float], list[float]]:
+    """Per-dataset constants when known, else the training store's own per-channel mean and std."""
+    name = store.meta.source.get("dataset", "")
+    if name in DATASET_STATS:
+        mean, std = DATASET_STATS[name]
+        return list(mean), list(std)
+    channel_sum = np.zeros(store.image_shape[-1])
+    channel_sq_sum = np.zeros(store.image_shape[-1])
+    for start in range(0, len(store), 4096):  # streamed: the store may not fit in memory
+        chunk = np.asarray(store.images[start:start + 4096], dtype=np.float64) / 255
+        channel_sum += chunk.sum(axis=(0, 1, 2))
+        channel_sq_sum += (chunk**2).sum(axis=(0, 1, 2))
+    count = len(store) * store.image_shape[0] * store.image_shape[1]
+    mean = channel_sum / count
+    return mean.tolist(), np.sqrt(np.maximum(channel_sq_sum / count - mean**2, 1e-12)).tolist()
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on `key` (e.g. seed, rank, epoch): resumable."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def to_tensor(images: np.ndarray, device: str) -> torch.Tensor:
+    """uint8 N×H×W×C → float32 N×C×H×W in [0, 1] (the models' input contract)."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255).contiguous()
+
+
+class Trainer:
+    """The training state of one run: model, EMA, optimiser, data, schedule, history."""
+
+    def __init__(self, params: Params, w: World):
+        cfg = self.cfg = params.train
+        self.params, self.world = params, w
+        self.real = ArrayStore.open(mix.REAL_DIR)
+        self.val = ArrayStore.open(VAL_DIR)
+        self.manifest, rows = mix.load_manifest()
+        self.fraction = float(self.manifest["synthetic_fraction"])
+        self.synthetic = ArrayStore.open(mix.SYNTHETIC_DIR) if self.fraction > 0 else None
+        self.sampler = MixedBatchSampler(len(self.real), rows, batch_size=cfg.batch_size, fraction=self.fraction,
+                                         seed=params.base.seed)
+        self.total_steps = cfg.epochs * self.sampler.steps_per_epoch
+        self.dataset = self.real.meta.source.get("dataset", "")
+        mean, std = normalisation(self.real)
+        self.model_config = {"name": cfg.model, "num_classes": len(self.real.classes), "mean": mean, "std": std,
+                             "dataset": self.dataset, "input_shape": list(self.real.image_shape)}
+        self.model = build_classifier(cfg.model, num_classes=len(self.real.classes), mean=mean, std=std)
+        self.model.to(w.device)
+        self.ema = WeightAverage(self.model)
+        self.optimizer = torch.optim.SGD(param_groups_without_bn_decay(self.model, cfg.weight_decay), lr=cfg.lr,
+                                         momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        self.trained = self.model
+        if w.size > 1:
+            self.trained = nn.parallel.DistributedDataParallel(self.model)
+        self.augment = augmentation_for(self.dataset) if cfg.augment else None
+        self.fingerprint = fingerprint(as_dict(cfg), params.base.seed, self.real.digest, self.val.digest,
+                                       self.manifest["synthetic"]["sha256"], self.manifest["indices_sha256"],
+                                       self.fraction)
+        self.epoch, self.history, self.run_id = 0, [], None
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Load models/classifier/last.pt if it belongs to this configuration and these inputs."""
+        path = OUT_DIR / LAST
+        if not path.is_file():
+            return False
+        state = load_checkpoint(path, map_location=self.world.device)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint:
+            return False  # another configuration's leftovers: start afresh (they are overwritten)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.history, self.run_id = state["epoch"], state["history"], state["mlflow_run_id"]
+        return True
+
+    def checkpoint_state(self, *, with_optimizer: bool) -> dict[str, Any]:
+        state = {
+            "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "epoch": self.epoch,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "model_config": self.model_config,
+            "classes": list(self.real.classes), "threat": {"norm": self.cfg.attack.norm, "eps": self.cfg.attack.eps},
+            "mlflow_run_id": self.run_id, "history": self.history, "train_config": as_dict(self.cfg),
+        }
+        if with_optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    # --- one epoch ---------------------------------------------------------------------------------------
+
+    def batch(self, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.real.read(plan.real)
+        if len(plan.synthetic):
+            syn_images, syn_labels = self.synthetic.read(plan.synthetic)
+            images, labels = np.concatenate([images, syn_images]), np.concatenate([labels, syn_labels])
+        return to_tensor(images, self.world.device), torch.from_numpy(labels).to(self.world.device)
+
+    def train_epoch(self, progress: tqdm) -> dict[str, float]:
+        cfg, w = self.cfg, self.world
+        self.model.train()
+        generator = seeded_generator(self.params.base.seed, w.rank, self.epoch)
+        loss_fn = trades_loss if cfg.loss == "trades" else pgd_at_loss
+        extra = {"beta": cfg.beta} if cfg.loss == "trades" else {}
+        totals = torch.zeros(4, dtype=torch.float64)  # loss·n, clean correct, adversarial correct, n
+        for step, plan in enumerate(self.sampler.epoch(self.epoch, rank=w.rank, world_size=w.size)):
+            global_step = self.epoch * self.sampler.steps_per_epoch + step
+            x, y = self.batch(plan)
+            if self.augment is not None:
+                x = self.augment(x, generator=generator)
+            for group in self.optimizer.param_groups:
+                group["lr"] = one_cycle_lr(global_step, self.total_steps, cfg.lr, cfg.warmup_fraction)
+            with self._autocast():
+                loss, stats = loss_fn(self.trained, x, y, label_smoothing=cfg.label_smoothing, norm=cfg.attack.norm,
+                                      eps=cfg.attack.eps, step_size=cfg.attack.step_size, steps=cfg.attack.steps,
+                                      generator=generator, **extra)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.ema.update(self.model, trades_ema_decay(global_step + 1, self.total_steps, cfg.ema_tau,
+                                                         cfg.warmup_fraction))
+            n = len(y)
+            totals += torch.tensor([float(stats["loss"]) * n, float(stats["clean_acc"]) * n,
+                                    float(stats["adv_acc"]) * n, n], dtype=torch.float64)
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(stats['loss']):.3f}", adv_acc=f"{float(stats['adv_acc']):.2f}")
+        totals = all_reduce_sum(w, totals)
+        loss_sum, clean, adv, n = totals.tolist()
+        return {"train_loss": loss_sum / n, "train_clean_acc": clean / n, "train_adv_acc": adv / n,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _autocast(self):
+        if self.cfg.amp == "off":
+            return contextlib.nullcontext()
+        device_type = "cuda" if self.world.device.startswith("cuda") else "cpu"
+        return torch.autocast(device_type, dtype=torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16)
+
+    def validate(self) -> dict[str, float]:
+        """Clean and PGD-CW accuracy of the EMA model (eval mode) on this rank's share of data/real/val.
+
+        PGD step size 2.5·eps/steps (Madry et al.'s rule), uniform random start.
+        """
+        cfg, w = self.cfg, self.world
+        n = len(self.val) if cfg.val_limit is None else min(cfg.val_limit, len(self.val))
+        rows = np.array_split(np.arange(n), w.size)[w.rank]
+        model = self.ema.module.eval()
+        generator = seeded_generator(self.params.base.seed, w.rank)
+        counts = torch.zeros(3, dtype=torch.float64)  # clean correct, robust correct, n
+        for start in range(0, len(rows), EVAL_BATCH):
+            images, labels = self.val.read(rows[start:start + EVAL_BATCH])
+            x, y = to_tensor(images, w.device), torch.from_numpy(labels).to(w.device)
+            x_adv = pgd(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps, loss="cw", generator=generator,
+                        step_size=2.5 * cfg.attack.eps / cfg.val_attack_steps, steps=cfg.val_attack_steps)
+            with torch.no_grad():
+                counts += torch.tensor([(model(x).argmax(1) == y).sum().item(),
+                                        (model(x_adv).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+        counts = all_reduce_sum(w, counts)
+        return {"val_clean_acc": counts[0].item() / max(counts[2].item(), 1),
+                "val_robust_acc": counts[1].item() / max(counts[2].item(), 1)}
+
+
+def run(params: Params) -> dict:
+    device = apply_torch(params.base)
+    check_config(params, device)
+    with world(device) as w:
+        trainer = Trainer(params, w)
+        resumed = trainer.resume()
+        with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
+            trainer.run_id = broadcast_object(w, tracked.run_id)
+            if not resumed:
+                _log_inputs(tracked, trainer)
+            _train(trainer, tracked)
+            metrics = _finish(trainer, tracked)
+    return metrics
+
+
+def _log_inputs(tracked, trainer: Trainer) -> None:
+    tracked.log_store(trainer.real, "real/train", context="training")
+    tracked.log_store(trainer.val, "real/val", context="validation")
+    synthetic = trainer.manifest["synthetic"]
+    tracked.log_dataset("synthetic", str(Path(synthetic["path"]).resolve()), synthetic["sha256"], context="training",
+                        used=synthetic["used"], fraction=trainer.fraction)
+    tracked.log_params({"mix.synthetic_fraction": trainer.fraction, "mix.synthetic_used": synthetic["used"],
+                        "mix.synthetic_sha256": synthetic["sha256"], "model.num_classes": len(trainer.real.classes),
+                        "steps_per_epoch": trainer.sampler.steps_per_epoch, "total_steps": trainer.total_steps})
+
+
+def _train(trainer: Trainer, tracked) -> None:
+    w, cfg = trainer.world, trainer.cfg
+    done = trainer.epoch * trainer.sampler.steps_per_epoch
+    with tqdm(total=trainer.total_steps, initial=done, desc="train", unit="step", disable=not w.is_main,
+              mininterval=2) as progress:
+        while trainer.epoch < cfg.epochs:
+            started = time.perf_counter()
+            row = {"epoch": trainer.epoch + 1, **trainer.train_epoch(progress), **trainer.validate()}
+            row["epoch_s"] = time.perf_counter() - started
+            best = max((r["val_robust_acc"] for r in trainer.history), default=-math.inf)
+            trainer.history.append(row)
+            trainer.epoch += 1
+            if w.is_main:
+                _save_epoch(trainer, is_best=row["val_robust_acc"] > best)
+                tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=trainer.epoch)
+                progress.write(f"epoch {trainer.epoch}/{cfg.epochs}: val clean {row['val_clean_acc']:.3f} "
+                               f"robust {row['val_robust_acc']:.3f} ({row['epoch_s']:.0f}s)")
+
+
+def _save_epoch(trainer: Trainer, *, is_best: bool) -> None:
+    if is_best:  # best before last: a kill in between resumes from the previous epoch and redoes both
+        save_checkpoint(OUT_DIR / BEST, trainer.checkpoint_state(with_optimizer=False))
+    save_checkpoint(OUT_DIR / LAST, trainer.checkpoint_state(with_optimizer=True))
+    _write_curves(trainer.history)
+
+
+def _write_curves(history: list[dict]) -> None:
+    with atomic_path(CURVES_FILE) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in history)
+
+
+def _finish(trainer: Trainer, tracked) -> dict:
+    best = max(trainer.history, key=lambda r: r["val_robust_acc"])
+    last = trainer.history[-1]
+    metrics = {
+        "epochs": trainer.epoch, "steps": trainer.total_steps, "best_epoch": best["epoch"],
+        "best_val_clean_acc": best["val_clean_acc"], "best_val_robust_acc": best["val_robust_acc"],
+        "last_val_clean_acc": last["val_clean_acc"], "last_val_robust_acc": last["val_robust_acc"],
+        "train_s": sum(r["epoch_s"] for r in trainer.history),
+    }
+    if trainer.world.is_main:
+        write_json(METRICS_FILE, metrics)
+        tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "steps")})
+        tracked.log_artifact(CURVES_FILE)
+        best_model = _load_best_ema(trainer)
+        example = np.zeros((2, *[trainer.real.image_shape[i] for i in (2, 0, 1)]), dtype=np.float32)
+        tracked.log_torch_model(best_model, input_example=example)
+    return metrics
+
+
+def _load_best_ema(trainer: Trainer) -> nn.Module:
+    state = load_checkpoint(OUT_DIR / BEST)
+    cfg = state["model_config"]
+    model = build_classifier(cfg["name"], num_classes=cfg["num_classes"], mean=cfg["mean"], std=cfg["std"])
+    model.load_state_dict(state["ema"])
+    return model.eval()

@@ -1,0 +1,149 @@
+"""`mix` and `train` for real on a tiny image folder: manifest, training, checkpoints, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmat.checkpoint import load_checkpoint
+from dmat.data.store import ArrayStore, write_store
+from tests.conftest import BIN_DIR, TINY_CLASSES, class_image, make_image_folder, run_dmat, write_params
+
+PARAMS = """
+base: {{seed: 0}}
+data: {{name: tiny, path: {folder}, val_size: 12}}
+mix: {{synthetic_fraction: {fraction}, synthetic_limit: {limit}}}
+train: {{model: wrn-16-1, epochs: {epochs}, batch_size: 16, lr: 0.05, val_limit: 12,
+        attack: {{steps: 2}}, val_attack_steps: 3}}
+"""
+
+
+def _synthetic_store(path: Path, per_class: int = 20, size: int = 16) -> ArrayStore:
+    """A generated-like store: sorted by class, like the generate stage writes."""
+    images = np.stack([class_image(label, 500 + i, size) for label in range(3) for i in range(per_class)])
+    return write_store(path, images, np.repeat(np.arange(3), per_class), TINY_CLASSES, {"kind": "test"})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/real from a tiny image folder, plus a generated-like store: prepared once per module."""
+    workdir = tmp_path_factory.mktemp("prepared")
+    folder = make_image_folder(workdir / "folder", {"train": 28, "test": 6}, size=16)
+    write_params(workdir / "params.yaml", PARAMS.format(folder=folder, fraction=0.5, limit="null", epochs=2))
+    assert run_dmat("prepare", cwd=workdir).returncode == 0
+    _synthetic_store(workdir / "data" / "synthetic")
+    return workdir
+
+
+@pytest.fixture
+def workspace(prepared: Path, tmp_path: Path):
+    """A fresh copy of the prepared workspace with the given mix/train params."""
+
+    def make(*, fraction: float = 0.5, limit: str = "null", epochs: int = 2) -> Path:
+        workdir = tmp_path / "work"
+        shutil.copytree(prepared, workdir)
+        write_params(workdir / "params.yaml", PARAMS.format(folder=prepared / "folder", fraction=fraction,
+                                                            limit=limit, epochs=epochs))
+        return workdir
+
+    return make
+
+
+def _mix(workdir: Path) -> dict:
+    result = run_dmat("mix", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return json.loads((workdir / "data" / "mixed" / "manifest.json").read_text())
+
+
+def test_mix_manifest_names_both_stores_and_draws_a_stratified_subset(workspace) -> None:
+    workdir = workspace(limit="9")
+    manifest = _mix(workdir)
+    assert manifest["real"]["sha256"] == ArrayStore.open(workdir / "data/real/train").digest
+    assert manifest["synthetic"]["sha256"] == ArrayStore.open(workdir / "data/synthetic").digest
+    assert manifest["synthetic"]["used"] == 9 and manifest["synthetic_fraction"] == 0.5
+    assert manifest["synthetic"]["class_counts_used"] == {"apple": 3, "banana": 3, "cherry": 3}
+    rows = np.load(workdir / "data" / "mixed" / "synthetic_indices.npy")
+    assert not np.array_equal(rows, np.arange(9))  # a seeded draw, never a prefix
+
+
+def test_mix_fraction_zero_uses_no_generated_images(workspace) -> None:
+    workdir = workspace(fraction=0.0)
+    assert _mix(workdir)["synthetic"]["used"] == 0
+
+
+@pytest.mark.parametrize(("broken", "message"), [
+    ("shape", "cannot share a batch"), ("classes", "differ from"), ("empty", "generated store is empty")])
+def test_mix_refuses_incompatible_stores(workspace, broken: str, message: str) -> None:
+    workdir = workspace()
+    path = workdir / "data" / "synthetic"
+    if broken == "shape":
+        write_store(path, np.zeros((3, 8, 8, 3), np.uint8), np.arange(3), TINY_CLASSES, {})
+    elif broken == "classes":
+        write_store(path, np.zeros((3, 16, 16, 3), np.uint8), np.arange(3), ("x", "y", "z"), {})
+    else:
+        write_store(path, np.zeros((0, 16, 16, 3), np.uint8), np.zeros(0, np.int64), TINY_CLASSES, {})
+    result = run_dmat("mix", cwd=workdir)
+    assert result.returncode == 1 and message in result.stderr
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace) -> None:
+    workdir = workspace()
+    _mix(workdir)
+    result = run_dmat("train", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    best = load_checkpoint(workdir / "models/classifier/best.pt")
+    last = load_checkpoint(workdir / "models/classifier/last.pt")
+    for state in (best, last):
+        assert {"model", "ema", "model_config", "classes", "threat", "mlflow_run_id"} <= set(state)
+        assert state["classes"] == list(TINY_CLASSES) and state["threat"]["norm"] == "Linf"
+    assert "optimizer" in last and last["epoch"] == 2 and len(last["history"]) == 2
+    metrics = json.loads((workdir / "metrics/train.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["steps"] == 2 * 5  # an epoch is ceil(72 real / 16) steps
+    assert (workdir / "plots/train_curves.csv").read_text().count("\n") == 3
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(last["mlflow_run_id"])
+    assert run.info.run_name == "train" and run.info.status == "FINISHED"
+    assert run.data.params["mix.synthetic_fraction"] == "0.5"
+    manifest = json.loads((workdir / "data/mixed/manifest.json").read_text())
+    assert run.data.params["mix.synthetic_sha256"] == manifest["synthetic"]["sha256"]
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert inputs["synthetic"] == manifest["synthetic"]["sha256"][:36]
+    assert "val_robust_acc" in run.data.metrics
+    assert client.search_logged_models([run.info.experiment_id]), "the model is logged to MLflow"
+
+
+@pytest.mark.slow
+def test_train_resumes_after_sigkill(workspace) -> None:
+    workdir = workspace(epochs=4)
+    _mix(workdir)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    process = subprocess.Popen([str(BIN_DIR / "dmat"), "train"], cwd=workdir, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = workdir / "models/classifier/last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted = load_checkpoint(last)
+    assert 1 <= interrupted["epoch"] < 4, "killed after the first epoch's checkpoint, before the end"
+    result = run_dmat("train", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    final = load_checkpoint(last)
+    assert final["epoch"] == 4 and [r["epoch"] for r in final["history"]] == [1, 2, 3, 4]
+    assert final["history"][0] == interrupted["history"][0]  # history kept, not recomputed
+    assert final["mlflow_run_id"] == interrupted["mlflow_run_id"]
+    assert json.loads((workdir / "metrics/train.json").read_text())["steps"] == 4 * 5
+    assert not list(last.parent.glob(".*tmp*")), "no torn temporary checkpoint left behind"
