@@ -1,0 +1,175 @@
+"""Adversarial training of the diffusion model: the EDM training loss plus a robustness regulariser.
+
+What follows the paper (Briglia et al., "What is Adversarial Training for Diffusion Models?", 2025):
+- AT for diffusion models asks for **equivariance** of the noise prediction, not invariance: with x
+  the noised input and ω a perturbation in noise units, ε̂(x + σω) should equal ε̂(x) + ω. With
+  ε̂(x) = (x − D(x))/σ that is exactly D(x + σω) = D(x): the denoised output stays put. We therefore
+  penalise R = ‖D(x + σω) − D(x)‖² in the EDM denoiser parametrisation.
+- Perturbations are either random (``random``, akin to randomized smoothing) or adversarial
+  (``adversarial``), drawn inside a box; no model of the data corruption is assumed.
+- The naive alternative, invariance of the noise prediction (``invariance``), is an ablation only:
+  ε̂(x + σω) = ε̂(x), i.e. D(x + σω) = D(x) + σω. We penalise it in the same (denoiser) units as R,
+  R_inv = ‖D(x + σω) − D(x) − σω‖² = σ²·‖ε̂(x + σω) − ε̂(x)‖², with random ω.
+
+What is our reconstruction (from secondary sources; every item is a field of DiffusionATConfig):
+- The loss L = w(σ)·(‖D(x) − x0‖² + λ·R) with EDM's weight w(σ) and λ = 0.3; both norms are means
+  over the non-batch dimensions, so λ does not depend on the image size.
+- The box radius r = g(σ)^ρ + u with g(σ) = σ/√(1 + σ²), ρ = 2, and a per-sample floor
+  u ~ Uniform(8/255, 16/255) so that the radius never vanishes at low noise.
+- The adversarial ω: uniform random start in [−r, r], one signed-gradient ascent step on R of size
+  ``step_size``·r, projected back into the box (one FGSM step with random start, as "fast AT").
+- ``detach_clean``: whether the clean branch D(x) in R is a fixed target (no gradient through it).
+
+The perturbed and clean branches are evaluated with the same global random state, so dropout and
+label dropout agree between them and R measures the effect of ω alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dmat.core.edm import P_MEAN, P_STD, SIGMA_DATA, loss_weight, sample_training_sigma
+
+MODES = ("none", "random", "adversarial", "invariance")
+
+Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+@dataclass(frozen=True)
+class DiffusionATConfig:
+    """Options of the diffusion training loss.
+
+    mode: ``none`` (plain EDM), ``random``, ``adversarial`` (equivariance regulariser with random or
+        adversarial ω) or ``invariance`` (the naive ablation, random ω).
+    lam: weight λ ≥ 0 of the regulariser relative to the denoising loss.
+    rho: exponent ρ > 0 of the noise-dependent part of the box radius, g(σ)^ρ.
+    floor_min, floor_max: range of the random floor u added to the radius, in noise units
+        (0 ≤ floor_min ≤ floor_max); the defaults are 8/255 and 16/255.
+    step_size: signed-gradient step of the adversarial mode, as a fraction of the radius r (≥ 0).
+    detach_clean: treat D(x) in the regulariser as a constant target.
+    p_mean, p_std: training noise distribution, ln σ ~ N(p_mean, p_std²) (EDM Table 1).
+    sigma_data: σ_data of the loss weight; must match the denoiser's preconditioning.
+    """
+
+    mode: str = "none"
+    lam: float = 0.3
+    rho: float = 2.0
+    floor_min: float = 8 / 255
+    floor_max: float = 16 / 255
+    step_size: float = 1.0
+    detach_clean: bool = False
+    p_mean: float = P_MEAN
+    p_std: float = P_STD
+    sigma_data: float = SIGMA_DATA
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.lam < 0 or self.rho <= 0 or self.step_size < 0 or self.p_std <= 0 or self.sigma_data <= 0:
+            raise ValueError(f"lam, step_size must be >= 0 and rho, p_std, sigma_data > 0: {self}")
+        if not 0 <= self.floor_min <= self.floor_max:
+            raise ValueError(f"need 0 <= floor_min <= floor_max, got {self.floor_min}, {self.floor_max}")
+
+
+def box_radius(sigma: Tensor, cfg: DiffusionATConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample box radius r = g(σ)^ρ + u, g(σ) = σ/√(1 + σ²), u ~ U(floor_min, floor_max)."""
+    g = sigma / (1 + sigma**2).sqrt()
+    floor = torch.rand(sigma.shape, generator=generator, device=sigma.device, dtype=sigma.dtype)
+    return g**cfg.rho + cfg.floor_min + (cfg.floor_max - cfg.floor_min) * floor
+
+
+def _uniform_in_box(radius: Tensor, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    unit = torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    return (2 * unit - 1) * radius
+
+
+def _mean_square(x: Tensor) -> Tensor:
+    """Per-sample mean of squares over every dimension but the first."""
+    return x.square().flatten(1).mean(dim=1)
+
+
+def _regulariser(perturbed: Tensor, clean: Tensor, shift: Tensor, invariance: bool) -> Tensor:
+    """R = ‖D(x + σω) − D(x)‖² (equivariance), or ‖D(x + σω) − D(x) − σω‖² (invariance ablation)."""
+    target = clean + shift if invariance else clean
+    return _mean_square(perturbed - target)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state
+
+
+def _with_rng_state(
+    state: tuple[Tensor, Tensor | None], device: torch.device, fn: Callable[[], Tensor]
+) -> Tensor:
+    """Run fn from a saved global random state, leaving the current state untouched afterwards."""
+    cpu_state, cuda_state = state
+    with torch.random.fork_rng(devices=[device] if cuda_state is not None else []):
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+        return fn()
+
+
+def _adversarial_omega(
+    perturbed: Callable[[Tensor], Tensor],
+    clean: Tensor,
+    radius: Tensor,
+    step_size: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Random start in the box, one signed-gradient ascent step on R, projection onto the box.
+
+    ``perturbed(ω)`` evaluates D(x + σω); ``clean`` is D(x), a constant here.
+    """
+    omega = _uniform_in_box(radius, clean, generator).requires_grad_(True)
+    (grad,) = torch.autograd.grad(_mean_square(perturbed(omega) - clean).sum(), omega)
+    return torch.clamp(omega.detach() + step_size * radius * grad.sign(), min=-radius, max=radius)
+
+
+def diffusion_training_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    class_labels: Tensor | None,
+    cfg: DiffusionATConfig,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-sample training loss L = w(σ)·(‖D(x) − x0‖² + λ·R), x = x0 + σ·n (EDM Eq. 2 and 8; DESIGN.md §5).
+
+    ``generator`` drives σ, the noise n, the radius floor and ω. Returns the loss, shape (N,), to be
+    averaged by the caller, and detached per-sample statistics ``sigma``, ``denoise_loss`` (the
+    unweighted ‖D(x) − x0‖²) and ``regulariser`` (R, zero in mode ``none``).
+    """
+    sigma = sample_training_sigma(
+        x0.shape[0], p_mean=cfg.p_mean, p_std=cfg.p_std, generator=generator, device=x0.device
+    ).to(x0.dtype)
+    sigma_b = sigma.reshape(-1, *[1] * (x0.ndim - 1))
+    x = x0 + sigma_b * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+
+    state = _rng_state(x0.device)
+    clean = denoiser(x, sigma, class_labels)
+    denoise_loss = _mean_square(clean - x0)
+    regulariser = torch.zeros_like(denoise_loss)
+    if cfg.mode != "none":
+        def perturbed(omega: Tensor) -> Tensor:
+            def evaluate() -> Tensor:
+                return denoiser(x + sigma_b * omega, sigma, class_labels)
+
+            return _with_rng_state(state, x0.device, evaluate)
+
+        radius = box_radius(sigma, cfg, generator).reshape_as(sigma_b)
+        if cfg.mode == "adversarial":
+            omega = _adversarial_omega(perturbed, clean.detach(), radius, cfg.step_size, generator)
+        else:
+            omega = _uniform_in_box(radius, x, generator)
+        target = clean.detach() if cfg.detach_clean else clean
+        regulariser = _regulariser(perturbed(omega), target, sigma_b * omega, cfg.mode == "invariance")
+
+    loss = loss_weight(sigma, cfg.sigma_data) * (denoise_loss + cfg.lam * regulariser)
+    stats = {"sigma": sigma, "denoise_loss": denoise_loss, "regulariser": regulariser}
+    return loss, {name: value.detach() for name, value in stats.items()}
