@@ -20,6 +20,15 @@ STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("dmat.stages.prepare",
                 "Real data -> data/real/{train,val,test} canonical stores, split and subset as params.yaml's "
                 "`data` section says (source: torchvision, imagefolder or npz)."),
+    "train-diffusion": ("dmat.stages.train_diffusion",
+                        "Train the class-conditional EDM denoiser on data/real/train, with adversarial training of "
+                        "the diffusion model (mode none | random | adversarial | invariance) -> "
+                        "models/diffusion/checkpoint.pt, metrics/train_diffusion.json. Resumes after a kill; runs "
+                        "under torchrun for several processes."),
+    "generate": ("dmat.stages.generate",
+                 "Sample generate.per_class images per class from the EMA denoiser -> data/synthetic (canonical "
+                 "store, byte-identical for any batch size or number of torchrun processes), metrics/generate.json, "
+                 "plots/generate_grid.png."),
     "mix": ("dmat.stages.mix",
             "Choose the generated images the classifier may use and their share of every batch -> data/mixed/ "
             "(manifest with both stores' sha256 digests, and the chosen rows)."),

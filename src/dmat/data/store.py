@@ -160,22 +160,47 @@ def _load_array(file: Path, dtype: type, ndim: int) -> np.ndarray:
     return array
 
 
+def allocate_store(directory: Path, size: int, image_shape: Sequence[int]) -> None:
+    """Pre-allocate a store's two array files (zeros), for writers that fill rows in place (e.g. several
+    processes at once), then `seal_store` it."""
+    for name, dtype, shape in ((IMAGES_FILE, np.uint8, (size, *image_shape)), (LABELS_FILE, np.int64, (size,))):
+        np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=shape).flush()
+
+
+def seal_store(directory: Path, classes: Sequence[str], source: dict[str, Any]) -> StoreMeta:
+    """Write meta.json for filled array files: shape, per-class counts and the sha256 of both files."""
+    images = _load_array(directory / IMAGES_FILE, np.uint8, 4)
+    labels = _load_array(directory / LABELS_FILE, np.int64, 1)
+    counts = np.zeros(len(classes), dtype=np.int64)
+    for start in range(0, len(labels), 1 << 20):  # chunked: labels of a huge store stay out of RAM
+        chunk = np.asarray(labels[start:start + (1 << 20)])
+        if len(chunk) and (chunk.min() < 0 or chunk.max() >= len(classes)):
+            raise ValueError(f"{directory}: labels must lie in [0, {len(classes)})")
+        counts += np.bincount(chunk, minlength=len(classes))
+    meta = StoreMeta(
+        classes=tuple(classes),
+        shape=tuple(images.shape),  # type: ignore[arg-type]
+        class_counts=tuple(int(c) for c in counts),
+        source=source,
+        images_sha256=sha256_file(directory / IMAGES_FILE),
+        labels_sha256=sha256_file(directory / LABELS_FILE),
+    )
+    del images, labels
+    (directory / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return meta
+
+
 class StoreWriter:
-    """Fill a new store slice by slice, then publish it atomically with `commit()`.
+    """Fill a new store in `directory` block by block, then `finish()` it (hashes and meta.json)."""
 
-    Use as a context manager: leaving the block without `commit()` (an error, a kill) leaves no
-    trace at the target path.
-    """
-
-    def __init__(self, tmp_dir: Path, size: int, image_shape: Sequence[int], classes: Sequence[str]):
+    def __init__(self, directory: Path, size: int, image_shape: Sequence[int], classes: Sequence[str]):
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (H, W, C), got {tuple(image_shape)}")
-        self.dir = tmp_dir
+        self.dir = directory
         self.classes = tuple(classes)
-        self.images = np.lib.format.open_memmap(tmp_dir / IMAGES_FILE, mode="w+", dtype=np.uint8,
-                                                shape=(size, *image_shape))
-        self.labels = np.lib.format.open_memmap(tmp_dir / LABELS_FILE, mode="w+", dtype=np.int64,
-                                                shape=(size,))
+        allocate_store(directory, size, image_shape)
+        self.images = np.load(directory / IMAGES_FILE, mmap_mode="r+")
+        self.labels = np.load(directory / LABELS_FILE, mmap_mode="r+")
         self._written = np.zeros(size, dtype=bool)
 
     def write(self, rows: slice | np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
@@ -198,19 +223,8 @@ class StoreWriter:
             raise ValueError(f"{len(missing)} rows of the store were never written (first: {missing[0]})")
         self.images.flush()
         self.labels.flush()
-        counts = np.bincount(np.asarray(self.labels), minlength=len(self.classes))
-        meta = StoreMeta(
-            classes=self.classes,
-            shape=tuple(self.images.shape),  # type: ignore[arg-type]
-            class_counts=tuple(int(c) for c in counts),
-            source=source,
-            images_sha256=sha256_file(self.dir / IMAGES_FILE),
-            labels_sha256=sha256_file(self.dir / LABELS_FILE),
-        )
-        del self.images, self.labels  # close the memory maps before the directory is renamed
-        (self.dir / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n",
-                                          encoding="utf-8")
-        return meta
+        del self.images, self.labels  # close the memory maps before hashing and renaming
+        return seal_store(self.dir, self.classes, source)
 
 
 @contextlib.contextmanager

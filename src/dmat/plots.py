@@ -1,0 +1,30 @@
+"""Pictures worth looking at: sample grids written as PNG (for MLflow and `dvc plots`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dmat.fsutil import atomic_path
+
+
+def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """uint8 N×H×W×C → one uint8 image, `columns` images per row, white padding between them."""
+    n, h, w, c = images.shape
+    rows = max(1, -(-n // columns))
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
+        grid[top:top + h, left:left + w] = image
+    return grid[..., 0] if c == 1 else grid
+
+
+def save_png(path: str | Path, image: np.ndarray, scale: int = 1) -> None:
+    """Write a uint8 image atomically; `scale` enlarges tiny images (nearest neighbour) for viewing."""
+    picture = Image.fromarray(image)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")

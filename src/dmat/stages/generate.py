@@ -1,0 +1,211 @@
+"""`generate`: class-conditional samples from the EMA denoiser into the canonical store data/synthetic.
+
+`generate.per_class` images for every class, sorted by class, written straight into a pre-allocated
+memory-mapped store (millions of images never sit in RAM). Each image's initial noise depends only
+on (seed, class, index), so the store is byte-identical whatever `generate.batch_size` and whatever
+the number of torchrun processes sharing the work. Optionally, more candidates are generated and
+the most confident `filter_keep` share per class under a scorer classifier is kept.
+
+Also writes metrics/generate.json and plots/generate_grid.png (a `dvc plots` image).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dmat.checkpoint import CheckpointError, load_checkpoint
+from dmat.config import Params
+from dmat.core.classifiers import build_classifier
+from dmat.core.denoisers import build_denoiser
+from dmat.core.samplers import SAMPLERS, image_noise, to_uint8
+from dmat.data.store import IMAGES_FILE, LABELS_FILE, ArrayStore, StoreWriter, allocate_store, seal_store
+from dmat.distributed import World, barrier, broadcast_object, world
+from dmat.fsutil import atomic_path, write_json
+from dmat.plots import image_grid, save_png
+from dmat.runtime import apply_torch
+from dmat.stages import train_diffusion
+from dmat.tracking import stage_run
+
+STAGE = "generate"
+SECTIONS = ("base", "generate")
+OUT_DIR = Path("data/synthetic")
+METRICS_FILE = Path("metrics/generate.json")
+GRID_FILE = Path("plots/generate_grid.png")
+GRID_PER_CLASS = 10
+
+
+def load_denoiser(device: str) -> tuple[torch.nn.Module, dict]:
+    state = load_checkpoint(train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT, map_location=device)
+    if state.get("format") != train_diffusion.CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT}: not a DMAT diffusion "
+                              "checkpoint")
+    config = state["model_config"]
+    denoiser = build_denoiser(config["name"], **{k: v for k, v in config.items() if k != "name"})
+    denoiser.load_state_dict(state["ema"])
+    return denoiser.to(device).eval(), state
+
+
+class FixedBatchDenoiser(torch.nn.Module):
+    """Evaluates the wrapped denoiser in chunks of exactly `size` images, padding the last one.
+
+    Per-image results of a network can depend on the batch shape (the kernels chosen differ), so a
+    fixed shape keeps every image independent of the sampler's batch size and of the process count.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, size: int):
+        super().__init__()
+        self.denoiser, self.size = denoiser, size
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for start in range(0, len(x), self.size):
+            chunk = slice(start, start + self.size)
+            n = len(x[chunk])
+            pad = self.size - n
+            xs, ss, ys = x[chunk], sigma[chunk], labels[chunk]
+            if pad:
+                xs = torch.cat([xs, xs[:1].expand(pad, *xs.shape[1:])])
+                ss, ys = torch.cat([ss, ss[:1].expand(pad)]), torch.cat([ys, ys[:1].expand(pad)])
+            outputs.append(self.denoiser(xs, ss, ys)[:n])
+        return torch.cat(outputs)
+
+
+def sample(denoiser: torch.nn.Module, params: Params, classes: np.ndarray, indices: np.ndarray,
+           shape: tuple[int, int, int], device: str) -> np.ndarray:
+    """uint8 N×H×W×C samples for (class, index) pairs; each depends only on its own pair and the seed."""
+    cfg = params.generate
+    noise = torch.cat([image_noise(params.base.seed, int(c), [int(i)], shape) for c, i in zip(classes, indices,
+                                                                                            strict=True)])
+    images = SAMPLERS[cfg.sampler](
+        denoiser, noise.to(device), torch.from_numpy(classes).to(device), num_steps=cfg.steps,
+        sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, s_churn=cfg.s_churn, s_min=cfg.s_min,
+        s_max=math.inf if cfg.s_max is None else cfg.s_max, s_noise=cfg.s_noise)
+    return to_uint8(images).cpu().numpy()
+
+
+def candidates_per_class(params: Params) -> int:
+    cfg = params.generate
+    return cfg.per_class if cfg.filter_keep >= 1 else math.ceil(cfg.per_class / cfg.filter_keep)
+
+
+def fill_store(store_dir: Path, denoiser, params: Params, w: World, per_class: int, num_classes: int,
+               shape: tuple[int, int, int]) -> None:
+    """Generate this rank's rows of a class-sorted store whose arrays rank 0 pre-allocated in store_dir."""
+    images = np.load(store_dir / IMAGES_FILE, mmap_mode="r+")
+    labels = np.load(store_dir / LABELS_FILE, mmap_mode="r+")
+    rows = np.array_split(np.arange(per_class * num_classes), w.size)[w.rank]
+    batch = params.generate.batch_size
+    with tqdm(total=len(rows), desc="generate", unit="img", disable=not w.is_main, mininterval=2) as progress:
+        for start in range(0, len(rows), batch):
+            block = rows[start:start + batch]
+            classes, indices = block // per_class, block % per_class
+            images[block] = sample(denoiser, params, classes, indices, shape, w.device)
+            labels[block] = classes
+            progress.update(len(block) * w.size)
+    images.flush()
+    labels.flush()
+
+
+def filter_by_confidence(candidates: ArrayStore, params: Params, device: str) -> np.ndarray:
+    """Rows to keep: per class, the `per_class` candidates the scorer is most confident belong to it."""
+    state = load_checkpoint(params.generate.filter_scorer, map_location=device)
+    config = state["model_config"]
+    scorer = build_classifier(config["name"], num_classes=config["num_classes"], mean=config["mean"],
+                              std=config["std"])
+    scorer.load_state_dict(state["ema"])
+    scorer.to(device).eval()
+    confidence = np.empty(len(candidates))
+    with torch.no_grad():
+        for start in range(0, len(candidates), 256):
+            rows = np.arange(start, min(start + 256, len(candidates)))
+            images, labels = candidates.read(rows)
+            x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255)
+            probs = scorer(x).softmax(1).cpu().numpy()
+            confidence[rows] = probs[np.arange(len(rows)), labels]
+    per_class, n = params.generate.per_class, len(candidates.classes)
+    candidates_each = len(candidates) // n
+    keep = [c * candidates_each + np.sort(np.argsort(-confidence[c * candidates_each:(c + 1) * candidates_each],
+                                                     kind="stable")[:per_class]) for c in range(n)]
+    return np.concatenate(keep)
+
+
+def run(params: Params) -> dict:
+    device = apply_torch(params.base)
+    if device == "cpu" and not params.base.threads:
+        # Kernels chosen for a CPU convolution depend on the thread count, which changes the last bits
+        # of the images: one thread per process keeps the store identical for any process count (use
+        # torchrun to use more cores).
+        torch.set_num_threads(1)
+    with world(device) as w:
+        denoiser, state = load_denoiser(w.device)
+        classes, config = state["classes"], state["model_config"]
+        shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
+        per_class = candidates_per_class(params)
+        with stage_run(STAGE, params, SECTIONS, enabled=w.is_main) as tracked:
+            tracked.set_tags({"dmat.diffusion_run_id": state["mlflow_run_id"] or "",
+                              "dmat.adversarial_mode": state["adversarial"]["mode"]})
+            started = time.perf_counter()
+            _generate(FixedBatchDenoiser(denoiser, params.generate.network_batch), params, w, classes, per_class, shape)
+            seconds = time.perf_counter() - started
+            if not w.is_main:
+                return {}
+            store = ArrayStore.open(OUT_DIR)
+            cfg = params.generate
+            metrics = {"images": len(store), "per_class": cfg.per_class, "candidates_per_class": per_class,
+                       "sampler": cfg.sampler, "steps": cfg.steps,
+                       "nfe": 2 * cfg.steps - 1 if cfg.sampler == "heun" else cfg.steps,
+                       "seconds": seconds, "images_per_s": per_class * len(classes) / max(seconds, 1e-9),
+                       "sha256": store.digest, "adversarial_mode": state["adversarial"]["mode"]}
+            write_json(METRICS_FILE, metrics)
+            grid = image_grid(store.read(_grid_rows(store, params.generate.per_class))[0], columns=GRID_PER_CLASS)
+            save_png(GRID_FILE, grid, scale=2)
+            tracked.log_store(store, "synthetic", context="generated")
+            tracked.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+            tracked.log_artifact(GRID_FILE)
+    return metrics
+
+
+def _generate(denoiser, params: Params, w: World, classes: list[str], per_class: int,
+              shape: tuple[int, int, int]) -> None:
+    """All ranks fill one pre-allocated store in place; rank 0 seals it (after filtering, when asked)
+    and publishes it at data/synthetic in one rename."""
+    hwc = (shape[1], shape[2], shape[0])
+    filtering = params.generate.filter_keep < 1
+    source = {"kind": "generated", "sampler": params.generate.sampler, "steps": params.generate.steps,
+              "seed": params.base.seed, "filter_keep": params.generate.filter_keep}
+    with atomic_path(OUT_DIR, directory=True) if w.is_main else contextlib.nullcontext() as staging:
+        fill_dir = broadcast_object(w, str(staging / "candidates" if filtering else staging) if w.is_main else None)
+        fill_dir = Path(fill_dir)
+        if w.is_main:
+            fill_dir.mkdir(exist_ok=True)
+            allocate_store(fill_dir, per_class * len(classes), hwc)
+        barrier(w)
+        fill_store(fill_dir, denoiser, params, w, per_class, len(classes), shape)
+        barrier(w)
+        if w.is_main:
+            seal_store(fill_dir, classes, source)
+            if filtering:
+                _keep_most_confident(ArrayStore.open(fill_dir), params, staging, source, w.device)
+                shutil.rmtree(fill_dir)
+
+
+def _keep_most_confident(candidates: ArrayStore, params: Params, out: Path, source: dict, device: str) -> None:
+    rows = filter_by_confidence(candidates, params, device)
+    writer = StoreWriter(out, len(rows), candidates.image_shape, candidates.classes)
+    for start in range(0, len(rows), 4096):
+        images, labels = candidates.read(rows[start:start + 4096])
+        writer.write(slice(start, start + len(images)), images, labels)
+    writer.finish(source)
+
+
+def _grid_rows(store: ArrayStore, per_class: int) -> np.ndarray:
+    shown = min(GRID_PER_CLASS, per_class)
+    return np.concatenate([c * per_class + np.arange(shown) for c in range(len(store.classes))])

@@ -1,0 +1,247 @@
+"""`train_diffusion`: class-conditional EDM on data/real/train, with adversarial training (DESIGN.md §5).
+
+The diffusion model sees only the real training split (never val or test). Optionally a fixed
+share of the training images is corrupted with Gaussian noise (`train_diffusion.corrupt`): the
+experiment that tests the diffusion-AT claim. Adam with a linear learning-rate warm-up; an EMA of
+the weights with a half-life in images (EDM), which `generate` samples from.
+
+Writes models/diffusion/checkpoint.pt (EMA and raw weights, optimiser, config, step, MLflow run
+id) atomically every `checkpoint_every` steps, and resumes from it after a kill (dvc.yaml declares
+the directory `persist: true`) when it belongs to the same configuration and data. Under torchrun
+each process trains on its share of every global batch (DDP); rank 0 writes and logs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dmat.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from dmat.config import Params, ParamsError, as_dict
+from dmat.core.denoisers import DENOISERS, build_denoiser
+from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
+from dmat.core.ema import WeightAverage, half_life_decay
+from dmat.core.samplers import heun_sampler, image_noise, to_uint8
+from dmat.data.sampler import MixedBatchSampler
+from dmat.data.store import ArrayStore
+from dmat.distributed import World, barrier, broadcast_object, world
+from dmat.fsutil import write_json
+from dmat.plots import image_grid
+from dmat.runtime import apply_torch
+from dmat.tracking import stage_run
+
+STAGE = "train_diffusion"
+SECTIONS = ("base", "train_diffusion")
+REAL_DIR = Path("data/real/train")
+OUT_DIR = Path("models/diffusion")
+CHECKPOINT = "checkpoint.pt"
+METRICS_FILE = Path("metrics/train_diffusion.json")
+CHECKPOINT_FORMAT = "dmat-diffusion-1"
+# Noise-level bands for the loss split: where the denoiser's work is fine detail vs global layout.
+SIGMA_BANDS = ((0.0, 0.2), (0.2, 1.0), (1.0, 5.0), (5.0, float("inf")))
+GRID_PER_CLASS = 10
+
+
+def at_config(params: Params) -> DiffusionATConfig:
+    a = params.train_diffusion.adversarial
+    return DiffusionATConfig(mode=a.mode, lam=a.lam, rho=a.rho, floor_min=a.floor_min, floor_max=a.floor_max,
+                             step_size=a.step_size, detach_clean=a.detach_clean)
+
+
+def to_model_space(images: np.ndarray, device: str) -> torch.Tensor:
+    """uint8 N×H×W×C → float32 N×C×H×W in [−1, 1] (EDM's data space)."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1).contiguous()
+
+
+def corrupted_rows(n: int, params: Params) -> np.ndarray:
+    """Which training images are corrupted: a fixed seeded choice of `corrupt.fraction` of them."""
+    fraction = params.train_diffusion.corrupt.fraction if params.train_diffusion.corrupt.sigma > 0 else 0.0
+    return np.random.default_rng([params.base.seed, 1]).random(n) < fraction
+
+
+def corrupt(x0: torch.Tensor, rows: np.ndarray, chosen: np.ndarray, params: Params) -> torch.Tensor:
+    """Add Gaussian noise to the chosen images; each image's noise is fixed (seeded by its row)."""
+    mask = chosen[rows]
+    if not mask.any():
+        return x0
+    noise = image_noise(params.base.seed + 1, 0, rows.tolist(), tuple(x0.shape[1:])).to(x0.device)
+    sigma = params.train_diffusion.corrupt.sigma
+    return torch.where(torch.from_numpy(mask).to(x0.device).reshape(-1, 1, 1, 1), x0 + sigma * noise, x0)
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """σ, noise and perturbations of one step depend only on (seed, rank, step): exact resume."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+class DiffusionTrainer:
+    def __init__(self, params: Params, w: World):
+        cfg = self.cfg = params.train_diffusion
+        self.params, self.world = params, w
+        self.real = ArrayStore.open(REAL_DIR)
+        if len(self.real) == 0:
+            raise ParamsError(f"{REAL_DIR} is empty: nothing to train the diffusion model on")
+        h, w_, c = self.real.image_shape
+        if h != w_:
+            raise ParamsError(f"train_diffusion needs square images, {REAL_DIR} holds {h}x{w_}")
+        self.model_config = {"name": cfg.model, "img_resolution": h, "in_channels": c,
+                             "num_classes": len(self.real.classes), "label_dropout": cfg.label_dropout}
+        self.model = build_denoiser(cfg.model, **{k: v for k, v in self.model_config.items() if k != "name"})
+        self.model.to(w.device)
+        self.ema = WeightAverage(self.model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.trained = nn.parallel.DistributedDataParallel(self.model) if w.size > 1 else self.model
+        self.sampler = MixedBatchSampler(len(self.real), np.empty(0, np.int64), batch_size=cfg.batch_size,
+                                         fraction=0.0, seed=params.base.seed)
+        self.at = at_config(params)
+        self.corrupted = corrupted_rows(len(self.real), params)
+        self.fingerprint = fingerprint(as_dict(cfg), params.base.seed, self.real.digest)
+        self.step, self.run_id, self.log = 0, None, []
+
+    def resume(self) -> bool:
+        path = OUT_DIR / CHECKPOINT
+        if not path.is_file():
+            return False
+        state = load_checkpoint(path, map_location=self.world.device)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint:
+            return False
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.run_id, self.log = state["step"], state["mlflow_run_id"], state["log"]
+        return True
+
+    def save(self) -> None:
+        save_checkpoint(OUT_DIR / CHECKPOINT, {
+            "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": self.step,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model_config": self.model_config, "classes": list(self.real.classes),
+            "adversarial": as_dict(self.cfg.adversarial), "train_config": as_dict(self.cfg),
+            "mlflow_run_id": self.run_id, "log": self.log,
+        })
+
+    def plan(self, step: int):
+        """This rank's rows for global step `step` (epochs of the real store, reshuffled each epoch)."""
+        epoch, start = divmod(step, self.sampler.steps_per_epoch)
+        return next(self.sampler.epoch(epoch, start_step=start, rank=self.world.rank, world_size=self.world.size))
+
+    def train_step(self) -> torch.Tensor:
+        """One optimiser step; returns per-sample [σ, loss, denoise loss, regulariser] rows (detached)."""
+        cfg, w = self.cfg, self.world
+        plan = self.plan(self.step)
+        images, labels = self.real.read(plan.real)
+        x0 = corrupt(to_model_space(images, w.device), plan.real, self.corrupted, self.params)
+        if cfg.augment:
+            flip = torch.rand(len(x0), generator=step_generator(self.params.base.seed, w.rank, self.step)) < 0.5
+            x0 = torch.where(flip.to(w.device).reshape(-1, 1, 1, 1), x0.flip(3), x0)
+        generator = step_generator(self.params.base.seed + 1, w.rank, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
+        loss, stats = diffusion_training_loss(self.trained, x0, torch.from_numpy(labels).to(w.device), self.at,
+                                              generator=generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        for param in self.model.parameters():  # EDM: a NaN or inf gradient must not poison the weights
+            if param.grad is not None:
+                torch.nan_to_num_(param.grad, nan=0, posinf=1e5, neginf=-1e5)
+        self.optimizer.step()
+        self.step += 1
+        images_seen = self.step * cfg.batch_size
+        half_life = cfg.ema_half_life_images
+        if cfg.ema_rampup_ratio is not None:
+            half_life = min(half_life, images_seen * cfg.ema_rampup_ratio)
+        self.ema.update(self.model, half_life_decay(cfg.batch_size, half_life))
+        return torch.stack([stats["sigma"], loss.detach(), stats["denoise_loss"], stats["regulariser"]], 1).cpu()
+
+
+def interval_metrics(rows: torch.Tensor, seconds: float, images: int) -> dict[str, float]:
+    """Means over a logging interval, and the loss split by σ band."""
+    sigma, loss, denoise, reg = rows.double().T
+    metrics = {"loss": loss.mean().item(), "denoise_loss": denoise.mean().item(), "regulariser": reg.mean().item(),
+               "images_per_s": images / max(seconds, 1e-9)}
+    for low, high in SIGMA_BANDS:
+        band = (sigma >= low) & (sigma < high)
+        if band.any():
+            metrics[f"loss_sigma_{low:g}_{high:g}"] = loss[band].mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def sample_grid(denoiser: nn.Module, num_classes: int, shape: tuple[int, int, int], steps: int, seed: int,
+                device: str) -> np.ndarray:
+    """GRID_PER_CLASS samples per class, one row per class, with the deterministic Heun sampler."""
+    labels = torch.arange(num_classes).repeat_interleave(GRID_PER_CLASS)
+    noise = torch.cat([image_noise(seed, c, range(GRID_PER_CLASS), shape) for c in range(num_classes)])
+    images = heun_sampler(denoiser, noise.to(device), labels.to(device), num_steps=steps)
+    return image_grid(to_uint8(images).cpu().numpy(), columns=GRID_PER_CLASS)
+
+
+def run(params: Params) -> dict:
+    device = apply_torch(params.base)
+    if params.train_diffusion.model not in DENOISERS:
+        raise ParamsError(f"train_diffusion.model = {params.train_diffusion.model!r} is not allowed: expected one "
+                          f"of {', '.join(DENOISERS)}")
+    with world(device) as w:
+        trainer = DiffusionTrainer(params, w)
+        resumed = trainer.resume()
+        with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
+            trainer.run_id = broadcast_object(w, tracked.run_id)
+            if not resumed:
+                tracked.log_store(trainer.real, "real/train", context="training")
+                tracked.log_params({"model.parameters": sum(p.numel() for p in trainer.model.parameters())})
+            _train(trainer, tracked)
+            return _finish(trainer, tracked)
+
+
+def _train(trainer: DiffusionTrainer, tracked) -> None:
+    cfg, w = trainer.cfg, trainer.world
+    rows, started = [], time.perf_counter()
+    with tqdm(total=cfg.steps, initial=trainer.step, desc="train_diffusion", unit="step", disable=not w.is_main,
+              mininterval=2) as progress:
+        while trainer.step < cfg.steps:
+            rows.append(trainer.train_step())
+            progress.update(1)
+            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+                metrics = _reduce_interval(w, torch.cat(rows), time.perf_counter() - started,
+                                           len(rows) * cfg.batch_size)
+                trainer.log.append({"step": trainer.step, **metrics})
+                tracked.log_metrics(metrics, step=trainer.step)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", reg=f"{metrics['regulariser']:.4f}")
+                rows, started = [], time.perf_counter()
+            if w.is_main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps):
+                trainer.save()
+
+
+def _reduce_interval(w: World, rows: torch.Tensor, seconds: float, images: int) -> dict[str, float]:
+    """Interval metrics over all ranks' samples (rank 0 logs them)."""
+    if w.size > 1:
+        import torch.distributed as dist
+
+        gathered = [torch.empty_like(rows) for _ in range(w.size)]
+        dist.all_gather(gathered, rows)
+        rows = torch.cat(gathered)
+    return interval_metrics(rows, seconds, images)
+
+
+def _finish(trainer: DiffusionTrainer, tracked) -> dict:
+    cfg, w = trainer.cfg, trainer.world
+    last = trainer.log[-1] if trainer.log else {}
+    metrics = {"steps": trainer.step, "images_seen": trainer.step * cfg.batch_size,
+               "adversarial_mode": cfg.adversarial.mode, **{k: v for k, v in last.items() if k != "step"}}
+    if w.is_main:
+        write_json(METRICS_FILE, metrics)
+        grid = sample_grid(trainer.ema.module.eval(), len(trainer.real.classes), _chw(trainer.real.image_shape),
+                           cfg.grid_steps, trainer.params.base.seed, w.device)
+        tracked.log_image(grid, "samples_grid.png")
+        tracked.log_dict(trainer.model_config, "model_config.json")
+    barrier(w)  # keep ranks together until rank 0 is done
+    return metrics
+
+
+def _chw(hwc: tuple[int, int, int]) -> tuple[int, int, int]:
+    return hwc[2], hwc[0], hwc[1]
