@@ -81,3 +81,28 @@ def test_cli_exits_2_before_writing_anything(tmp_path: Path, image_archive: Path
     assert result.returncode == 2
     assert "data.val_size" in result.stderr and "-3" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "folder", "tiny.tar.gz"]
+
+
+def test_paper_profile_is_the_reference_recipe() -> None:
+    params = load_params(REPO_ROOT / "profiles" / "paper-cifar10.yaml")
+    assert params.train_diffusion.model == "ddpmpp-cifar" and params.train_diffusion.adversarial.mode == "adversarial"
+    assert params.generate.steps == 20 and params.generate.per_class * 10 == 5_000_000
+    t = params.train
+    assert (t.model, t.loss, t.beta, t.batch_size, t.lr, t.epochs, t.label_smoothing, t.ema_tau) == (
+        "wrn-28-10", "trades", 5.0, 512, 0.2, 400, 0.1, 0.995)
+    assert params.mix.synthetic_fraction == 0.7
+    assert abs(t.attack.eps - 8 / 255) < 1e-12 and t.attack.steps == 10
+
+
+def test_new_sections_reject_bad_values() -> None:
+    for raw, key in [({"train": {"loss": "mart"}}, "train.loss"),
+                     ({"train": {"attack": {"norm": "L1"}}}, "train.attack.norm"),
+                     ({"train_diffusion": {"adversarial": {"mode": "strong"}}}, "train_diffusion.adversarial.mode"),
+                     ({"train_diffusion": {"adversarial": {"floor_min": 0.5, "floor_max": 0.1}}},
+                      "train_diffusion.adversarial.floor_min"),
+                     ({"generate": {"sigma_min": 100}}, "generate.sigma_min"),
+                     ({"generate": {"filter_keep": 0.5}}, "generate.filter_keep"),
+                     ({"mix": {"synthetic_fraction": 1.5}}, "mix.synthetic_fraction"),
+                     ({"train": {"attack": {"eps": "8/0"}}}, "train.attack.eps")]:
+        with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+            parse_params(raw)

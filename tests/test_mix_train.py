@@ -147,3 +147,21 @@ def test_train_resumes_after_sigkill(workspace) -> None:
     assert final["mlflow_run_id"] == interrupted["mlflow_run_id"]
     assert json.loads((workdir / "metrics/train.json").read_text())["steps"] == 4 * 5
     assert not list(last.parent.glob(".*tmp*")), "no torn temporary checkpoint left behind"
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_with_two_processes(workspace) -> None:
+    workdir = workspace(epochs=1)
+    _mix(workdir)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    result = subprocess.run([str(BIN_DIR / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN_DIR / "dmat"),
+                             "train"], cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(workdir / "models/classifier/last.pt")
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_experiment_by_name("dmat").experiment_id])
+    assert [r.info.run_name for r in runs].count("train") == 1, "only rank 0 records a run"

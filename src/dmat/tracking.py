@@ -151,7 +151,7 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
 
         mlflow.set_tracking_uri(uri)
         try:
-            mlflow.set_experiment(params.base.experiment)
+            _use_experiment(mlflow, params.base.experiment, uri)
         except Exception as err:  # the store itself is broken: say which one
             raise TrackingError(f"cannot use MLflow tracking store {uri}: {err}") from None
     exp_name = os.environ.get("DVC_EXP_NAME", "")
@@ -168,6 +168,17 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
         if not resume_run_id:
             _log_config(tracked, params, sections)
         yield tracked
+
+
+def _use_experiment(mlflow_module: Any, name: str, uri: str) -> None:
+    """Select the experiment, creating it with its artifacts beside the project's default store.
+
+    MLflow would otherwise put artifacts under ./mlruns of the working directory, which for
+    `dvc exp run --temp` is a temporary copy that DVC deletes afterwards.
+    """
+    if mlflow_module.get_experiment_by_name(name) is None and "MLFLOW_TRACKING_URI" not in os.environ:
+        mlflow_module.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
+    mlflow_module.set_experiment(name)
 
 
 def _log_config(tracked: StageRun, params: Any, sections: tuple[str, ...]) -> None:

@@ -23,6 +23,7 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "dmat-test", "GIT_AUTHOR_EMAIL": "test@localhost",
 
 
 def tiny_params(data_path: Path) -> str:
+    """Every stage doing its real job on a few images, in seconds."""
     return f"""
 base: {{seed: 1, experiment: e2e}}
 data:
@@ -32,7 +33,15 @@ data:
   val_size: 20
   train_limit: 60
   test_limit: 30
+train_diffusion: {{steps: 4, batch_size: 8, log_every: 2, checkpoint_every: 2, grid_steps: 2,
+                  adversarial: {{mode: adversarial}}}}
+generate: {{per_class: 2, batch_size: 8, network_batch: 4, steps: 2}}
+mix: {{synthetic_fraction: 0.5}}
+train: {{epochs: 1, batch_size: 16, val_limit: 8, attack: {{steps: 1}}, val_attack_steps: 2}}
 """
+
+
+STAGES = ("prepare", "train_diffusion", "generate", "mix", "train")
 
 
 def copy_project(dest: Path) -> Path:
@@ -75,13 +84,22 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_outputs_are_canonical_stores(pipeline: Path) -> None:
     sizes = {n: len(ArrayStore.open(pipeline / "data" / "real" / n, verify=True)) for n in ("train", "val", "test")}
     assert sizes == {"train": 60, "val": 20, "test": 30}
-    assert (pipeline / "metrics" / "prepare.json").is_file()
+    assert len(ArrayStore.open(pipeline / "data" / "synthetic", verify=True)) == 2 * 10
+
+
+def test_every_stage_wrote_its_declared_outputs(pipeline: Path) -> None:
+    for path in ("metrics/prepare.json", "metrics/train_diffusion.json", "metrics/generate.json",
+                 "plots/generate_grid.png", "data/mixed/manifest.json", "models/diffusion/checkpoint.pt",
+                 "models/classifier/best.pt", "models/classifier/last.pt", "metrics/train.json",
+                 "plots/train_curves.csv"):
+        assert (pipeline / path).is_file(), path
+    result = run([str(BIN_DIR / "dvc"), "metrics", "show", "--json"], pipeline)
+    assert "best_val_robust_acc" in result.stdout and "images_per_s" in result.stdout
 
 
 def test_second_repro_is_up_to_date(pipeline: Path) -> None:
     result = run([str(BIN_DIR / "dvc"), "repro"], pipeline)
-    assert "didn't change" in result.stdout or "up to date" in result.stdout
-    assert "Running stage" not in result.stdout
+    assert "Running stage" not in result.stdout, result.stdout
 
 
 def test_mlflow_has_one_run_per_stage_with_lineage(pipeline: Path) -> None:
@@ -90,21 +108,26 @@ def test_mlflow_has_one_run_per_stage_with_lineage(pipeline: Path) -> None:
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"prepare"}
-    prepare = runs["prepare"]
-    assert prepare.data.tags["dvc.stage"] == "prepare"
+    assert set(runs) == set(STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
     commit = run(["git", "rev-parse", "HEAD"], pipeline).stdout.strip()
-    assert prepare.data.tags["git.commit"] == commit
-    assert prepare.data.params["data.train_limit"] == "60"
-    assert {d.dataset.name for d in prepare.inputs.dataset_inputs} >= {"real/train", "real/val", "real/test"}
+    for name, stage_run in runs.items():
+        assert stage_run.data.tags["dvc.stage"] == name and stage_run.data.tags["git.commit"] == commit
+    assert runs["prepare"].data.params["data.train_limit"] == "60"
+    assert {d.dataset.name for d in runs["prepare"].inputs.dataset_inputs} >= {"real/train", "real/val", "real/test"}
+    synthetic = ArrayStore.open(pipeline / "data" / "synthetic").digest
+    assert {d.dataset.digest for d in runs["train"].inputs.dataset_inputs} >= {synthetic[:36]}
+    assert runs["generate"].data.tags["dmat.adversarial_mode"] == "adversarial"
 
 
 def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path) -> None:
-    run([str(BIN_DIR / "dvc"), "exp", "run", "--temp", "-n", "smaller-val", "-S", "data.val_size=10"], pipeline)
+    run([str(BIN_DIR / "dvc"), "exp", "run", "--temp", "-n", "more-beta", "-S", "train.beta=6"], pipeline)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
-    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
-    assert "prepare@smaller-val" in names
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert "train@more-beta" in runs
     assert not list((pipeline / ".dvc" / "tmp").rglob("mlflow.db"))
+    artifacts = Path(runs["train@more-beta"].info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(pipeline.resolve() / "mlruns") and (artifacts / "train_curves.csv").is_file()

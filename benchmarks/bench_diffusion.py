@@ -1,0 +1,110 @@
+"""Diffusion speed and memory: training images/s per AT mode (vs `none`), sampling images/s, generate's peak RSS.
+
+- Training: the same network (unet-tiny, 32×32) and batch (32) for each adversarial mode; the
+  baseline is mode `none`, measured in the same run.
+- Sampling: images/s of the 18-step Heun sampler (35 network evaluations per image) for unet-tiny
+  and the paper-scale ddpmpp-cifar, at the network batch the CPU default uses (16; 2 for ddpmpp).
+- Memory: peak RSS of the real `dmat generate` stage for 1,000 vs 100,000 images (a 1-step Euler
+  sampler on a tiny 8×8 model, so the store size dominates); the ratio must stay near 1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmat.core.denoisers import build_denoiser
+from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
+from dmat.core.samplers import heun_sampler
+
+MODES = ("none", "random", "adversarial", "invariance")
+
+
+def training_images_per_s(mode: str, steps: int = 6, batch: int = 32) -> float:
+    torch.manual_seed(0)
+    model = build_denoiser("unet-tiny", img_resolution=32, in_channels=3, num_classes=10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x0, labels = torch.rand(batch, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (batch,))
+    cfg = DiffusionATConfig(mode=mode)
+
+    def step() -> None:
+        loss, _ = diffusion_training_loss(model, x0, labels, cfg)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+
+    step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def sampling_images_per_s(name: str, batch: int) -> float:
+    model = build_denoiser(name, img_resolution=32, in_channels=3, num_classes=10).eval()
+    noise, labels = torch.randn(batch, 3, 32, 32), torch.arange(batch) % 10
+    started = time.perf_counter()
+    heun_sampler(model, noise, labels, num_steps=18)
+    return batch / (time.perf_counter() - started)
+
+
+PEAK_RSS = """
+import resource, runpy, sys
+sys.argv = ["dmat", "generate"]
+try:
+    runpy.run_module("dmat.cli", run_name="__main__")
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def generate_peak_rss_mb(per_class_counts: tuple[int, ...] = (100, 10000)) -> dict[int, float]:
+    """Peak RSS (MB) of `dmat generate` in a fresh process for each total image count."""
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        folder = work / "folder"
+        from PIL import Image
+
+        for split in ("train", "test"):
+            for c in range(10):
+                (folder / split / f"c{c}").mkdir(parents=True)
+                for i in range(2):
+                    image = Image.fromarray(np.full((8, 8, 3), 20 * c, np.uint8))
+                    image.save(folder / split / f"c{c}" / f"{i}.png")
+        for per_class in per_class_counts:
+            (work / "params.yaml").write_text(
+                f"data: {{name: bench, path: {folder}, val_size: 0}}\n"
+                "train_diffusion: {steps: 1, batch_size: 4, grid_steps: 1}\n"
+                f"generate: {{per_class: {per_class}, batch_size: 512, network_batch: 512, sampler: euler, "
+                "steps: 1}\n")
+            for stage in ("prepare", "train-diffusion"):
+                subprocess.run([sys.executable, "-m", "dmat.cli", stage], cwd=work, env=env, check=True,
+                               capture_output=True)
+            out = subprocess.run([sys.executable, "-c", PEAK_RSS], cwd=work, env=env, check=True, capture_output=True,
+                                 text=True)
+            peaks[per_class * 10] = int(out.stdout.strip().splitlines()[-1]) / 1024
+    return peaks
+
+
+def run() -> dict:
+    speed = {mode: training_images_per_s(mode) for mode in MODES}
+    peaks = generate_peak_rss_mb()
+    small, large = sorted(peaks)
+    return {
+        "train_images_per_s": {mode: round(v, 1) for mode, v in speed.items()},
+        "train_speed_relative_to_none": {mode: round(v / speed["none"], 2) for mode, v in speed.items()},
+        "sampling_images_per_s_18_steps": {"unet-tiny": round(sampling_images_per_s("unet-tiny", 16), 2),
+                                           "ddpmpp-cifar": round(sampling_images_per_s("ddpmpp-cifar", 2), 3)},
+        "generate_peak_rss_mb": {str(n): round(mb) for n, mb in peaks.items()},
+        "generate_peak_rss_ratio": round(peaks[large] / peaks[small], 2),
+    }
