@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +86,29 @@ def write_params(path: Path, text: str) -> Path:
 def run_dmat(*args: str, cwd: Path, env: dict[str, str] | None = None,
              timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the installed `dmat` command for real, as DVC does."""
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    full_env["PATH"] = f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    full_env.update(env or {})
-    return subprocess.run([str(BIN_DIR / "dmat"), *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([str(BIN_DIR / "dmat"), *args], cwd=cwd, env={**_stage_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _stage_env() -> dict[str, str]:
+    """The environment a stage gets from DVC here: the venv on PATH, the working directory's MLflow store."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N dmat ...` for real (gloo on the CPU)."""
+    command = [str(BIN_DIR / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(BIN_DIR / "dmat"), *args]
+    return subprocess.run(command, cwd=cwd, env=_stage_env(), capture_output=True, text=True, timeout=600)
+
+
+def kill_when_written(*args: str, cwd: Path, watch: Path, timeout: float = 300) -> None:
+    """Start `dmat ARGS`, SIGKILL it as soon as `watch` exists (its first checkpoint), wait for it to die."""
+    process = subprocess.Popen([str(BIN_DIR / "dmat"), *args], cwd=cwd, env=_stage_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not watch.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +11,7 @@ import pytest
 
 from dmat.checkpoint import load_checkpoint
 from dmat.data.store import ArrayStore
-from tests.conftest import BIN_DIR, make_image_folder, run_dmat, write_params
+from tests.conftest import kill_when_written, make_image_folder, run_dmat, run_torchrun, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +46,6 @@ def _copy(trained: Path, tmp_path: Path) -> Path:
     return workdir
 
 
-def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run([str(BIN_DIR / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN_DIR / "dmat"),
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_train_diffusion_outputs_and_mlflow_record(trained: Path) -> None:
     state = load_checkpoint(trained / "models/diffusion/checkpoint.pt")
     assert state["step"] == 2 and state["adversarial"]["mode"] == "adversarial"
@@ -82,7 +71,7 @@ def test_generate_is_identical_for_any_batch_size_and_process_count(trained: Pat
         assert result.returncode == 0, result.stderr
         digests[f"batch {batch}"] = ArrayStore.open(workdir / "data/synthetic", verify=True).digest
     workdir = _copy(trained, tmp_path / "ddp")
-    result = _torchrun("generate", cwd=workdir)
+    result = run_torchrun("generate", cwd=workdir)
     assert result.returncode == 0, result.stderr
     digests["2 processes"] = ArrayStore.open(workdir / "data/synthetic", verify=True).digest
     assert len(set(digests.values())) == 1, digests
@@ -95,15 +84,8 @@ def test_train_diffusion_resumes_after_sigkill(trained: Path, tmp_path: Path) ->
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(workdir / "models/diffusion")
     _params(workdir, workdir / "folder", steps=30, mode="random")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    process = subprocess.Popen([str(BIN_DIR / "dmat"), "train-diffusion"], cwd=workdir, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = workdir / "models/diffusion/checkpoint.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when_written("train-diffusion", cwd=workdir, watch=checkpoint)
     interrupted = load_checkpoint(checkpoint)
     assert 2 <= interrupted["step"] < 30
     result = run_dmat("train-diffusion", cwd=workdir)
@@ -114,9 +96,39 @@ def test_train_diffusion_resumes_after_sigkill(trained: Path, tmp_path: Path) ->
     assert not list(checkpoint.parent.glob(".*tmp*"))
 
 
-def test_train_diffusion_under_torchrun(trained: Path, tmp_path: Path) -> None:
+def test_train_diffusion_underrun_torchrun(trained: Path, tmp_path: Path) -> None:
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(workdir / "models/diffusion")
-    result = _torchrun("train-diffusion", cwd=workdir)
+    result = run_torchrun("train-diffusion", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(workdir / "models/diffusion/checkpoint.pt")["step"] == 2
+
+
+def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_path: Path) -> None:
+    """filter_keep 0.5: 10 candidates per class are generated; the 5 the scorer trusts most are kept."""
+    import torch
+
+    from dmat.checkpoint import save_checkpoint
+    from dmat.core.classifiers import build_classifier
+
+    config = {"name": "wrn-16-1", "num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.manual_seed(0)
+    scorer = build_classifier("wrn-16-1", num_classes=3, mean=config["mean"], std=config["std"]).eval()
+    stores = {}
+    for name, generate in (("all", "per_class: 10"), ("kept", "per_class: 5, filter_keep: 0.5, filter_scorer: s.pt")):
+        workdir = _copy(trained, tmp_path / name)
+        save_checkpoint(workdir / "s.pt", {"model_config": config, "ema": scorer.state_dict()})
+        params = (workdir / "params.yaml").read_text().split("generate:")[0]
+        (workdir / "params.yaml").write_text(params + f"generate: {{{generate}, network_batch: 4, steps: 2}}\n")
+        result = run_dmat("generate", cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        stores[name] = ArrayStore.open(workdir / "data/synthetic", verify=True)
+    candidates, kept = stores["all"], stores["kept"]
+    x = torch.from_numpy(np.asarray(candidates.images)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        confidence = scorer(x).softmax(1)[torch.arange(30), torch.from_numpy(np.asarray(candidates.labels))].numpy()
+    expected = np.concatenate([c * 10 + np.sort(np.argsort(-confidence[c * 10:(c + 1) * 10], kind="stable")[:5])
+                               for c in range(3)])
+    np.testing.assert_array_equal(kept.images, candidates.images[expected])
+    assert np.array_equal(kept.labels, np.repeat(np.arange(3), 5))
+    assert not (kept.path / "candidates").exists()

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +11,15 @@ import pytest
 
 from dmat.checkpoint import load_checkpoint
 from dmat.data.store import ArrayStore, write_store
-from tests.conftest import BIN_DIR, TINY_CLASSES, class_image, make_image_folder, run_dmat, write_params
+from tests.conftest import (
+    TINY_CLASSES,
+    class_image,
+    kill_when_written,
+    make_image_folder,
+    run_dmat,
+    run_torchrun,
+    write_params,
+)
 
 PARAMS = """
 base: {{seed: 0}}
@@ -128,15 +132,8 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace) ->
 def test_train_resumes_after_sigkill(workspace) -> None:
     workdir = workspace(epochs=4)
     _mix(workdir)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    process = subprocess.Popen([str(BIN_DIR / "dmat"), "train"], cwd=workdir, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = workdir / "models/classifier/last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when_written("train", cwd=workdir, watch=last)
     interrupted = load_checkpoint(last)
     assert 1 <= interrupted["epoch"] < 4, "killed after the first epoch's checkpoint, before the end"
     result = run_dmat("train", cwd=workdir)
@@ -153,15 +150,24 @@ def test_train_resumes_after_sigkill(workspace) -> None:
 def test_train_under_torchrun_with_two_processes(workspace) -> None:
     workdir = workspace(epochs=1)
     _mix(workdir)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
-    result = subprocess.run([str(BIN_DIR / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN_DIR / "dmat"),
-                             "train"], cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    result = run_torchrun("train", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_checkpoint(workdir / "models/classifier/last.pt")
     assert state["epoch"] == 1 and len(state["history"]) == 1
     from mlflow.tracking import MlflowClient
 
-    runs = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_runs(
-        [MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_experiment_by_name("dmat").experiment_id])
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dmat").experiment_id])
     assert [r.info.run_name for r in runs].count("train") == 1, "only rank 0 records a run"
+
+
+@pytest.mark.parametrize(("stage", "section", "message"), [
+    ("train", "train: {model: wrn-99-1}", "train.model = 'wrn-99-1' is not allowed"),
+    ("train-diffusion", "train_diffusion: {model: unet-huge}", "train_diffusion.model = 'unet-huge' is not allowed"),
+    ("train", "train: {amp: fp16}", "train.amp = 'fp16' is not allowed on the CPU"),
+])
+def test_unknown_network_exits_2_before_writing(tmp_path: Path, stage: str, section: str, message: str) -> None:
+    write_params(tmp_path / "params.yaml", f"base: {{device: cpu}}\n{section}\n")
+    result = run_dmat(stage, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

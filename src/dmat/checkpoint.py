@@ -37,6 +37,20 @@ def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> dict[str,
     return state
 
 
+def load_resumable(path: str | Path, *, format: str, fingerprint: str, map_location: str = "cpu") -> dict | None:
+    """The checkpoint at `path` if it is this run's to resume (same format and fingerprint), else None.
+
+    Another configuration's leftover (DVC keeps `persist: true` outputs when params change) is not
+    an error: the run starts afresh and overwrites it.
+    """
+    if not Path(path).is_file():
+        return None
+    state = load_checkpoint(path, map_location=map_location)
+    if state.get("format") != format or state.get("fingerprint") != fingerprint:
+        return None
+    return state
+
+
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of configuration and input digests: a checkpoint resumes only its own run."""
     text = json.dumps(parts, sort_keys=True, default=str)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dmat.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.attacks import pgd
 from dmat.core.classifiers import CLASSIFIERS, DATASET_STATS, build_classifier
@@ -122,12 +122,10 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load models/classifier/last.pt if it belongs to this configuration and these inputs."""
-        path = OUT_DIR / LAST
-        if not path.is_file():
+        state = load_resumable(OUT_DIR / LAST, format=CHECKPOINT_FORMAT, fingerprint=self.fingerprint,
+                               map_location=self.world.device)
+        if state is None:
             return False
-        state = load_checkpoint(path, map_location=self.world.device)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint:
-            return False  # another configuration's leftovers: start afresh (they are overwritten)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

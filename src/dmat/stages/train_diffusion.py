@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dmat.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from dmat.checkpoint import fingerprint, load_resumable, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.denoisers import DENOISERS, build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
@@ -104,11 +104,9 @@ class DiffusionTrainer:
         self.step, self.run_id, self.log = 0, None, []
 
     def resume(self) -> bool:
-        path = OUT_DIR / CHECKPOINT
-        if not path.is_file():
-            return False
-        state = load_checkpoint(path, map_location=self.world.device)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint:
+        state = load_resumable(OUT_DIR / CHECKPOINT, format=CHECKPOINT_FORMAT, fingerprint=self.fingerprint,
+                               map_location=self.world.device)
+        if state is None:
             return False
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
