@@ -121,13 +121,13 @@ def test_mlflow_has_one_run_per_stage_with_lineage(pipeline: Path) -> None:
 
 
 def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path) -> None:
-    run([str(BIN_DIR / "dvc"), "exp", "run", "--temp", "-n", "more-beta", "-S", "train.beta=6"], pipeline)
+    run([str(BIN_DIR / "dvc"), "exp", "run", "--temp", "-n", "more-epochs", "-S", "train.epochs=2"], pipeline)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert "train@more-beta" in runs
+    assert "train@more-epochs" in runs
     assert not list((pipeline / ".dvc" / "tmp").rglob("mlflow.db"))
-    artifacts = Path(runs["train@more-beta"].info.artifact_uri.removeprefix("file://"))
+    artifacts = Path(runs["train@more-epochs"].info.artifact_uri.removeprefix("file://"))
     assert artifacts.is_relative_to(pipeline.resolve() / "mlruns") and (artifacts / "train_curves.csv").is_file()
