@@ -99,8 +99,9 @@ def test_mix_refuses_incompatible_stores(workspace, broken: str, message: str) -
 
 
 @pytest.mark.slow
-def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace) -> None:
-    workdir = workspace()
+@pytest.mark.parametrize("fraction", [0.5, 0.0])
+def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fraction: float) -> None:
+    workdir = workspace(fraction=fraction)
     _mix(workdir)
     result = run_dmat("train", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -119,7 +120,7 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace) ->
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.get_run(last["mlflow_run_id"])
     assert run.info.run_name == "train" and run.info.status == "FINISHED"
-    assert run.data.params["mix.synthetic_fraction"] == "0.5"
+    assert run.data.params["mix.synthetic_fraction"] == str(fraction)
     manifest = json.loads((workdir / "data/mixed/manifest.json").read_text())
     assert run.data.params["mix.synthetic_sha256"] == manifest["synthetic"]["sha256"]
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
