@@ -167,6 +167,19 @@ def allocate_store(directory: Path, size: int, image_shape: Sequence[int]) -> No
         np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=shape).flush()
 
 
+def write_block(directory: Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write a contiguous block of rows into a pre-allocated store with pwrite, not a memory map:
+    pages written through a mapping stay resident, so a huge store would grow the writer's RSS."""
+    for name, block in ((IMAGES_FILE, images), (LABELS_FILE, labels)):
+        target = np.load(directory / name, mmap_mode="r")  # reads the header: offset, dtype, shape
+        if block.dtype != target.dtype or block.shape[1:] != target.shape[1:] or start + len(block) > len(target):
+            raise ValueError(f"{directory / name}: a block of {block.dtype} {block.shape} at row {start} does not fit "
+                             f"{target.dtype} {target.shape}")
+        row_bytes = target.dtype.itemsize * int(np.prod(target.shape[1:], dtype=np.int64))
+        with open(directory / name, "r+b", buffering=0) as f:
+            os.pwrite(f.fileno(), np.ascontiguousarray(block).tobytes(), target.offset + start * row_bytes)
+
+
 def seal_store(directory: Path, classes: Sequence[str], source: dict[str, Any]) -> StoreMeta:
     """Write meta.json for filled array files: shape, per-class counts and the sha256 of both files."""
     images = _load_array(directory / IMAGES_FILE, np.uint8, 4)

@@ -26,7 +26,7 @@ from dmat.config import Params
 from dmat.core.classifiers import build_classifier
 from dmat.core.denoisers import build_denoiser
 from dmat.core.samplers import SAMPLERS, image_noise, to_uint8
-from dmat.data.store import IMAGES_FILE, LABELS_FILE, ArrayStore, StoreWriter, allocate_store, seal_store
+from dmat.data.store import ArrayStore, StoreWriter, allocate_store, seal_store, write_block
 from dmat.distributed import World, barrier, broadcast_object, world
 from dmat.fsutil import atomic_path, write_json
 from dmat.plots import image_grid, save_png
@@ -82,8 +82,8 @@ def sample(denoiser: torch.nn.Module, params: Params, classes: np.ndarray, indic
            shape: tuple[int, int, int], device: str) -> np.ndarray:
     """uint8 N×H×W×C samples for (class, index) pairs; each depends only on its own pair and the seed."""
     cfg = params.generate
-    noise = torch.cat([image_noise(params.base.seed, int(c), [int(i)], shape) for c, i in zip(classes, indices,
-                                                                                            strict=True)])
+    pairs = zip(classes.tolist(), indices.tolist(), strict=True)
+    noise = torch.cat([image_noise(params.base.seed, c, [i], shape) for c, i in pairs])
     images = SAMPLERS[cfg.sampler](
         denoiser, noise.to(device), torch.from_numpy(classes).to(device), num_steps=cfg.steps,
         sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, s_churn=cfg.s_churn, s_min=cfg.s_min,
@@ -99,19 +99,14 @@ def candidates_per_class(params: Params) -> int:
 def fill_store(store_dir: Path, denoiser, params: Params, w: World, per_class: int, num_classes: int,
                shape: tuple[int, int, int]) -> None:
     """Generate this rank's rows of a class-sorted store whose arrays rank 0 pre-allocated in store_dir."""
-    images = np.load(store_dir / IMAGES_FILE, mmap_mode="r+")
-    labels = np.load(store_dir / LABELS_FILE, mmap_mode="r+")
-    rows = np.array_split(np.arange(per_class * num_classes), w.size)[w.rank]
+    rows = np.array_split(np.arange(per_class * num_classes), w.size)[w.rank]  # contiguous per rank
     batch = params.generate.batch_size
     with tqdm(total=len(rows), desc="generate", unit="img", disable=not w.is_main, mininterval=2) as progress:
         for start in range(0, len(rows), batch):
             block = rows[start:start + batch]
             classes, indices = block // per_class, block % per_class
-            images[block] = sample(denoiser, params, classes, indices, shape, w.device)
-            labels[block] = classes
+            write_block(store_dir, int(block[0]), sample(denoiser, params, classes, indices, shape, w.device), classes)
             progress.update(len(block) * w.size)
-    images.flush()
-    labels.flush()
 
 
 def filter_by_confidence(candidates: ArrayStore, params: Params, device: str) -> np.ndarray:
@@ -153,7 +148,8 @@ def run(params: Params) -> dict:
             tracked.set_tags({"dmat.diffusion_run_id": state["mlflow_run_id"] or "",
                               "dmat.adversarial_mode": state["adversarial"]["mode"]})
             started = time.perf_counter()
-            _generate(FixedBatchDenoiser(denoiser, params.generate.network_batch), params, w, classes, per_class, shape)
+            network = FixedBatchDenoiser(denoiser, params.generate.network_batch)
+            _generate(network, params, w, classes, per_class, shape)
             seconds = time.perf_counter() - started
             if not w.is_main:
                 return {}
