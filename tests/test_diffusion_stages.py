@@ -124,7 +124,7 @@ def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_pat
         assert result.returncode == 0, result.stderr
         stores[name] = ArrayStore.open(workdir / "data/synthetic", verify=True)
     candidates, kept = stores["all"], stores["kept"]
-    x = torch.from_numpy(np.asarray(candidates.images)).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(np.array(candidates.images)).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         confidence = scorer(x).softmax(1)[torch.arange(30), torch.from_numpy(np.asarray(candidates.labels))].numpy()
     expected = np.concatenate([c * 10 + np.sort(np.argsort(-confidence[c * 10:(c + 1) * 10], kind="stable")[:5])
