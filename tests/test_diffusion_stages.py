@@ -126,7 +126,7 @@ def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_pat
     candidates, kept = stores["all"], stores["kept"]
     x = torch.from_numpy(np.array(candidates.images)).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        confidence = scorer(x).softmax(1)[torch.arange(30), torch.from_numpy(np.asarray(candidates.labels))].numpy()
+        confidence = scorer(x).softmax(1)[torch.arange(30), torch.from_numpy(np.array(candidates.labels))].numpy()
     expected = np.concatenate([c * 10 + np.sort(np.argsort(-confidence[c * 10:(c + 1) * 10], kind="stable")[:5])
                                for c in range(3)])
     np.testing.assert_array_equal(kept.images, candidates.images[expected])
