@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -112,3 +114,10 @@ def kill_when_written(*args: str, cwd: Path, watch: Path, timeout: float = 300) 
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+def tiny_bn_net(channels: int, classes: int) -> nn.Module:
+    """Conv + BatchNorm + SiLU + linear on 8×8 inputs, seeded: the smallest net with BatchNorm state."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels), nn.SiLU(),
+                         nn.Flatten(), nn.Linear(channels * 4 * 4, classes))

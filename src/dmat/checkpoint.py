@@ -51,6 +51,13 @@ def load_resumable(path: str | Path, *, format: str, fingerprint: str, map_locat
     return state
 
 
+def restore_training(state: dict[str, Any], *, model: Any, ema: Any, optimizer: Any) -> None:
+    """Load the weights, their average and the optimiser of a resumable checkpoint."""
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of configuration and input digests: a checkpoint resumes only its own run."""
     text = json.dumps(parts, sort_keys=True, default=str)

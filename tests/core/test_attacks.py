@@ -6,20 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmat.core.attacks import ATTACK_LOSSES, cw_loss, pgd
+from tests.conftest import tiny_bn_net
 
 NORMS = {"Linf": (8 / 255, 2 / 255), "L2": (0.5, 0.15)}  # norm -> (eps, step size)
 LOSSES = sorted(ATTACK_LOSSES)
 
 
 def _tiny_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1),
-        nn.BatchNorm2d(8),
-        nn.SiLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 4 * 4, 5),
-    )
+    return tiny_bn_net(8, 5)
 
 
 @pytest.fixture

@@ -15,19 +15,13 @@ from dmat.core.losses import (
     pgd_at_loss,
     trades_loss,
 )
+from tests.conftest import tiny_bn_net
 
 EPS, STEP, STEPS, BETA, SMOOTHING, SEED = 8 / 255, 2 / 255, 3, 5.0, 0.1, 7
 
 
 def _tiny_bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, stride=2, padding=1),
-        nn.BatchNorm2d(6),
-        nn.SiLU(),
-        nn.Flatten(),
-        nn.Linear(6 * 4 * 4, 4),
-    ).train()
+    return tiny_bn_net(6, 4).train()
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,7 +112,7 @@ def _open_imagefolder(path: Path, resize: tuple[int, int] | None) -> dict[str, S
                         "with train/<class>/ and test/<class>/, or use data.source: torchvision (see README)")
     if path.is_dir():
         entries, class_dirs = _list_directory(path)
-        open_bytes = _directory_reader(path)
+        open_bytes = _directory_reader()
         description = {"kind": "imagefolder", "path": str(path)}
     elif tarfile.is_tarfile(path):
         entries, class_dirs, open_bytes = _list_archive(path)
@@ -166,7 +166,7 @@ def _list_directory(path: Path) -> tuple[list[_Entry], set[tuple[str, str]]]:
     return entries, class_dirs
 
 
-def _directory_reader(root: Path):
+def _directory_reader():
     def open_bytes(items: list[_Entry]) -> Iterator[tuple[_Entry, bytes]]:
         for entry in items:
             try:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, save_checkpoint
+from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.attacks import pgd
 from dmat.core.classifiers import CLASSIFIERS, DATASET_STATS, build_classifier
@@ -126,9 +126,7 @@ class Trainer:
                                map_location=self.world.device)
         if state is None:
             return False
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        restore_training(state, model=self.model, ema=self.ema, optimizer=self.optimizer)
         self.epoch, self.history, self.run_id = state["epoch"], state["history"], state["mlflow_run_id"]
         return True
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dmat.checkpoint import fingerprint, load_resumable, save_checkpoint
+from dmat.checkpoint import fingerprint, load_resumable, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.denoisers import DENOISERS, build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
@@ -108,9 +108,7 @@ class DiffusionTrainer:
                                map_location=self.world.device)
         if state is None:
             return False
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        restore_training(state, model=self.model, ema=self.ema, optimizer=self.optimizer)
         self.step, self.run_id, self.log = state["step"], state["mlflow_run_id"], state["log"]
         return True
 
