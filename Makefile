@@ -25,6 +25,7 @@ test: install lint
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/hadolint Dockerfile
 
 # Speed and memory figures (not tests): see benchmarks/README.md.
 bench: install

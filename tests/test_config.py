@@ -106,3 +106,21 @@ def test_new_sections_reject_bad_values() -> None:
                      ({"train": {"attack": {"eps": "8/0"}}}, "train.attack.eps")]:
         with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
             parse_params(raw)
+
+
+@pytest.mark.parametrize(("raw", "allowed"), [
+    ({"sigmas": []}, "non-empty list of numbers > 0"), ({"sigmas": [0.2, 0]}, "non-empty list of numbers > 0"),
+    ({"sigmas": [0.2, 0.2]}, "distinct"), ({"radius_rho": 0}, "> 0"), ({"n_real": 1}, ">= 2"),
+    ({"attack_steps": 0}, ">= 1"), ({"inception_weights": ""}, "matching")])
+def test_evaluate_diffusion_rejects_bad_values(raw: dict, allowed: str) -> None:
+    with pytest.raises(ParamsError, match=r"evaluate_diffusion\.") as caught:
+        parse_params({"evaluate_diffusion": raw})
+    assert allowed in str(caught.value)
+
+
+def test_evaluate_diffusion_measures_every_profile_in_one_box() -> None:
+    """The box is the same yardstick at CPU and paper scale, whatever AT mode trained the model."""
+    cpu, paper = (load_params(REPO_ROOT / name).evaluate_diffusion for name in ("params.yaml",
+                                                                                "profiles/paper-cifar10.yaml"))
+    assert (cpu.radius_rho, cpu.radius_floor, cpu.sigmas) == (paper.radius_rho, paper.radius_floor, paper.sigmas)
+    assert paper.n_real == 10_000 and cpu.inception_weights is None and paper.inception_weights is None

@@ -32,10 +32,45 @@ STAGES: dict[str, tuple[str, str]] = {
     "mix": ("dmat.stages.mix",
             "Choose the generated images the classifier may use and their share of every batch -> data/mixed/ "
             "(manifest with both stores' sha256 digests, and the chosen rows)."),
+    "evaluate": ("dmat.stages.evaluate",
+                 "Robustness of the best EMA classifier: clean accuracy, AutoAttack, a PGD eps sweep and sanity "
+                 "checks on the first evaluate.n test images, per threat model -> metrics/evaluate_<threat>.json, "
+                 "plots/evaluate_<threat>_sweep.csv, models/eval/<threat>/ (adversarial examples, RobustBench "
+                 "record)."),
     "train": ("dmat.stages.train",
               "Adversarial training (TRADES or PGD-AT) of the classifier on mixed real/generated batches -> "
               "models/classifier/{best,last}.pt, metrics/train.json, plots/train_curves.csv. Resumes after a kill; "
               "runs under torchrun for several processes."),
+    "evaluate-diffusion": ("dmat.stages.evaluate_diffusion",
+                           "Evaluate the diffusion model: denoiser error and output change under random and "
+                           "adversarial perturbations in a fixed AT box at several noise levels; conditional "
+                           "accuracy and classifier-feature Frechet distance of data/synthetic (FID with local "
+                           "Inception weights only) -> metrics/evaluate_diffusion.json."),
+    "export": ("dmat.deploy.export",
+               "Export the best EMA classifier (ONNX with provenance metadata, torch.export .pt2) and the EMA "
+               "denoiser (ONNX) -> models/export/."),
+    "verify": ("dmat.deploy.verify",
+               "Deployment-side checks of models/export (ONNX checker, contract, parity, robustness after export, "
+               "Square on onnxruntime, latency, denoiser parity) -> metrics/verify.json; registers the model in "
+               "MLflow when every gate passes. Exits 1 naming the failed gate."),
+}
+
+# Stage arguments besides --params (passed to the stage's run() as keyword arguments).
+STAGE_OPTIONS: dict[str, dict[str, dict]] = {
+    "evaluate": {"--threat": {"metavar": "NAME", "help": "evaluate only this entry of evaluate.threats "
+                                                         "(dvc.yaml runs one stage per entry); default: all"}},
+}
+
+# Commands that are not pipeline stages: subcommand -> module with configure(parser) and run(args) -> exit code.
+# Each module parses its own arguments; the serving command must work where torch is not installed.
+TOOLS: dict[str, tuple[str, str]] = {
+    "robustness": ("dmat.robustness_cli",
+                   "Evaluate any classifier (DMAT checkpoint, torch.export .pt2, or .onnx with Square only) on a "
+                   "canonical store with AutoAttack -> a JSON report."),
+    "serve": ("dmat.deploy.serve",
+              "Serve an ONNX classifier (a .onnx path or models:/name@alias) over HTTP on 127.0.0.1."),
+    "lineage": ("dmat.lineage",
+                "Print the chain of stages, runs and files that produced an artifact, each link checked."),
 }
 
 
@@ -51,32 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text.split(" -> ")[0], description=help_text)
         sub.add_argument("--params", default="params.yaml", metavar="FILE",
                          help="params file to read (default: params.yaml in the working directory)")
+        for flag, options in STAGE_OPTIONS.get(name, {}).items():
+            sub.add_argument(flag, **options)
         sub.set_defaults(stage_module=module)
+    for name, (module, help_text) in TOOLS.items():
+        sub = commands.add_parser(name, help=help_text.split(" -> ")[0], description=help_text)
+        importlib.import_module(module).configure(sub)
+        sub.set_defaults(tool_module=module)
     return parser
 
 
-def run_stage(module_name: str, params_file: str) -> None:
+def run_stage(module_name: str, params_file: str, **options: object) -> None:
     from dmat.config import load_params
     from dmat.runtime import apply_base
 
     params = load_params(params_file)  # validated before anything is imported or written
     apply_base(params.base)
-    importlib.import_module(module_name).run(params)
+    importlib.import_module(module_name).run(params, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "tool_module", None):
+        return importlib.import_module(args.tool_module).run(args)
     from dmat.checkpoint import CheckpointError
     from dmat.config import ParamsError
     from dmat.data.sources import DataError
     from dmat.data.store import StoreError
+    from dmat.deploy.verify import GateFailed
     from dmat.tracking import TrackingError
 
     try:
-        run_stage(args.stage_module, args.params)
+        options = {flag.lstrip("-"): getattr(args, flag.lstrip("-")) for flag in STAGE_OPTIONS.get(args.command, {})}
+        run_stage(args.stage_module, args.params, **options)
     except ParamsError as err:
         return _fail(args.command, err, EXIT_USAGE)
-    except (DataError, StoreError, CheckpointError, TrackingError) as err:
+    except (DataError, StoreError, CheckpointError, TrackingError, GateFailed) as err:
         return _fail(args.command, err, EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail(args.command, "interrupted", EXIT_INTERRUPTED)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn")
+NAME_PATTERN = r"[a-z0-9][a-z0-9_\-]{0,31}"  # names that become parts of file and stage names
 
 
 class ParamsError(ValueError):
@@ -218,6 +219,95 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateDiffusionConfig:
+    """The `evaluate_diffusion` stage: denoiser robustness and sample quality of the diffusion model.
+
+    The perturbation box r(σ) = (σ/√(1+σ²))^radius_rho + radius_floor is this section's yardstick, not
+    the box a model was trained with, so that every model (AT mode none or adversarial) is measured alike.
+    """
+
+    n_real: int = allowed(1000, min=2)  # first n images of data/real/test for the Fréchet distances
+    n_generated_per_class: int = allowed(100, min=1)  # seeded stratified draw from data/synthetic
+    n_denoiser: int = allowed(128, min=1)  # first n images of data/real/test for the denoiser metrics
+    sigmas: tuple[float, ...] = allowed((0.05, 0.2, 0.5, 1.0, 2.0), min=0)  # noise levels, [-1, 1] image units
+    attack_steps: int = allowed(5, min=1)  # signed-gradient (PGD) steps of the adversarial perturbation
+    radius_rho: float = allowed(2.0, min=0)  # exponent ρ of the box radius (> 0)
+    radius_floor: float = allowed(12 / 255, min=0)  # fixed floor of the box radius, in noise units
+    batch_size: int = allowed(128, min=1)
+    inception_weights: str | None = allowed(None, pattern=r"^.{1,4096}$")  # local torchvision Inception-v3 file
+
+    def check(self) -> None:
+        if not self.sigmas or min(self.sigmas) <= 0:
+            raise ParamsError(f"evaluate_diffusion.sigmas = {list(self.sigmas)} is not allowed: expected a non-empty "
+                              "list of numbers > 0")
+        if len({f"{s:g}" for s in self.sigmas}) != len(self.sigmas):
+            raise ParamsError(f"evaluate_diffusion.sigmas = {list(self.sigmas)} is not allowed: expected distinct "
+                              "values")
+        if self.radius_rho <= 0:
+            raise ParamsError(f"evaluate_diffusion.radius_rho = {self.radius_rho} is not allowed: expected > 0")
+
+
+AUTOATTACK_ATTACKS = Literal["apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square"]
+
+
+@dataclass(frozen=True)
+class ThreatEvalConfig:
+    """One threat model to evaluate: AutoAttack at `eps`, plus a cheap PGD sweep over `sweep`."""
+
+    norm: Literal["Linf", "L2"] = "Linf"
+    eps: float = allowed(8 / 255, min=0)
+    sweep: tuple[float, ...] = allowed((0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255), min=0)  # eps values, rising
+    large_eps: float = allowed(0.5, min=0)  # the "falls to chance" sanity check runs PGD here
+    RELATIVE_KEYS: typing.ClassVar[bool] = True
+
+    def check(self) -> None:
+        if list(self.sweep) != sorted(set(self.sweep)):
+            raise ParamsError(f"sweep = {list(self.sweep)} is not allowed: expected distinct values, rising")
+        if self.large_eps <= self.eps:
+            raise ParamsError(f"large_eps = {self.large_eps} is not allowed: expected > eps ({self.eps})")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate` stage: robustness of the best EMA classifier on the first n test images."""
+
+    n: int | None = allowed(None, min=1)  # first n points of data/real/test (RobustBench's rule); null = all
+    batch_size: int = allowed(250, min=1)
+    version: Literal["standard", "plus", "rand", "custom"] = "standard"  # AutoAttack version
+    attacks: tuple[AUTOATTACK_ATTACKS, ...] | None = None  # version custom only, in the order to run
+    square_queries: int = allowed(5000, min=1)  # Square's query budget (AutoAttack standard: 5000)
+    pgd_steps: int = allowed(0, min=0)  # extra PGD-CE and PGD-CW on the points AutoAttack left; 0 = none
+    pgd_restarts: int = allowed(1, min=1)
+    sweep_steps: int = allowed(10, min=1)  # PGD-CE steps for the eps sweep and the sanity checks
+    sweep_n: int | None = allowed(None, min=1)  # first points used by the sweep; null = all n
+    tolerance: float = allowed(0.01, min=0, max=1)  # slack of the sanity checks, as accuracy
+    threats: dict[str, ThreatEvalConfig] = field(default_factory=lambda: {"linf": ThreatEvalConfig()})
+
+    def check(self) -> None:
+        if (self.version == "custom") != (self.attacks is not None):
+            raise ParamsError(f"evaluate.attacks = {_show(self.attacks)} is not allowed with evaluate.version = "
+                              f"{self.version!r}: a list of attacks goes with version custom, and only with it")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """The `verify` stage: deployment-side gates on models/export, then the model registry."""
+
+    parity_batches: tuple[int, ...] = allowed((1, 7, 64), min=1)  # clean test batch sizes compared with PyTorch
+    parity_atol: float = allowed(1e-4, min=0)  # max |logit difference| onnxruntime vs PyTorch
+    robust_acc_tolerance: float = allowed(0.002, min=0, max=1)  # onnxruntime vs PyTorch on the adversarial examples
+    square_n: int = allowed(50, min=1)  # first test points attacked by Square through onnxruntime
+    square_queries: int = allowed(1000, min=1)
+    square_tolerance: float = allowed(0.0, min=0, max=1)  # slack of "AutoAttack <= Square <= clean"
+    latency_runs: int = allowed(50, min=1)  # timed batch-1 calls (after warm-up) for p50/p95
+    latency_budget_ms: float | None = allowed(None, min=0)  # onnxruntime p95 at batch 1; null = record only
+    denoiser_sigmas: tuple[float, ...] = allowed((0.05, 1.0, 20.0), min=0)
+    denoiser_atol: float = allowed(1e-3, min=0)  # max |difference| of denoised outputs ([-1, 1] image units)
+    registered_model: str = allowed("dmat-classifier", pattern=r"^[A-Za-z0-9][\w.\-]{0,99}$")
+    register: bool = True  # register in MLflow after every gate passes
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params.yaml."""
 
@@ -227,6 +317,9 @@ class Params:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    evaluate_diffusion: EvaluateDiffusionConfig = field(default_factory=EvaluateDiffusionConfig)
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
@@ -307,7 +400,11 @@ def _parse_dataclass(cls: type, raw: Any, key: str) -> Any:
             values[name] = _parse_value(hints[name], raw[name], child_key, bounds)
     config = cls(**values)
     if hasattr(config, "check"):
-        config.check()
+        try:
+            config.check()
+        except ParamsError as err:
+            # Sections used under several names (mapping values) name their keys relative to themselves.
+            raise ParamsError(f"{key}.{err}" if getattr(cls, "RELATIVE_KEYS", False) else str(err)) from None
     return config
 
 
@@ -332,7 +429,20 @@ def _parse_value(tp: Any, value: Any, key: str, bounds: Bounds) -> Any:
         return value
     if origin is tuple:
         return _parse_tuple(args, value, key, bounds)
+    if origin is dict:
+        return _parse_mapping(args[1], value, key, bounds)
     return _parse_scalar(tp, value, key, bounds)
+
+
+def _parse_mapping(value_type: Any, value: Any, key: str, bounds: Bounds) -> dict:
+    """A mapping of names (used in file names and DVC stage names) to values of one type."""
+    if not isinstance(value, dict) or not value:
+        raise ParamsError(f"{key} = {_show(value)} is not allowed: expected a non-empty mapping of names to values")
+    for name in value:
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            raise ParamsError(f"{key}.{name} is not allowed as a name: expected lowercase letters, digits, _ or -, "
+                              "at most 32 characters")
+    return {name: _parse_value(value_type, item, f"{key}.{name}", bounds) for name, item in value.items()}
 
 
 def _parse_tuple(args: tuple, value: Any, key: str, bounds: Bounds) -> tuple:
@@ -361,7 +471,7 @@ def _parse_scalar(tp: type, value: Any, key: str, bounds: Bounds) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad()
     elif tp is float:
-        value = _to_float(value)
+        value = to_float(value)
         if value is None:
             raise bad()
     elif tp is str:
@@ -377,7 +487,7 @@ def _parse_scalar(tp: type, value: Any, key: str, bounds: Bounds) -> Any:
     return value
 
 
-def _to_float(value: Any) -> float | None:
+def to_float(value: Any) -> float | None:
     """A finite float from a number or a fraction string such as "8/255"; None if it is neither."""
     if isinstance(value, bool):
         return None

@@ -28,3 +28,23 @@ def save_png(path: str | Path, image: np.ndarray, scale: int = 1) -> None:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
+
+
+def save_curve(path: str | Path, x: list[float], series: dict[str, list[float]], *, xlabel: str, ylabel: str,
+               title: str) -> None:
+    """A line chart (one line per series) written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for label, values in series.items():
+        axes.plot(x, values, marker="o", label=label)
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1))
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)

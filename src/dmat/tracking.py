@@ -123,6 +123,54 @@ class StageRun:
             mlflow.pytorch.log_model(module, name=name, input_example=input_example, pip_requirements=requirements)
 
 
+    def register_onnx_model(self, onnx_path: str | Path, name: str, input_example: Any, output_example: Any,
+                            card: Mapping[str, Any]) -> dict[str, Any]:
+        """Log the ONNX model into this run, register it as a new version of `name` and tag the version
+        with `card` (threat model, accuracies). Aliases: `candidate` always; `champion` by `champion_decision`."""
+        import onnx
+        from mlflow.models import infer_signature
+
+        with _quiet_mlflow():
+            info = self._mlflow.onnx.log_model(
+                onnx.load(str(onnx_path)), name="model", input_example=input_example,
+                signature=infer_signature(input_example, output_example), registered_model_name=name,
+                save_as_external_data=False)  # one file, byte-identical to the verified export
+        client = self._mlflow.MlflowClient()
+        version = str(info.registered_model_version)
+        for key, value in card.items():
+            client.set_model_version_tag(name, version, f"dmat.{key}", str(value))
+        client.set_registered_model_alias(name, "candidate", version)
+        current = _champion_card(client, name)
+        move, reason = champion_decision(card, current)
+        if move:
+            client.set_registered_model_alias(name, "champion", version)
+        return {"name": name, "version": version, "aliases": ["candidate", "champion"] if move else ["candidate"],
+                "champion_moved": move, "reason": reason, "model_uri": f"models:/{name}/{version}"}
+
+
+def champion_decision(new: Mapping[str, Any], current: Mapping[str, Any] | None) -> tuple[bool, str]:
+    """Whether a new version becomes champion: only against the same threat model and eps, and only
+    when its robust accuracy is at least the champion's."""
+    if current is None:
+        return True, "no champion yet"
+    if (str(current.get("norm")), float(current.get("eps", -1))) != (str(new["norm"]), float(new["eps"])):
+        return False, (f"champion v{current.get('version')} was evaluated under {current.get('norm')} eps "
+                       f"{current.get('eps')}, not {new['norm']} eps {new['eps']}: not comparable, champion kept")
+    old, fresh = float(current.get("robust_accuracy", "nan")), float(new["robust_accuracy"])
+    if fresh >= old:
+        return True, f"robust accuracy {fresh:.4f} >= champion v{current.get('version')}'s {old:.4f}"
+    return False, f"robust accuracy {fresh:.4f} < champion v{current.get('version')}'s {old:.4f}: champion kept"
+
+
+def _champion_card(client: Any, name: str) -> dict[str, Any] | None:
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+    except Exception:  # MLflow raises when the alias does not exist yet
+        return None
+    card = {k.removeprefix("dmat."): v for k, v in version.tags.items() if k.startswith("dmat.")}
+    return {**card, "version": version.version}
+
+
 class NullRun:
     """What torchrun ranks other than 0 get: every report is dropped (rank 0 reports for all)."""
 

@@ -6,11 +6,13 @@ files, as a fresh clone would have them), writes tiny params, and runs the real 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dmat.data.store import ArrayStore
@@ -38,10 +40,24 @@ train_diffusion: {{steps: 4, batch_size: 8, log_every: 2, checkpoint_every: 2, g
 generate: {{per_class: 2, batch_size: 8, network_batch: 4, steps: 2}}
 mix: {{synthetic_fraction: 0.5}}
 train: {{epochs: 1, batch_size: 16, val_limit: 8, attack: {{steps: 1}}, val_attack_steps: 2}}
+evaluate:
+  n: 30
+  version: custom
+  attacks: [apgd-ce, apgd-t, square]
+  square_queries: 100
+  pgd_steps: 2
+  sweep_steps: 5
+  threats:
+    linf: {{norm: Linf, eps: 8/255, sweep: [0, 4/255, 8/255], large_eps: 0.5}}
+    l2: {{norm: L2, eps: 0.5, sweep: [0, 0.5], large_eps: 20}}
+verify: {{parity_batches: [1, 7, 30], square_n: 10, square_queries: 50, latency_runs: 5, registered_model: e2e-model}}
+evaluate_diffusion: {{n_real: 30, n_generated_per_class: 2, n_denoiser: 8, sigmas: [0.2, 1.0], attack_steps: 2,
+                     batch_size: 8}}
 """
 
 
-STAGES = ("prepare", "train_diffusion", "generate", "mix", "train")
+STAGES = ("prepare", "train_diffusion", "generate", "mix", "train", "evaluate@linf", "evaluate@l2", "export",
+          "verify", "evaluate_diffusion")
 
 
 def copy_project(dest: Path) -> Path:
@@ -55,11 +71,12 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_STAGE")}
     env.update(GIT_ENV, PATH=f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}")
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == expect, f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
+                                        f"{result.stderr[-3000:]}"
     return result
 
 
@@ -91,10 +108,57 @@ def test_every_stage_wrote_its_declared_outputs(pipeline: Path) -> None:
     for path in ("metrics/prepare.json", "metrics/train_diffusion.json", "metrics/generate.json",
                  "plots/generate_grid.png", "data/mixed/manifest.json", "models/diffusion/checkpoint.pt",
                  "models/classifier/best.pt", "models/classifier/last.pt", "metrics/train.json",
-                 "plots/train_curves.csv"):
+                 "plots/train_curves.csv", "metrics/evaluate_linf.json", "metrics/evaluate_l2.json",
+                 "plots/evaluate_linf_sweep.csv", "models/eval/linf/images.npy", "models/eval/l2/robustbench.json",
+                 "models/export/classifier.onnx", "models/export/classifier.pt2", "models/export/denoiser.onnx",
+                 "metrics/verify.json", "metrics/evaluate_diffusion.json"):
         assert (pipeline / path).is_file(), path
     result = run([str(BIN_DIR / "dvc"), "metrics", "show", "--json"], pipeline)
-    assert "best_val_robust_acc" in result.stdout and "images_per_s" in result.stdout
+    for key in ("best_val_robust_acc", "images_per_s", "robust_acc", "sanity_passed", "fd_classifier"):
+        assert key in result.stdout, key
+    plots = run([str(BIN_DIR / "dvc"), "plots", "show", "--json"], pipeline).stdout
+    assert "evaluate_linf_sweep.csv" in plots and "generate_grid.png" in plots
+
+
+def test_evaluation_reports_attacks_classes_and_sanity(pipeline: Path) -> None:
+    report = json.loads((pipeline / "metrics/evaluate_linf.json").read_text())
+    assert report["n"] == 30 and 0 <= report["robust_acc"] <= report["clean_acc"] <= 1
+    dlr_possible = len(report["classes"]) >= 4  # the tiny fallback folder has 3 classes: no targeted DLR
+    assert report["attacks"] == ["apgd-ce", *(["apgd-t"] if dlr_possible else []), "square", "pgd-ce", "pgd-cw"]
+    assert set(report["per_attack"]) == {"clean", *report["attacks"]}
+    assert report["per_attack"]["pgd-cw"] == report["robust_acc"]
+    assert set(report["per_class"]["robust"]) == set(report["classes"])
+    assert report["sanity"]["examples_in_ball"]["passed"] and report["sanity"]["eps_zero_equals_clean"]["passed"]
+    examples = np.load(pipeline / "models/eval/linf/images.npy")
+    assert examples.shape == (30, 32, 32, 3) and examples.dtype == np.float32
+    record = json.loads((pipeline / "models/eval/linf/robustbench.json").read_text())
+    assert record["eps"] == "8/255" and float(record["autoattack_acc"]) == pytest.approx(100 * report["robust_acc"])
+
+
+def test_verify_passes_every_gate_and_registers_the_model(pipeline: Path) -> None:
+    report = json.loads((pipeline / "metrics/verify.json").read_text())
+    assert report["passed"] and not report["failed"]
+    assert report["gates"]["parity"]["batches"]["7"]["max_abs_diff"] <= 1e-4
+    assert report["registry"]["version"] == "1" and report["registry"]["champion_moved"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("e2e-model", "champion")
+    assert champion.tags["dmat.norm"] == "Linf" and float(champion.tags["dmat.robust_accuracy"]) == pytest.approx(
+        json.loads((pipeline / "metrics/evaluate_linf.json").read_text())["robust_acc"])
+
+
+def test_robustness_command_on_the_exported_artifacts(pipeline: Path) -> None:
+    common = ["--data", "data/real/test", "--n", "10", "--eps", "8/255", "--seed", "3"]
+    run([str(BIN_DIR / "dmat"), "robustness", "models/export/classifier.pt2", *common, "--version", "custom",
+         "--attacks", "apgd-ce", "--json", "pt2.json"], pipeline)
+    white_box = json.loads((pipeline / "pt2.json").read_text())
+    assert white_box["settings"]["model_kind"] == "torch.export" and not white_box["gradient_free_only"]
+    run([str(BIN_DIR / "dmat"), "robustness", "models/export/classifier.onnx", *common, "--version", "custom",
+         "--attacks", "square", "--square-queries", "30", "--json", "onnx.json"], pipeline)
+    black_box = json.loads((pipeline / "onnx.json").read_text())
+    assert black_box["gradient_free_only"] and black_box["attacks"] == ["square"]
+    assert black_box["clean_accuracy"] == white_box["clean_accuracy"]
 
 
 def test_second_repro_is_up_to_date(pipeline: Path) -> None:
@@ -118,6 +182,10 @@ def test_mlflow_has_one_run_per_stage_with_lineage(pipeline: Path) -> None:
     synthetic = ArrayStore.open(pipeline / "data" / "synthetic").digest
     assert {d.dataset.digest for d in runs["train"].inputs.dataset_inputs} >= {synthetic[:36]}
     assert runs["generate"].data.tags["dmat.adversarial_mode"] == "adversarial"
+    recipe = runs["evaluate@linf"].data.params
+    assert recipe["recipe.diffusion.adversarial_mode"] == "adversarial"
+    assert recipe["recipe.mix.synthetic_fraction"] == "0.5" and recipe["recipe.train.loss"] == "trades"
+    assert runs["evaluate@linf"].data.metrics["robust_acc"] <= runs["evaluate@linf"].data.metrics["clean_acc"]
 
 
 def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path) -> None:
@@ -127,7 +195,25 @@ def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path) -> None:
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert "train@more-epochs" in runs
+    assert "train@more-epochs" in runs and "verify@more-epochs" in runs
+    version2 = client.get_model_version("e2e-model", "2")  # the experiment's model: a second registered version
+    assert str(client.get_model_version_by_alias("e2e-model", "candidate").version) == "2"
+    champion = str(client.get_model_version_by_alias("e2e-model", "champion").version)
+    moved = float(version2.tags["dmat.robust_accuracy"]) >= float(
+        client.get_model_version("e2e-model", "1").tags["dmat.robust_accuracy"])
+    assert champion == ("2" if moved else "1")
     assert not list((pipeline / ".dvc" / "tmp").rglob("mlflow.db"))
     artifacts = Path(runs["train@more-epochs"].info.artifact_uri.removeprefix("file://"))
     assert artifacts.is_relative_to(pipeline.resolve() / "mlruns") and (artifacts / "train_curves.csv").is_file()
+
+
+def test_failed_gate_exits_nonzero_naming_it(pipeline: Path, tmp_path: Path) -> None:
+    """Last: it leaves a failed `verify` run and its metrics in the copy."""
+    strict = tmp_path / "strict.yaml"
+    params = (pipeline / "params.yaml").read_text().replace("latency_runs: 5,", "latency_runs: 5, "
+                                                            "latency_budget_ms: 0.000001, register: false,")
+    strict.write_text(params)
+    result = run([str(BIN_DIR / "dmat"), "verify", "--params", str(strict)], pipeline, expect=1)
+    assert "latency_budget" in result.stderr
+    assert not (pipeline / "metrics/verify.json").exists() or json.loads(
+        (pipeline / "metrics/verify.json").read_text())["failed"] == ["latency_budget"]

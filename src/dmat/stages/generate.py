@@ -23,15 +23,14 @@ from tqdm import tqdm
 
 from dmat.checkpoint import CheckpointError, load_checkpoint
 from dmat.config import Params
-from dmat.core.classifiers import build_classifier
 from dmat.core.denoisers import build_denoiser
 from dmat.core.samplers import SAMPLERS, image_noise, to_uint8
 from dmat.data.store import ArrayStore, StoreWriter, allocate_store, seal_store, write_block
 from dmat.distributed import World, barrier, broadcast_object, world
-from dmat.fsutil import atomic_path, write_json
+from dmat.fsutil import atomic_path, sha256_file, write_json
 from dmat.plots import image_grid, save_png
 from dmat.runtime import apply_torch
-from dmat.stages import train_diffusion
+from dmat.stages import train, train_diffusion
 from dmat.tracking import stage_run
 
 STAGE = "generate"
@@ -111,12 +110,7 @@ def fill_store(store_dir: Path, denoiser, params: Params, w: World, per_class: i
 
 def filter_by_confidence(candidates: ArrayStore, params: Params, device: str) -> np.ndarray:
     """Rows to keep: per class, the `per_class` candidates the scorer is most confident belong to it."""
-    state = load_checkpoint(params.generate.filter_scorer, map_location=device)
-    config = state["model_config"]
-    scorer = build_classifier(config["name"], num_classes=config["num_classes"], mean=config["mean"],
-                              std=config["std"])
-    scorer.load_state_dict(state["ema"])
-    scorer.to(device).eval()
+    scorer, _ = train.load_classifier(params.generate.filter_scorer, device)
     confidence = np.empty(len(candidates))
     with torch.no_grad():
         for start in range(0, len(candidates), 256):
@@ -149,7 +143,7 @@ def run(params: Params) -> dict:
                               "dmat.adversarial_mode": state["adversarial"]["mode"]})
             started = time.perf_counter()
             network = FixedBatchDenoiser(denoiser, params.generate.network_batch)
-            _generate(network, params, w, classes, per_class, shape)
+            _generate(network, params, w, classes, per_class, shape, diffusion_recipe(state))
             seconds = time.perf_counter() - started
             if not w.is_main:
                 return {}
@@ -169,14 +163,22 @@ def run(params: Params) -> dict:
     return metrics
 
 
+def diffusion_recipe(state: dict) -> dict:
+    """What the generated store records about the model that made it (for lineage and run comparison)."""
+    path = train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT
+    return {"model": state["model_config"]["name"], "train_steps": state["step"],
+            "adversarial": state["adversarial"], "corrupt": state["train_config"].get("corrupt"),
+            "mlflow_run_id": state["mlflow_run_id"], "checkpoint_sha256": sha256_file(path)}
+
+
 def _generate(denoiser, params: Params, w: World, classes: list[str], per_class: int,
-              shape: tuple[int, int, int]) -> None:
+              shape: tuple[int, int, int], diffusion: dict) -> None:
     """All ranks fill one pre-allocated store in place; rank 0 seals it (after filtering, when asked)
     and publishes it at data/synthetic in one rename."""
     hwc = (shape[1], shape[2], shape[0])
     filtering = params.generate.filter_keep < 1
     source = {"kind": "generated", "sampler": params.generate.sampler, "steps": params.generate.steps,
-              "seed": params.base.seed, "filter_keep": params.generate.filter_keep}
+              "seed": params.base.seed, "filter_keep": params.generate.filter_keep, "diffusion": diffusion}
     with atomic_path(OUT_DIR, directory=True) if w.is_main else contextlib.nullcontext() as staging:
         fill_dir = broadcast_object(w, str(staging / "candidates" if filtering else staging) if w.is_main else None)
         fill_dir = Path(fill_dir)

@@ -24,7 +24,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, restore_training, save_checkpoint
+from dmat.checkpoint import (
+    CheckpointError,
+    fingerprint,
+    load_checkpoint,
+    load_resumable,
+    restore_training,
+    save_checkpoint,
+)
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.attacks import pgd
 from dmat.core.classifiers import CLASSIFIERS, DATASET_STATS, build_classifier
@@ -291,9 +298,16 @@ def _finish(trainer: Trainer, tracked) -> dict:
     return metrics
 
 
-def _load_best_ema(trainer: Trainer) -> nn.Module:
-    state = load_checkpoint(OUT_DIR / BEST)
+def load_classifier(path: str | Path = OUT_DIR / BEST, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """The EMA classifier of a DMAT checkpoint, in eval mode on `device`, and the checkpoint's contents."""
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a DMAT classifier checkpoint (format {state.get('format')!r})")
     cfg = state["model_config"]
     model = build_classifier(cfg["name"], num_classes=cfg["num_classes"], mean=cfg["mean"], std=cfg["std"])
     model.load_state_dict(state["ema"])
-    return model.eval()
+    return model.to(device).eval(), state
+
+
+def _load_best_ema(trainer: Trainer) -> nn.Module:
+    return load_classifier(OUT_DIR / BEST)[0]

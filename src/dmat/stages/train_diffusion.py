@@ -74,9 +74,12 @@ def corrupt(x0: torch.Tensor, rows: np.ndarray, chosen: np.ndarray, params: Para
     return torch.where(torch.from_numpy(mask).to(x0.device).reshape(-1, 1, 1, 1), x0 + sigma * noise, x0)
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """σ, noise and perturbations of one step depend only on (seed, rank, step): exact resume."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+def step_generator(seed: int, rank: int, step: int, device: str = "cpu") -> torch.Generator:
+    """σ, noise and perturbations of one step depend only on (seed, rank, step): exact resume.
+
+    The generator lives on the device the draws are made on (torch refuses a CPU generator for CUDA tensors)."""
+    seed_value = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed_value)
 
 
 class DiffusionTrainer:
@@ -135,7 +138,7 @@ class DiffusionTrainer:
         if cfg.augment:
             flip = torch.rand(len(x0), generator=step_generator(self.params.base.seed, w.rank, self.step)) < 0.5
             x0 = torch.where(flip.to(w.device).reshape(-1, 1, 1, 1), x0.flip(3), x0)
-        generator = step_generator(self.params.base.seed + 1, w.rank, self.step)
+        generator = step_generator(self.params.base.seed + 1, w.rank, self.step, w.device)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
         loss, stats = diffusion_training_loss(self.trained, x0, torch.from_numpy(labels).to(w.device), self.at,

@@ -1,0 +1,188 @@
+"""Evaluation of a diffusion model: denoiser robustness, Fréchet distance, conditional accuracy.
+
+Denoiser robustness measures exactly what diffusion AT trains for (DESIGN.md §5, dmat.core.diffusion_at):
+on clean data x0 noised as x = x0 + σ·n, the denoising error ‖D(x) − x0‖², and the change of the
+denoised output R(ω) = ‖D(x + σω) − D(x)‖² under a perturbation ω in noise units inside the box
+[−r, r], r = `box_radius(σ)`, with ω uniform (random) or found by PGD (adversarial). Squared norms are
+per-pixel means, as in the training loss.
+
+Sample quality without downloads: the Fréchet distance between two feature sets (Heusel et al. 2017,
+"GANs Trained by a Two Time-Scale Update Rule...", the FID formula, in any feature space) and the
+conditional accuracy of generated images under a classifier. The FID's Inception-v3 is built here
+from a state dict the caller loaded; nothing is downloaded.
+
+Pure PyTorch, no file I/O.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmat.core.diffusion_at import Denoiser, DiffusionATConfig, box_radius
+
+INCEPTION_SIZE = 299  # FID resizes every image to Inception-v3's input size
+# Madry et al. 2018's rule, also used for checkpoint selection: the steps together can cross the box 1.25 times.
+PGD_STEP_FRACTION = 2.5
+
+
+def _mean_square(x: Tensor) -> Tensor:
+    """Per-sample mean of squares over every dimension but the first."""
+    return x.square().flatten(1).mean(dim=1)
+
+
+def _per_sample(value: Tensor, like: Tensor) -> Tensor:
+    """(N,) → (N, 1, 1, ...) to broadcast against `like`."""
+    return value.reshape(-1, *[1] * (like.ndim - 1))
+
+
+def output_change(denoiser: Denoiser, x: Tensor, sigma: Tensor, labels: Tensor | None, clean: Tensor,
+                  omega: Tensor) -> Tensor:
+    """R(ω) = ‖D(x + σω) − D(x)‖² per sample; `clean` is D(x)."""
+    return _mean_square(denoiser(x + _per_sample(sigma, x) * omega, sigma, labels) - clean)
+
+
+def adversarial_perturbation(denoiser: Denoiser, x: Tensor, sigma: Tensor, labels: Tensor | None, clean: Tensor,
+                             start: Tensor, radius: Tensor, *, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """PGD in the box [−r, r] that maximises R(ω) (signed gradient ascent, step 2.5·r/steps, projection).
+
+    Starts at `start` and keeps every sample's best iterate, so the result is never below R(start).
+    `radius` broadcasts against x. Returns (ω, R(ω), R(start)), detached.
+    """
+    step = PGD_STEP_FRACTION * radius / steps
+    omega, best_omega, best, start_change = start.detach().clone(), None, None, None
+    for i in range(steps):
+        omega.requires_grad_(True)
+        change = output_change(denoiser, x, sigma, labels, clean, omega)
+        (grad,) = torch.autograd.grad(change.sum(), omega)
+        if i == 0:
+            start_change = change.detach()
+        best_omega, best = _keep_better(best_omega, best, omega.detach(), change.detach())
+        omega = torch.clamp(omega.detach() + step * grad.sign(), min=-radius, max=radius)
+    with torch.no_grad():
+        best_omega, best = _keep_better(best_omega, best, omega, output_change(denoiser, x, sigma, labels, clean,
+                                                                                omega))
+    return best_omega, best, start_change
+
+
+def _keep_better(best_omega: Tensor | None, best: Tensor | None, omega: Tensor,
+                 change: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample, the perturbation with the larger change so far."""
+    if best is None:
+        return omega, change
+    better = change > best
+    return torch.where(_per_sample(better, omega), omega, best_omega), torch.where(better, change, best)
+
+
+def denoiser_robustness(denoiser: Denoiser, x0: Tensor, labels: Tensor | None, sigma: float,
+                        box: DiffusionATConfig, *, attack_steps: int,
+                        generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Per-sample robustness of the denoiser at noise level σ on clean data `x0` (DESIGN.md §5).
+
+    x = x0 + σ·n, n ~ N(0, I); r = box_radius(σ, box); ω ~ U[−r, r] in noise units (the input moves by
+    σ·ω, as in training). `generator` (a CPU generator) drives n, the radius floor and ω. Returns
+    (N,) float tensors: ``denoise_error`` ‖D(x) − x0‖², ``random_change`` R(ω), ``adversarial_change``
+    R at the PGD optimum started from that same ω (so never below the random change), and ``radius`` r.
+    """
+    device, dtype = x0.device, x0.dtype
+    sigmas = torch.full((len(x0),), float(sigma), dtype=dtype)
+    radius = _per_sample(box_radius(sigmas, box, generator).to(device), x0)
+    noise = torch.randn(x0.shape, generator=generator, dtype=dtype).to(device)
+    start = ((2 * torch.rand(x0.shape, generator=generator, dtype=dtype) - 1).to(device) * radius)
+    sigmas = sigmas.to(device)
+    x = x0 + float(sigma) * noise
+    with torch.no_grad():
+        clean = denoiser(x, sigmas, labels)
+    _, adversarial, random = adversarial_perturbation(denoiser, x, sigmas, labels, clean, start, radius,
+                                                      steps=attack_steps)
+    return {"denoise_error": _mean_square(clean - x0), "random_change": random, "adversarial_change": adversarial,
+            "radius": radius.flatten()}
+
+
+class FeatureMoments:
+    """Streaming mean and covariance of feature batches (float64 sums): no feature matrix is kept."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: Tensor | None = None
+        self.outer: Tensor | None = None
+
+    def update(self, features: Tensor) -> None:
+        f = features.detach().to("cpu", torch.float64).flatten(1)
+        if self.total is None:
+            self.total, self.outer = torch.zeros(f.shape[1], dtype=torch.float64), torch.zeros(
+                f.shape[1], f.shape[1], dtype=torch.float64)
+        self.count += len(f)
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """Mean and unbiased (N − 1) covariance, as FID computes them."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.count}")
+        mean = self.total / self.count
+        cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        return mean, (cov + cov.T) / 2
+
+
+def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance of an (N, D) feature matrix, float64."""
+    moments = FeatureMoments()
+    moments.update(features)
+    return moments.statistics()
+
+
+def _psd_sqrt(matrix: Tensor) -> Tensor:
+    """Square root of a symmetric positive semi-definite matrix via its eigen-decomposition."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -> float:
+    """d² = ‖μ1 − μ2‖² + tr(C1 + C2 − 2·(C1·C2)^½), the Fréchet distance of two Gaussians (Dowson & Landau 1982).
+
+    (C1·C2)^½ has the eigenvalues of the symmetric PSD matrix C1^½·C2·C1^½, so its trace is the sum
+    of their square roots: two symmetric eigen-decompositions in float64, no general matrix square
+    root (whose round-off gives FID implementations complex parts to discard).
+    """
+    mean1, cov1, mean2, cov2 = (t.to(torch.float64) for t in (mean1, cov1, mean2, cov2))
+    root1 = _psd_sqrt(cov1)
+    product = root1 @ cov2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mean1 - mean2).square().sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt
+    return max(float(distance), 0.0)
+
+
+def conditional_accuracy(predicted: Tensor, conditioning: Tensor, num_classes: int) -> tuple[float, Tensor]:
+    """The share of generated images classified as their conditioning class: overall, and per class
+    (NaN for a class without images)."""
+    hits = (predicted == conditioning).double()
+    per_class_hits = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, conditioning.cpu(), hits.cpu())
+    per_class_counts = torch.bincount(conditioning.cpu(), minlength=num_classes).double()
+    per_class = torch.where(per_class_counts > 0, per_class_hits / per_class_counts.clamp(min=1), float("nan"))
+    return float(hits.mean()), per_class
+
+
+def inception_feature_network(state_dict: dict[str, Tensor]) -> nn.Module:
+    """torchvision's Inception-v3 with `state_dict` loaded, returning the 2048-d pool features FID uses.
+
+    Raises RuntimeError when the weights do not fit the architecture. With or without the auxiliary
+    classifier's weights.
+    """
+    from torchvision.models import inception_v3
+
+    auxiliary = any(key.startswith("AuxLogits.") for key in state_dict)
+    network = inception_v3(weights=None, aux_logits=auxiliary, init_weights=False, transform_input=False)
+    network.load_state_dict(state_dict)
+    network.fc = nn.Identity()
+    return network.eval()
+
+
+def inception_features(network: nn.Module, images: Tensor) -> Tensor:
+    """Pool features of [0, 1] NCHW images, resized to 299×299 and scaled to [−1, 1] as the weights expect.
+
+    (torchvision's `transform_input` maps ImageNet-normalised input to the same [−1, 1] scale.)
+    """
+    resized = F.interpolate(images, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+    return network(2 * resized - 1)

@@ -1,0 +1,1 @@
+"""Deployment side: ONNX export checks and serving. Nothing here imports torch at module level."""

@@ -1,0 +1,169 @@
+"""`export`: the deployable artifacts of the best EMA classifier and the EMA denoiser.
+
+Writes models/export/:
+- classifier.onnx: dynamo exporter, dynamic batch, normalisation inside the graph; input `image`
+  (float32 N×C×H×W in [0, 1]), output `logits`. Its `metadata_props` tell where it came from:
+  class names, input contract, threat model, clean and AutoAttack accuracy from `evaluate`, the
+  MLflow run ids of training and evaluation, the git commit and the sha256 of the data stores.
+- classifier.pt2: a `torch.export` program of the same classifier, for white-box evaluation of the
+  exported artifact (`dmat robustness models/export/classifier.pt2 ...`).
+- denoiser.onnx: the EMA denoiser D(x; σ, y); inputs `noisy` (N×C×H×W), `sigma` (N) and
+  `class_labels` (N, int64), output `denoised`.
+- manifest.json: the same provenance as the metadata, plus the sha256 of every exported file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmat.config import Params
+from dmat.deploy.onnx_model import INPUT_NAME, OUTPUT_NAME
+from dmat.fsutil import atomic_path, sha256_file, write_json
+from dmat.runtime import apply_torch
+from dmat.stages import evaluate, generate, mix, train, train_diffusion
+from dmat.tracking import git_commit, project_root, stage_run
+
+STAGE = "export"
+SECTIONS = ("base", "evaluate")
+OUT_DIR = Path("models/export")
+CLASSIFIER_ONNX, CLASSIFIER_PT2, DENOISER_ONNX, MANIFEST = (
+    "classifier.onnx", "classifier.pt2", "denoiser.onnx", "manifest.json")
+EXAMPLE_BATCH = 4  # the exporters want an example batch larger than 1 for a dynamic batch dimension (DESIGN.md §6)
+
+
+class DenoiserForExport(nn.Module):
+    """D(x; σ, y) with the argument names the ONNX graph exposes."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, noisy: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(noisy, sigma, class_labels)
+
+
+def batch_dim() -> torch.export.Dim:
+    return torch.export.Dim("batch", min=1, max=65536)
+
+
+def export_classifier_onnx(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                dynamic_shapes=({0: batch_dim()},), verbose=False)
+    _save_onnx(program.model_proto, path, metadata)
+
+
+def export_denoiser_onnx(denoiser: nn.Module, shape: tuple[int, int, int], path: Path,
+                         metadata: dict[str, str]) -> None:
+    noisy = torch.randn(EXAMPLE_BATCH, *shape)
+    sigma = torch.linspace(0.1, 10, EXAMPLE_BATCH)
+    labels = torch.arange(EXAMPLE_BATCH) % 2
+    dims = {"noisy": {0: batch_dim()}, "sigma": {0: batch_dim()}, "class_labels": {0: batch_dim()}}
+    program = torch.onnx.export(DenoiserForExport(denoiser).eval(), (noisy, sigma, labels), dynamo=True,
+                                input_names=["noisy", "sigma", "class_labels"], output_names=["denoised"],
+                                dynamic_shapes=dims, verbose=False)
+    _save_onnx(program.model_proto, path, metadata)
+
+
+def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim()},))
+    torch.export.save(program, str(path))  # into the stage's staging directory: published with it
+
+
+def _save_onnx(proto, path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    del proto.metadata_props[:]
+    for key, value in sorted(metadata.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save_model(proto, str(path))
+
+
+def primary_threat(params: Params, checkpoint: dict) -> str:
+    """The evaluated threat model the classifier was trained against (else the first one evaluated)."""
+    trained = checkpoint["threat"]
+    for name, threat in params.evaluate.threats.items():
+        if threat.norm == trained["norm"] and abs(threat.eps - trained["eps"]) < 1e-9:
+            return name
+    return next(iter(params.evaluate.threats))
+
+
+def provenance(params: Params, checkpoint: dict) -> dict:
+    """Where the classifier came from: runs, commit, recipe and the digests of everything upstream."""
+    reports = {name: evaluate.load_report(name) for name in params.evaluate.threats}
+    manifest, _ = mix.load_manifest()
+    generated = json.loads(evaluate.SYNTHETIC_META.read_text())["source"]
+    main = primary_threat(params, checkpoint)
+    return {
+        "classes": checkpoint["classes"],
+        "input": {"name": INPUT_NAME, "shape": _chw(checkpoint["model_config"]["input_shape"]), "dtype": "float32",
+                  "range": [0, 1], "layout": "NCHW"},
+        "threat": {"name": main, "norm": reports[main]["norm"], "eps": reports[main]["eps"]},
+        "metrics": {"clean_accuracy": reports[main]["clean_acc"], "robust_accuracy": reports[main]["robust_acc"],
+                    "n": reports[main]["n"], "attack": f"autoattack-{reports[main]['version']}",
+                    "sanity_passed": reports[main]["sanity_passed"]},
+        "evaluations": {name: {"norm": r["norm"], "eps": r["eps"], "clean_accuracy": r["clean_acc"],
+                               "robust_accuracy": r["robust_acc"], "n": r["n"], "mlflow_run_id": r.get("mlflow_run_id")}
+                        for name, r in reports.items()},
+        "lineage": {
+            "git_commit": git_commit(project_root()),
+            "train_run_id": checkpoint["mlflow_run_id"],
+            "evaluate_run_ids": {name: r.get("mlflow_run_id") for name, r in reports.items()},
+            "diffusion_run_id": generated.get("diffusion", {}).get("mlflow_run_id"),
+            "adversarial_mode": generated.get("diffusion", {}).get("adversarial", {}).get("mode"),
+            "checkpoint_sha256": sha256_file(train.OUT_DIR / train.BEST),
+            "diffusion_checkpoint_sha256": generated.get("diffusion", {}).get("checkpoint_sha256"),
+            "data_sha256": {"train": manifest["real"]["sha256"], "synthetic": manifest["synthetic"]["sha256"],
+                            "mixed_indices": manifest["indices_sha256"],
+                            "test": reports[main].get("test_sha256")},
+        },
+    }
+
+
+def onnx_metadata(info: dict) -> dict[str, str]:
+    """ONNX metadata_props are strings: every entry is JSON."""
+    return {f"dmat.{key}": json.dumps(value, sort_keys=True) for key, value in info.items()}
+
+
+def run(params: Params) -> dict:
+    apply_torch(params.base)
+    torch.set_grad_enabled(False)
+    model, checkpoint = train.load_classifier(train.OUT_DIR / train.BEST, "cpu")  # exported graphs are device-free
+    denoiser, diffusion_state = generate.load_denoiser("cpu")
+    info = provenance(params, checkpoint)
+    shape = tuple(info["input"]["shape"])
+    example = torch.rand(EXAMPLE_BATCH, *shape, generator=torch.Generator().manual_seed(params.base.seed))
+    with stage_run(STAGE, params, SECTIONS) as tracked:
+        tracked.set_tags({"dmat.train_run_id": checkpoint["mlflow_run_id"] or ""})
+        with atomic_path(OUT_DIR, directory=True) as staging:
+            export_classifier_onnx(model, example, staging / CLASSIFIER_ONNX, onnx_metadata(info))
+            export_program(model, example, staging / CLASSIFIER_PT2)
+            denoiser_info = {"lineage": {"diffusion_run_id": diffusion_state["mlflow_run_id"],
+                                         "checkpoint_sha256": sha256_file(
+                                             train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT)},
+                             "classes": diffusion_state["classes"], "sigma_data": 0.5}
+            export_denoiser_onnx(denoiser, shape, staging / DENOISER_ONNX, onnx_metadata(denoiser_info))
+            files = {name: sha256_file(staging / name) for name in (CLASSIFIER_ONNX, CLASSIFIER_PT2, DENOISER_ONNX)}
+            write_json(staging / MANIFEST, {**info, "files": files, "denoiser": denoiser_info,
+                                            "export_run_id": tracked.run_id})
+        for name in (CLASSIFIER_ONNX, MANIFEST):
+            tracked.log_artifact(OUT_DIR / name, "export")
+        tracked.log_params({"opset": _opset(OUT_DIR / CLASSIFIER_ONNX), "primary_threat": info["threat"]["name"]})
+    sizes = ", ".join(f"{OUT_DIR / name} ({(OUT_DIR / name).stat().st_size / 1e6:.2f} MB)" for name in files)
+    print(f"export: {sizes}")
+    return {"files": files, **info}
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _chw(hwc: list[int]) -> list[int]:
+    return [hwc[2], hwc[0], hwc[1]]

@@ -1,0 +1,259 @@
+"""`verify`: deployment-side checks of models/export, then the MLflow model registry.
+
+Gates (tolerances in params.yaml's `verify` section), each recorded with its measured value in
+metrics/verify.json:
+- onnx_checker: `onnx.checker` full check of classifier.onnx and denoiser.onnx;
+- runtime_versions: their opset and IR version are within what the installed onnxruntime loads
+  (probed with a one-node model per version, not read from a table);
+- contract: input `image` float32 [batch, C, H, W] with a symbolic batch, output `logits` [batch, K];
+- parity: logits of onnxruntime and PyTorch on clean test batches agree within `parity_atol`, with
+  identical predicted classes;
+- robust_accuracy_preserved: onnxruntime's accuracy on `evaluate`'s adversarial examples equals
+  the PyTorch model's within `robust_acc_tolerance`;
+- square_no_gradient_masking: black-box Square run against the onnxruntime session itself gives
+  AutoAttack robust accuracy <= Square robust accuracy <= clean accuracy on the same points;
+- latency_budget (only with `latency_budget_ms`): onnxruntime p95 at batch 1;
+- denoiser_parity: denoiser.onnx vs the PyTorch EMA denoiser at several σ.
+When every gate passes the ONNX classifier is registered (alias `candidate`; `champion` when it is
+at least as robust as the current champion under the same threat model). A failed gate exits 1 and
+names the gate; nothing is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmat.config import Params
+from dmat.core.robustness import run_autoattack
+from dmat.data.store import ArrayStore
+from dmat.deploy import export
+from dmat.deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+from dmat.fsutil import write_json
+from dmat.runtime import apply_torch
+from dmat.stages import evaluate, generate, train
+from dmat.tracking import stage_run
+
+STAGE = "verify"
+SECTIONS = ("base", "verify")
+METRICS_FILE = Path("metrics/verify.json")
+THROUGHPUT_BATCH = 64
+
+
+class GateFailed(RuntimeError):
+    """A deployment gate failed; the message names it and its measured value."""
+
+
+def onnx_checker_gate(paths: list[Path]) -> dict:
+    import onnx
+
+    errors = {}
+    for path in paths:
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+            errors[path.name] = str(err).splitlines()[0]
+    return {"passed": not errors, "errors": errors}
+
+
+def max_loadable(kind: str) -> int:
+    """The highest default-domain opset (or IR version) the installed onnxruntime loads a model with."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    def loads(opset: int, ir: int) -> bool:
+        node = helper.make_node("Identity", ["x"], ["y"])
+        graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
+        try:
+            onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return True
+        except Exception:  # onnxruntime's own error types: not loadable
+            return False
+
+    if kind == "opset":
+        return max((v for v in range(7, onnx.defs.onnx_opset_version() + 1) if loads(v, 8)), default=0)
+    return max((v for v in range(3, onnx.IR_VERSION + 1) if loads(13, v)), default=0)
+
+
+def runtime_versions_gate(paths: list[Path]) -> dict:
+    import onnx
+
+    limit_opset, limit_ir = max_loadable("opset"), max_loadable("ir")
+    models = {}
+    for path in paths:
+        proto = onnx.load(str(path), load_external_data=False)
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        models[path.name] = {"opset": opset, "ir_version": proto.ir_version}
+    passed = all(m["opset"] <= limit_opset and m["ir_version"] <= limit_ir for m in models.values())
+    return {"passed": passed, "models": models, "runtime_max_opset": limit_opset, "runtime_max_ir_version": limit_ir}
+
+
+def contract_gate(session, shape: list[int], num_classes: int) -> dict:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    found = {"inputs": [(i.name, i.type, i.shape) for i in inputs],
+             "outputs": [(o.name, o.type, o.shape) for o in outputs]}
+    ok_input = (len(inputs) == 1 and inputs[0].name == INPUT_NAME and inputs[0].type == "tensor(float)"
+                and isinstance(inputs[0].shape[0], str) and list(inputs[0].shape[1:]) == shape)
+    ok_output = (len(outputs) == 1 and outputs[0].name == OUTPUT_NAME and outputs[0].type == "tensor(float)"
+                 and isinstance(outputs[0].shape[0], str) and outputs[0].shape[1] == num_classes)
+    return {"passed": ok_input and ok_output, "found": json.loads(json.dumps(found, default=str))}
+
+
+def parity_gate(onnx_model: OnnxClassifier, model: torch.nn.Module, x: torch.Tensor, batches: tuple[int, ...],
+                atol: float) -> dict:
+    per_batch = {}
+    for size in batches:
+        xb = x[:size].numpy()
+        ours = onnx_model.run(xb)
+        with torch.no_grad():
+            reference = model(x[:size]).numpy()
+        per_batch[str(size)] = {"max_abs_diff": float(np.abs(ours - reference).max()),
+                                "same_predictions": bool((ours.argmax(1) == reference.argmax(1)).all())}
+    passed = all(b["max_abs_diff"] <= atol and b["same_predictions"] for b in per_batch.values())
+    return {"passed": passed, "atol": atol, "batches": per_batch}
+
+
+def robust_accuracy_gate(onnx_model: OnnxClassifier, threat: str, tolerance: float) -> dict:
+    folder = evaluate.examples_dir(threat)
+    images = np.load(folder / "images.npy")
+    labels, torch_predictions = np.load(folder / "labels.npy"), np.load(folder / "predictions.npy")
+    chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    predictions = np.concatenate([onnx_model.run(chw[i:i + 256]).argmax(1) for i in range(0, len(chw), 256)])
+    onnx_acc, torch_acc = float((predictions == labels).mean()), float((torch_predictions == labels).mean())
+    return {"passed": abs(onnx_acc - torch_acc) <= tolerance, "threat": threat, "n": len(labels),
+            "onnxruntime_acc": onnx_acc, "pytorch_acc": torch_acc, "tolerance": tolerance,
+            "changed_predictions": int((predictions != torch_predictions).sum())}
+
+
+def square_gate(onnx_model: OnnxClassifier, x: torch.Tensor, y: torch.Tensor, threat: str, params: Params) -> dict:
+    """Square on the deployed artifact must not beat the white-box evaluation, nor do worse than nothing."""
+    cfg = params.verify
+    report = evaluate.load_report(threat)
+    n = min(cfg.square_n, len(x), report["n"])
+    folder = evaluate.examples_dir(threat)
+    autoattack_acc = float((np.load(folder / "predictions.npy")[:n] == np.load(folder / "labels.npy")[:n]).mean())
+    result = run_autoattack(onnx_model, x[:n], y[:n], norm=report["norm"], eps=report["eps"], version="custom",
+                            attacks=("square",), seed=params.base.seed, batch_size=n, square_queries=cfg.square_queries)
+    clean_acc = float(result.per_attack["clean"])
+    square_acc = float(result.correct.double().mean())
+    tol = cfg.square_tolerance
+    return {"passed": autoattack_acc - tol <= square_acc <= clean_acc + tol, "n": n, "queries": cfg.square_queries,
+            "square_acc": square_acc, "autoattack_acc": autoattack_acc, "clean_acc": clean_acc,
+            "flags": result.flags, "seconds": result.seconds}
+
+
+def latency(run_batch, x: torch.Tensor, runs: int) -> dict:
+    """p50/p95 milliseconds at batch 1 and images/s at batch 64 (after a warm-up call each)."""
+    one, many = x[:1], x[:THROUGHPUT_BATCH]
+    run_batch(one)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run_batch(one)
+        times.append(1000 * (time.perf_counter() - started))
+    run_batch(many)
+    repeats = max(3, runs // 10)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run_batch(many)
+    seconds = time.perf_counter() - started
+    quantiles = statistics.quantiles(times, n=20)
+    return {"p50_ms_batch1": statistics.median(times), "p95_ms_batch1": quantiles[18],
+            "images_per_s_batch64": repeats * len(many) / seconds}
+
+
+def denoiser_parity_gate(path: Path, sigmas: tuple[float, ...], atol: float, seed: int) -> dict:
+    import onnxruntime
+
+    denoiser, state = generate.load_denoiser("cpu")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    config = state["model_config"]
+    shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
+    generator = torch.Generator().manual_seed(seed)
+    per_sigma = {}
+    for sigma in sigmas:
+        clean = torch.rand(4, *shape, generator=generator) * 2 - 1
+        noisy = clean + sigma * torch.randn(4, *shape, generator=generator)
+        sigmas_t, labels = torch.full((4,), float(sigma)), torch.arange(4) % config["num_classes"]
+        with torch.no_grad():
+            reference = denoiser(noisy, sigmas_t, labels).numpy()
+        ours = session.run(["denoised"], {"noisy": noisy.numpy(), "sigma": sigmas_t.numpy(),
+                                          "class_labels": labels.numpy()})[0]
+        per_sigma[str(sigma)] = float(np.abs(ours - reference).max())
+    return {"passed": all(d <= atol for d in per_sigma.values()), "atol": atol, "max_abs_diff": per_sigma}
+
+
+def run(params: Params) -> dict:
+    cfg = params.verify
+    apply_torch(params.base)
+    torch.set_grad_enabled(False)
+    onnx_path, denoiser_path = export.OUT_DIR / export.CLASSIFIER_ONNX, export.OUT_DIR / export.DENOISER_ONNX
+    manifest = json.loads((export.OUT_DIR / export.MANIFEST).read_text())
+    model, _ = train.load_classifier(train.OUT_DIR / train.BEST, "cpu")
+    onnx_model = OnnxClassifier(onnx_path)
+    x, y = evaluate.first_points(ArrayStore.open(evaluate.TEST_DIR), max(max(cfg.parity_batches), cfg.square_n,
+                                                                          THROUGHPUT_BATCH))
+    threat = manifest["threat"]["name"]
+    with stage_run(STAGE, params, SECTIONS) as tracked:
+        gates = {
+            "onnx_checker": onnx_checker_gate([onnx_path, denoiser_path]),
+            "runtime_versions": runtime_versions_gate([onnx_path, denoiser_path]),
+            "contract": contract_gate(onnx_model.session, manifest["input"]["shape"], len(manifest["classes"])),
+            "parity": parity_gate(onnx_model, model, x, cfg.parity_batches, cfg.parity_atol),
+            "robust_accuracy_preserved": robust_accuracy_gate(onnx_model, threat, cfg.robust_acc_tolerance),
+            "square_no_gradient_masking": square_gate(onnx_model, x, y, threat, params),
+            "denoiser_parity": denoiser_parity_gate(denoiser_path, cfg.denoiser_sigmas, cfg.denoiser_atol,
+                                                    params.base.seed),
+        }
+        timings = {"onnxruntime": latency(lambda b: onnx_model.run(b.numpy()), x, cfg.latency_runs),
+                   "pytorch_eager": latency(lambda b: model(b), x, cfg.latency_runs)}
+        if cfg.latency_budget_ms is not None:
+            p95 = timings["onnxruntime"]["p95_ms_batch1"]
+            gates["latency_budget"] = {"passed": p95 <= cfg.latency_budget_ms, "p95_ms_batch1": p95,
+                                       "budget_ms": cfg.latency_budget_ms}
+        failed = [name for name, gate in gates.items() if not gate["passed"]]
+        report = {"passed": not failed, "failed": failed, "gates": gates, "latency": timings,
+                  "onnx_vs_torch_latency_ratio_batch1": timings["onnxruntime"]["p50_ms_batch1"]
+                  / timings["pytorch_eager"]["p50_ms_batch1"],
+                  "onnx_vs_torch_throughput_ratio_batch64": timings["onnxruntime"]["images_per_s_batch64"]
+                  / timings["pytorch_eager"]["images_per_s_batch64"]}
+        if not failed and cfg.register:
+            card = {"norm": manifest["threat"]["norm"], "eps": manifest["threat"]["eps"],
+                    "robust_accuracy": manifest["metrics"]["robust_accuracy"],
+                    "clean_accuracy": manifest["metrics"]["clean_accuracy"], "n": manifest["metrics"]["n"],
+                    "train_run_id": manifest["lineage"]["train_run_id"],
+                    "onnx_sha256": manifest["files"][export.CLASSIFIER_ONNX]}
+            example = x[:1].numpy()
+            report["registry"] = tracked.register_onnx_model(onnx_path, cfg.registered_model, example,
+                                                             onnx_model.run(example), card)
+        write_json(METRICS_FILE, report)
+        tracked.log_metrics(_flat_numbers(report))
+        tracked.log_artifact(METRICS_FILE)
+    _print_summary(report)
+    if failed:
+        raise GateFailed(f"deployment gate(s) failed: {', '.join(failed)} (measured values in {METRICS_FILE})")
+    return report
+
+
+def _flat_numbers(report: dict) -> dict[str, float]:
+    from dmat.config import flatten
+
+    return {k: float(v) for k, v in flatten(report).items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and "registry" not in k}
+
+
+def _print_summary(report: dict) -> None:
+    for name, gate in report["gates"].items():
+        print(f"verify: {name}: {'passed' if gate['passed'] else 'FAILED'}")
+    registry = report.get("registry")
+    if registry:
+        print(f"verify: registered {registry['name']} v{registry['version']} as "
+              f"{' and '.join(registry['aliases'])} ({registry['reason']})")

@@ -1,0 +1,9 @@
+"""Work in progress."""
+
+
+def configure(parser):
+    pass
+
+
+def run(args):
+    raise NotImplementedError

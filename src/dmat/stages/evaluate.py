@@ -1,0 +1,213 @@
+"""`evaluate`: robustness of the best EMA classifier under each threat model in `evaluate.threats`.
+
+For one threat model (dvc.yaml runs one stage per entry, `dmat evaluate --threat NAME`):
+clean accuracy and AutoAttack on the first n test images (RobustBench's rule), optional extra
+PGD-CE/CW on the points AutoAttack left, a PGD eps sweep, and the sanity checks of
+`dmat.core.robustness`. Writes
+
+- metrics/evaluate_<threat>.json: accuracies overall, per attack (cumulative) and per class, flags,
+  sanity checks, timings;
+- plots/evaluate_<threat>_sweep.csv: robust accuracy against eps (a `dvc plots` curve);
+- models/eval/<threat>/: the adversarial examples (float32 N×H×W×C in [0, 1], the canonical
+  layout) with their labels and the PyTorch predictions, for the deployment-side checks, and
+  robustbench.json, a RobustBench-style record.
+
+The MLflow run's params hold the whole upstream recipe (diffusion AT mode, generated images used,
+synthetic fraction, classifier recipe), read from the artifacts this stage depends on, so one
+table compares pipeline outcomes side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmat.checkpoint import CheckpointError
+from dmat.config import Params, ParamsError, ThreatEvalConfig, flatten
+from dmat.core.robustness import ContractError, EvaluationSettings, evaluate_robustness, predict
+from dmat.data.store import ArrayStore
+from dmat.fsutil import atomic_path, sha256_file, write_json
+from dmat.plots import save_curve
+from dmat.runtime import apply_torch
+from dmat.stages import mix, train
+from dmat.tracking import stage_run
+
+STAGE = "evaluate"
+SECTIONS = ("base", "evaluate")
+TEST_DIR = Path("data/real/test")
+SYNTHETIC_META = Path("data/synthetic/meta.json")
+EXAMPLES_FORMAT = "dmat-adversarial-examples-1"
+REPORT = "report.json"
+
+
+def metrics_file(threat: str) -> Path:
+    return Path(f"metrics/evaluate_{threat}.json")
+
+
+def sweep_file(threat: str) -> Path:
+    return Path(f"plots/evaluate_{threat}_sweep.csv")
+
+
+def examples_dir(threat: str) -> Path:
+    return Path(f"models/eval/{threat}")
+
+
+def load_report(threat: str) -> dict:
+    """The evaluation report of one threat model, as saved with its adversarial examples."""
+    return json.loads((examples_dir(threat) / REPORT).read_text())
+
+
+def first_points(store: ArrayStore, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n images (all when None) as float NCHW in [0, 1], and their labels."""
+    count = len(store) if n is None else min(n, len(store))
+    images, labels = store.read(np.arange(count))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).contiguous()
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def upstream_recipe(checkpoint: dict) -> dict:
+    """The pipeline choices that produced the classifier, from the files this stage depends on."""
+    manifest, _ = mix.load_manifest()
+    generated = json.loads(SYNTHETIC_META.read_text())["source"]
+    diffusion = generated.get("diffusion", {})
+    return {
+        "diffusion": {"model": diffusion.get("model"), "adversarial_mode": diffusion.get("adversarial", {}).get("mode"),
+                      "adversarial": diffusion.get("adversarial"), "corrupt": diffusion.get("corrupt"),
+                      "train_steps": diffusion.get("train_steps"), "run_id": diffusion.get("mlflow_run_id")},
+        "generate": {k: generated.get(k) for k in ("sampler", "steps", "filter_keep")},
+        "mix": {"synthetic_fraction": manifest["synthetic_fraction"],
+                "generated_images_used": manifest["synthetic"]["used"], "real_images": manifest["real"]["images"]},
+        "train": {**checkpoint["train_config"], "run_id": checkpoint["mlflow_run_id"]},
+    }
+
+
+def run(params: Params, threat: str | None = None) -> dict:
+    cfg = params.evaluate
+    names = [threat] if threat else list(cfg.threats)
+    for name in names:
+        if name not in cfg.threats:
+            raise ParamsError(f"--threat {name!r} is not allowed: expected one of {', '.join(cfg.threats)} "
+                              "(the keys of evaluate.threats)")
+    device = apply_torch(params.base)
+    model, checkpoint = train.load_classifier(train.OUT_DIR / train.BEST, device)
+    test = ArrayStore.open(TEST_DIR)
+    x, y = first_points(test, cfg.n)
+    recipe = upstream_recipe(checkpoint)
+    return {name: evaluate_threat(params, name, model, checkpoint, test, x, y, recipe, device) for name in names}
+
+
+def evaluate_threat(params: Params, name: str, model, checkpoint: dict, test: ArrayStore, x: torch.Tensor,
+                    y: torch.Tensor, recipe: dict, device: str) -> dict:
+    threat = params.evaluate.threats[name]
+    with stage_run(f"{STAGE}@{name}", params, SECTIONS) as tracked:
+        tracked.log_params({f"recipe.{k}": v for k, v in flatten(recipe).items()})
+        tracked.set_tags({"dmat.threat": name, "dmat.train_run_id": checkpoint["mlflow_run_id"] or ""})
+        tracked.log_store(test, "test", context="evaluation")
+        started = time.perf_counter()
+        try:
+            report, attacked = evaluate_robustness(model, x, y, test.classes, settings_for(params, threat, device),
+                                                   progress=lambda line: print(f"  {line}", flush=True))
+        except ContractError as err:
+            raise CheckpointError(f"{train.OUT_DIR / train.BEST}: {err}") from None
+        report.update(threat=name, classes=test.classes, model=checkpoint["model_config"]["name"],
+                      checkpoint_sha256=sha256_file(train.OUT_DIR / train.BEST), test_sha256=test.digest,
+                      train_run_id=checkpoint["mlflow_run_id"], mlflow_run_id=tracked.run_id,
+                      seconds_total=time.perf_counter() - started)
+        record = robustbench_record(report, checkpoint, recipe, test)
+        predictions = predict(model, attacked.to(device), params.evaluate.batch_size).cpu()
+        write_outputs(name, report, record, attacked, y, predictions)
+        log_results(tracked, name, report, record)
+    _print_summary(name, report)
+    return report
+
+
+def settings_for(params: Params, threat: ThreatEvalConfig, device: str) -> EvaluationSettings:
+    cfg = params.evaluate
+    return EvaluationSettings(
+        norm=threat.norm, eps=threat.eps, version=cfg.version, attacks=cfg.attacks, seed=params.base.seed,
+        batch_size=cfg.batch_size, device=device, square_queries=cfg.square_queries, pgd_steps=cfg.pgd_steps,
+        pgd_restarts=cfg.pgd_restarts, sweep=threat.sweep, large_eps=threat.large_eps, sweep_steps=cfg.sweep_steps,
+        sweep_n=cfg.sweep_n, tolerance=cfg.tolerance)
+
+
+def robustbench_record(report: dict, checkpoint: dict, recipe: dict, test: ArrayStore) -> dict:
+    """A RobustBench-style model card entry (accuracies as percentage strings, as RobustBench writes them)."""
+    used = recipe["mix"]["generated_images_used"]
+    return {
+        "name": f"DMAT {checkpoint['model_config']['name']}", "link": "", "authors": "", "venue": "",
+        "dataset": checkpoint["model_config"].get("dataset") or test.meta.source.get("dataset", ""),
+        "threat_model": report["norm"], "eps": _eps_text(report["eps"], report["norm"]),
+        "architecture": checkpoint["model_config"]["name"], "number_forward_passes": 1,
+        # Generated images come from a diffusion model trained on the same training split, which
+        # RobustBench does not count as additional data.
+        "additional_data": False,
+        "clean_acc": f"{100 * report['clean_acc']:.2f}", "autoattack_acc": f"{100 * report['robust_acc']:.2f}",
+        "n_examples": report["n"], "autoattack_version": report["version"],
+        "unreliable": not report["sanity_passed"],
+        "footnote": f"{used} generated images (diffusion AT mode {recipe['diffusion']['adversarial_mode']}), "
+                    f"synthetic fraction {recipe['mix']['synthetic_fraction']}, {recipe['train']['loss']} training.",
+    }
+
+
+def _eps_text(eps: float, norm: str) -> str:
+    scaled = eps * 255
+    return f"{round(scaled)}/255" if norm == "Linf" and abs(scaled - round(scaled)) < 1e-6 else f"{eps:g}"
+
+
+def write_outputs(name: str, report: dict, record: dict, x_adv: torch.Tensor, y: torch.Tensor,
+                  predictions: torch.Tensor) -> None:
+    write_examples(examples_dir(name), x_adv, y, predictions, report, record)
+    with atomic_path(sweep_file(name)) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["eps", "robust_acc"])
+        writer.writeheader()
+        writer.writerows(report["sweep"])
+    write_json(metrics_file(name), report)
+
+
+def write_examples(out: Path, x_adv: torch.Tensor, y: torch.Tensor, predictions: torch.Tensor, report: dict,
+                   record: dict) -> None:
+    """images.npy (float32 N×H×W×C), labels.npy, predictions.npy and meta.json, published in one rename."""
+    with atomic_path(out, directory=True) as staging:
+        np.save(staging / "images.npy", x_adv.permute(0, 2, 3, 1).contiguous().numpy().astype(np.float32))
+        np.save(staging / "labels.npy", y.numpy().astype(np.int64))
+        np.save(staging / "predictions.npy", predictions.numpy().astype(np.int64))
+        meta = {"format": EXAMPLES_FORMAT, "classes": report["classes"], "norm": report["norm"], "eps": report["eps"],
+                "n": report["n"], "clean_acc": report["clean_acc"], "robust_acc": report["robust_acc"],
+                "layout": "NHWC", "dtype": "float32", "range": [0, 1],
+                "sha256": {f: sha256_file(staging / f) for f in ("images.npy", "labels.npy", "predictions.npy")}}
+        write_json(staging / "meta.json", meta)
+        write_json(staging / "robustbench.json", record)
+        write_json(staging / REPORT, report)  # what export and verify read (the metrics file is for people)
+
+
+def log_results(tracked, name: str, report: dict, record: dict) -> None:
+    metrics = {"clean_acc": report["clean_acc"], "robust_acc": report["robust_acc"],
+               "sanity_passed": float(report["sanity_passed"]), "seconds_autoattack": report["seconds_autoattack"],
+               "images_per_s": report["images_per_s"]}
+    metrics.update({f"per_attack.{k}": v for k, v in report["per_attack"].items()})
+    for kind in ("clean", "robust"):
+        metrics.update({f"per_class.{kind}.{c}": v for c, v in report["per_class"][kind].items() if v is not None})
+    tracked.log_metrics(metrics)
+    tracked.set_tags({"dmat.flags": ",".join(report["flags"]) or "none"})
+    tracked.log_artifact(metrics_file(name))
+    tracked.log_dict(record, "robustbench.json")
+    with tempfile.TemporaryDirectory() as tmp:  # the picture is for MLflow; `dvc plots` draws the CSV
+        curve = Path(tmp) / f"evaluate_{name}_sweep.png"
+        save_curve(curve, [row["eps"] for row in report["sweep"]],
+                   {"PGD-CE": [row["robust_acc"] for row in report["sweep"]]},
+                   xlabel=f"eps ({report['norm']})", ylabel="robust accuracy", title=f"{name}: robust accuracy vs eps")
+        tracked.log_artifact(curve)
+
+
+def _print_summary(name: str, report: dict) -> None:
+    failed = [k for k, v in report["sanity"].items() if not v["passed"]]
+    print(f"evaluate {name}: n={report['n']} clean {report['clean_acc']:.4f} robust {report['robust_acc']:.4f} "
+          f"({report['version']} AutoAttack, {report['norm']} eps={report['eps']:.5g}, "
+          f"{report['seconds_autoattack']:.0f}s); flags: {', '.join(report['flags']) or 'none'}; "
+          f"sanity: {'passed' if not failed else 'FAILED ' + ', '.join(failed)}", flush=True)
