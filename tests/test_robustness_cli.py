@@ -12,21 +12,13 @@ from torch import nn
 
 from dmat.data.store import write_store
 from tests.conftest import run_dmat
-from tests.core.test_robustness import CLASSES, SoftmaxOutput, colour_data
+from tests.core.test_robustness import CLASSES, SoftmaxOutput, colour_data, train_colour_model
 
 
 @pytest.fixture(scope="module")
 def foreign_model() -> nn.Module:
     """A small classifier trained here, outside the pipeline."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 16), nn.ReLU(), nn.Linear(16, len(CLASSES)))
-    x, y = colour_data(256, seed=1)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimiser.step()
-    return model.eval()
+    return train_colour_model(hidden=16, steps=100)
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,9 @@ def project_root(start: Path | None = None) -> Path:
     return here
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+def tracking_uri(root: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else the sqlite store of `root` (default: the project of the working directory)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
 
 
 def check_reachable(uri: str) -> None:
@@ -70,6 +71,72 @@ def git_commit(root: Path) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+# --- read-only lookups (`dmat lineage`): never start, change or create anything -------------------------
+
+def describe_run(run_id: str, uri: str | None = None) -> dict[str, Any] | None:
+    """A run's status, DMAT/git/DVC tags, params and dataset inputs, or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    try:
+        with _quiet_mlflow():  # a first look at an older store migrates it, logging at INFO
+            run = _read_client(uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise TrackingError(f"cannot read run {run_id} from MLflow tracking store {uri}: {err}") from None
+    return _run_summary(run)
+
+
+def find_runs(stage: str, *, tags: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
+              input_digest: str | None = None, uri: str | None = None) -> list[dict[str, Any]]:
+    """Runs of one stage with these tags, params and (a prefix of) an input dataset's sha256, newest first."""
+    from mlflow.exceptions import MlflowException
+
+    conditions = [f"tags.`dmat.stage` = {_quoted(stage)}"]
+    conditions += [f"tags.`{key}` = {_quoted(value)}" for key, value in (tags or {}).items()]
+    conditions += [f"params.`{key}` = {_quoted(value)}" for key, value in (params or {}).items()]
+    if input_digest:
+        conditions.append(f"datasets.digest = {_quoted(input_digest[:MLFLOW_DIGEST_LENGTH])}")
+    uri = uri or tracking_uri()
+    client = _read_client(uri)
+    try:
+        with _quiet_mlflow():
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            runs = client.search_runs(experiments, " AND ".join(conditions),
+                                      order_by=["attributes.start_time DESC"], max_results=50)
+    except MlflowException as err:
+        raise TrackingError(f"cannot search MLflow tracking store {uri}: {err}") from None
+    return [_run_summary(run) for run in runs]
+
+
+def _read_client(uri: str) -> Any:
+    """An MlflowClient for reading; a local sqlite store that does not exist is an error, not created."""
+    check_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise TrackingError(f"MLflow tracking store {uri} does not exist")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _run_summary(run: Any) -> dict[str, Any]:
+    prefixes = ("dmat.", "dvc.", "git.")
+    return {
+        "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+        "start_time": run.info.start_time, "end_time": run.info.end_time,
+        "tags": {k: v for k, v in run.data.tags.items() if k.startswith(prefixes)},
+        "params": dict(run.data.params),
+        "inputs": [{"name": d.dataset.name, "digest": d.dataset.digest,
+                    **{t.key.removeprefix("mlflow.data."): t.value for t in d.tags}}
+                   for d in run.inputs.dataset_inputs],
+    }
+
+
+def _quoted(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class StageRun:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dmat.data.store import ArrayStore
-from tests.conftest import BIN_DIR, REPO_ROOT, SHARED_ARCHIVE, make_archive, make_image_folder
+from tests.conftest import BIN_DIR, REPO_ROOT, SHARED_ARCHIVE, encode_png, make_archive, make_image_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -83,7 +83,11 @@ def run(cmd: list[str], cwd: Path, expect: int = 0) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository copy after one `dvc repro` with tiny params."""
-    base = tmp_path_factory.mktemp("e2e")
+    return build_pipeline(tmp_path_factory.mktemp("e2e"))
+
+
+def build_pipeline(base: Path) -> Path:
+    """Copy the repository into `base`, commit it with tiny params and run `dvc repro` (other e2e modules use it)."""
     if SHARED_ARCHIVE.is_file():
         data_path = SHARED_ARCHIVE
     else:  # a fresh clone without ../shared: a small image folder made here
@@ -133,6 +137,46 @@ def test_evaluation_reports_attacks_classes_and_sanity(pipeline: Path) -> None:
     assert examples.shape == (30, 32, 32, 3) and examples.dtype == np.float32
     record = json.loads((pipeline / "models/eval/linf/robustbench.json").read_text())
     assert record["eps"] == "8/255" and float(record["autoattack_acc"]) == pytest.approx(100 * report["robust_acc"])
+
+
+def test_stage_robust_accuracy_equals_a_direct_pyautoattack_call(pipeline: Path) -> None:
+    """Same model, points, seed and attacks: the stage's AutoAttack part is exactly pyautoattack's."""
+    import pyautoattack
+    import torch
+
+    from dmat.stages.evaluate import first_points
+    from dmat.stages.train import load_classifier
+
+    report = json.loads((pipeline / "metrics/evaluate_linf.json").read_text())
+    model, _ = load_classifier(pipeline / "models/classifier/best.pt")
+    x, y = first_points(ArrayStore.open(pipeline / "data/real/test"), report["n"])
+    attacks = [a for a in report["attacks"] if not a.startswith("pgd-")]
+    adversary = pyautoattack.AutoAttack(model, attacks=attacks, device="cpu", eps=report["eps"], norm="Linf",
+                                        seed=report["seed"], version="custom")
+    adversary.apgd_targeted.n_target_classes = min(9, len(report["classes"]) - 1)
+    adversary.square.n_queries = 100
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=250)
+    with torch.no_grad():
+        direct = (model(x_adv).argmax(1) == y).double().mean().item()
+    assert report["per_attack"][attacks[-1]] == direct
+
+
+def test_serve_answers_a_png_upload_with_the_right_class(pipeline: Path, tmp_path: Path) -> None:
+    from dmat.deploy.onnx_model import OnnxClassifier
+    from tests.deploy.helpers import http_request, multipart, running_server, serve_command
+
+    test = ArrayStore.open(pipeline / "data/real/test")
+    images, labels = test.read(np.arange(len(test)))
+    logits = OnnxClassifier(pipeline / "models/export/classifier.onnx").run(
+        np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255)
+    right = np.flatnonzero(logits.argmax(1) == labels)[:3]
+    assert len(right), "the tiny model classifies no test image correctly"
+    body, content_type = multipart([("image", f"{i}.png", encode_png(images[i])) for i in right])
+    with running_server(serve_command("models/export/classifier.onnx"), tmp_path / "serve.log", cwd=pipeline) as (
+            url, _):
+        status, _, answer = http_request(url, "POST", "/predict", body, {"Content-Type": content_type})
+    assert status == 200
+    assert [p["class_name"] for p in answer["predictions"]] == [test.classes[labels[i]] for i in right]
 
 
 def test_verify_passes_every_gate_and_registers_the_model(pipeline: Path) -> None:
