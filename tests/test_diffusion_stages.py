@@ -110,6 +110,7 @@ def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_pat
 
     from dmat.checkpoint import save_checkpoint
     from dmat.core.classifiers import build_classifier
+    from dmat.stages.train import CHECKPOINT_FORMAT
 
     config = {"name": "wrn-16-1", "num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
     torch.manual_seed(0)
@@ -117,7 +118,8 @@ def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_pat
     stores = {}
     for name, generate in (("all", "per_class: 10"), ("kept", "per_class: 5, filter_keep: 0.5, filter_scorer: s.pt")):
         workdir = _copy(trained, tmp_path / name)
-        save_checkpoint(workdir / "s.pt", {"model_config": config, "ema": scorer.state_dict()})
+        save_checkpoint(workdir / "s.pt", {"format": CHECKPOINT_FORMAT, "model_config": config,
+                                           "ema": scorer.state_dict()})
         params = (workdir / "params.yaml").read_text().split("generate:")[0]
         (workdir / "params.yaml").write_text(params + f"generate: {{{generate}, network_batch: 4, steps: 2}}\n")
         result = run_dmat("generate", cwd=workdir)
