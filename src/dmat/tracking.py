@@ -75,6 +75,31 @@ def git_commit(root: Path) -> str:
 
 # --- read-only lookups (`dmat lineage`): never start, change or create anything -------------------------
 
+def download_model_version(name: str, destination: Path, *, alias: str | None = None,
+                           version: str | None = None) -> tuple[Path, dict[str, str]]:
+    """Download the files of registered model `name` at `alias` (pinned to its version first, so an
+    alias moving meanwhile cannot mix two versions' files) or at `version`. Needs only mlflow-skinny
+    against a tracking server; raises TrackingError naming the store when it cannot."""
+    try:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+    except ImportError as err:
+        raise TrackingError(f"resolving registered models needs mlflow (or mlflow-skinny): {err}") from None
+    store = tracking_uri()
+    check_reachable(store)  # seconds, where mlflow's own retries would take minutes
+    try:
+        if alias is not None:
+            client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        registered = {"name": name, **({"alias": alias} if alias else {}), "version": str(version)}
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                    dst_path=str(destination), tracking_uri=store,
+                                                    registry_uri=store)
+    except MlflowException as err:
+        raise TrackingError(f"the MLflow registry at {store}: {err.message}") from None
+    return Path(local), registered
+
+
 def describe_run(run_id: str, uri: str | None = None) -> dict[str, Any] | None:
     """A run's status, DMAT/git/DVC tags, params and dataset inputs, or None when the store has no such run."""
     from mlflow.exceptions import MlflowException

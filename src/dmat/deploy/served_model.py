@@ -5,8 +5,9 @@ with a dynamic batch dimension, one output `logits` [N, num_classes], and JSON-e
 `metadata_props` under `dmat.*` (classes, input, threat, metrics, lineage). Missing or unreadable
 metadata is not fatal: the input size then comes from the graph and the classes are named "0".."K-1".
 
-Only the standard library is imported at module level; onnxruntime, numpy and mlflow are imported
-when a model is loaded, and torch never is (a serving image ships onnxruntime only).
+Only the standard library is imported at module level; onnxruntime and numpy are imported when a
+model is loaded, mlflow (through dmat.tracking) only for models:/ URIs, and torch never (a serving
+image ships onnxruntime only).
 """
 
 from __future__ import annotations
@@ -82,33 +83,19 @@ def load(spec: str, *, max_batch: int, intra_op_threads: int) -> ServedModel:
 
 
 def download_registered(uri: str, destination: Path) -> tuple[Path, dict[str, str]]:
-    """Download a registered model version's files; an alias is pinned to its version first."""
-    try:
-        import mlflow
-        from mlflow.exceptions import MlflowException
-    except ImportError as err:
-        raise ModelError(f"{uri} needs mlflow (or mlflow-skinny) to resolve: pip install -r requirements-serve.txt "
-                         f"({err})") from None
-    from dmat.tracking import TrackingError, check_reachable, tracking_uri  # imports numpy and yaml, not torch
+    """Download a registered model version's files through dmat.tracking (numpy and yaml, never torch)."""
+    from dmat.tracking import TrackingError, download_model_version
 
-    store = tracking_uri()
-    registered: dict[str, str] = {}
+    if match := REGISTRY_ALIAS.match(uri):
+        where = {"alias": match["alias"]}
+    elif match := REGISTRY_VERSION.match(uri):
+        where = {"version": match["version"]}
+    else:
+        raise ModelError(f"{uri} is not models:/<name>@<alias> or models:/<name>/<version>")
     try:
-        check_reachable(store)  # seconds, where mlflow's own retries would take minutes
-        client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-        if match := REGISTRY_ALIAS.match(uri):
-            version = client.get_model_version_by_alias(match["name"], match["alias"]).version
-            registered = {"name": match["name"], "alias": match["alias"], "version": str(version)}
-        elif match := REGISTRY_VERSION.match(uri):
-            registered = {"name": match["name"], "version": match["version"]}
-        # Download the pinned version, so an alias moving meanwhile cannot mix two versions' files.
-        pinned = f"models:/{registered['name']}/{registered['version']}" if registered else uri
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(destination),
-                                                         tracking_uri=store, registry_uri=store))
+        local, registered = download_model_version(match["name"], destination, **where)
     except TrackingError as err:
         raise ModelError(f"cannot resolve {uri}: {err}") from None
-    except MlflowException as err:
-        raise ModelError(f"cannot resolve {uri} in the MLflow registry at {store}: {err.message}") from None
     return find_onnx_file(local, uri), registered
 
 
