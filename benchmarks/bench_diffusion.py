@@ -5,7 +5,9 @@
 - Sampling: images/s of the 18-step Heun sampler (35 network evaluations per image) for unet-tiny
   and the paper-scale ddpmpp-cifar, at the network batch the CPU default uses (16; 2 for ddpmpp).
 - Memory: peak RSS of the real `dmat generate` stage for 1,000 vs 100,000 images (a 1-step Euler
-  sampler on a tiny 8×8 model, so the store size dominates); the ratio must stay near 1.
+  sampler on a tiny 8×8 model, so the store size dominates; one process); the ratio must stay near 1.
+- Parallel generation: wall time of the real `dmat generate` (unet-tiny, 32×32, 200 images, 6 Heun
+  steps) with `generate.workers` 1 vs one per core, measured in one run.
 """
 
 from __future__ import annotations
@@ -66,40 +68,68 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+def _tiny_project(work: Path, size: int) -> dict[str, str]:
+    """An image folder of 10 classes × 2 images of size×size in `work`; the env for its stages."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(10):
+            (work / "folder" / split / f"c{c}").mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((size, size, 3), 20 * c, np.uint8)).save(work / "folder" / split / f"c{c}" /
+                                                                                  f"{i}.png")
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+
+
+def _stage(work: Path, env: dict[str, str], *stages: str) -> None:
+    for stage in stages:
+        subprocess.run([sys.executable, "-m", "dmat.cli", stage], cwd=work, env=env, check=True, capture_output=True)
+
+
 def generate_peak_rss_mb(per_class_counts: tuple[int, ...] = (100, 10000)) -> dict[int, float]:
     """Peak RSS (MB) of `dmat generate` in a fresh process for each total image count."""
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-        folder = work / "folder"
-        from PIL import Image
-
-        for split in ("train", "test"):
-            for c in range(10):
-                (folder / split / f"c{c}").mkdir(parents=True)
-                for i in range(2):
-                    image = Image.fromarray(np.full((8, 8, 3), 20 * c, np.uint8))
-                    image.save(folder / split / f"c{c}" / f"{i}.png")
+        env = _tiny_project(work, 8)
         for per_class in per_class_counts:
             (work / "params.yaml").write_text(
-                f"data: {{name: bench, path: {folder}, val_size: 0}}\n"
+                f"data: {{name: bench, path: {work / 'folder'}, val_size: 0}}\n"
                 "train_diffusion: {steps: 1, batch_size: 4, grid_steps: 1}\n"
                 f"generate: {{per_class: {per_class}, batch_size: 512, network_batch: 512, sampler: euler, "
-                "steps: 1}\n")
-            for stage in ("prepare", "train-diffusion"):
-                subprocess.run([sys.executable, "-m", "dmat.cli", stage], cwd=work, env=env, check=True,
-                               capture_output=True)
+                "steps: 1, workers: 1}\n")
+            _stage(work, env, "prepare", "train-diffusion")
             out = subprocess.run([sys.executable, "-c", PEAK_RSS], cwd=work, env=env, check=True, capture_output=True,
                                  text=True)
             peaks[per_class * 10] = int(out.stdout.strip().splitlines()[-1]) / 1024
     return peaks
 
 
+def generate_seconds_by_workers() -> dict[str, float]:
+    """Wall time of `dmat generate` with one process vs one per available core (same store)."""
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        env = _tiny_project(work, 32)
+        cores = len(os.sched_getaffinity(0))
+        for workers in (1, cores):
+            (work / "params.yaml").write_text(
+                f"data: {{name: bench, path: {work / 'folder'}, val_size: 0}}\n"
+                "train_diffusion: {steps: 1, batch_size: 4, grid_steps: 1}\n"
+                f"generate: {{per_class: 20, batch_size: 16, steps: 6, workers: {workers}}}\n")
+            _stage(work, env, "prepare", "train-diffusion")
+            started = time.perf_counter()
+            _stage(work, env, "generate")
+            seconds[f"{workers} workers"] = time.perf_counter() - started
+    return seconds
+
+
 def run() -> dict:
     speed = {mode: training_images_per_s(mode) for mode in MODES}
     peaks = generate_peak_rss_mb()
     small, large = sorted(peaks)
+    by_workers = generate_seconds_by_workers()
+    one, many = by_workers.values()
     return {
         "train_images_per_s": {mode: round(v, 1) for mode, v in speed.items()},
         "train_speed_relative_to_none": {mode: round(v / speed["none"], 2) for mode, v in speed.items()},
@@ -107,4 +137,6 @@ def run() -> dict:
                                            "ddpmpp-cifar": round(sampling_images_per_s("ddpmpp-cifar", 2), 3)},
         "generate_peak_rss_mb": {str(n): round(mb) for n, mb in peaks.items()},
         "generate_peak_rss_ratio": round(peaks[large] / peaks[small], 2),
+        "generate_seconds": {k: round(v, 1) for k, v in by_workers.items()},
+        "generate_speedup_from_workers": round(one / many, 2),
     }

@@ -87,6 +87,7 @@ def test_paper_profile_is_the_reference_recipe() -> None:
     params = load_params(REPO_ROOT / "profiles" / "paper-cifar10.yaml")
     assert params.train_diffusion.model == "ddpmpp-cifar" and params.train_diffusion.adversarial.mode == "adversarial"
     assert params.generate.steps == 20 and params.generate.per_class * 10 == 5_000_000
+    assert params.generate.guidance == 1  # the paper samples without guidance
     t = params.train
     assert (t.model, t.loss, t.beta, t.batch_size, t.lr, t.epochs, t.label_smoothing, t.ema_tau) == (
         "wrn-28-10", "trades", 5.0, 512, 0.2, 400, 0.1, 0.995)
@@ -102,6 +103,10 @@ def test_new_sections_reject_bad_values() -> None:
                       "train_diffusion.adversarial.floor_min"),
                      ({"generate": {"sigma_min": 100}}, "generate.sigma_min"),
                      ({"generate": {"filter_keep": 0.5}}, "generate.filter_keep"),
+                     ({"generate": {"guidance": 0.5}}, "generate.guidance"),
+                     ({"generate": {"guidance_interval": [5, 0.3]}}, "generate.guidance_interval"),
+                     ({"generate": {"guidance_interval": [0.3]}}, "generate.guidance_interval"),
+                     ({"generate": {"workers": -1}}, "generate.workers"),
                      ({"mix": {"synthetic_fraction": 1.5}}, "mix.synthetic_fraction"),
                      ({"train": {"attack": {"eps": "8/0"}}}, "train.attack.eps")]:
         with pytest.raises(ParamsError, match=key.replace(".", r"\.")):

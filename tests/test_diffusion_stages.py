@@ -19,13 +19,17 @@ PARAMS = """
 base: {{seed: 0}}
 data: {{name: tiny, path: {folder}, val_size: 6}}
 train_diffusion: {{steps: {steps}, batch_size: 8, log_every: 2, checkpoint_every: 2, grid_steps: 2,
-                  adversarial: {{mode: {mode}}}}}
-generate: {{per_class: 5, batch_size: {batch}, network_batch: 4, steps: 2}}
+                  label_dropout: {dropout}, adversarial: {{mode: {mode}}}}}
+generate: {{per_class: 5, batch_size: {batch}, network_batch: 4, steps: 3, s_churn: 5, workers: {workers},
+           {guidance}}}
 """
+GUIDED = "guidance: 2.5, guidance_interval: [0.5, 10]"
 
 
-def _params(workdir: Path, folder: Path, *, steps: int = 2, mode: str = "adversarial", batch: int = 64) -> None:
-    write_params(workdir / "params.yaml", PARAMS.format(folder=folder, steps=steps, mode=mode, batch=batch))
+def _params(workdir: Path, folder: Path, *, steps: int = 2, mode: str = "adversarial", batch: int = 64,
+            workers: int = 1, dropout: float = 0.2, guidance: str = GUIDED) -> None:
+    write_params(workdir / "params.yaml", PARAMS.format(folder=folder, steps=steps, mode=mode, batch=batch,
+                                                        workers=workers, dropout=dropout, guidance=guidance))
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +67,15 @@ def test_train_diffusion_outputs_and_mlflow_record(trained: Path) -> None:
 
 
 def test_generate_is_identical_for_any_batch_size_and_process_count(trained: Path, tmp_path: Path) -> None:
+    """Guided (one batched conditional + unconditional call) and stochastic (churn) sampling included."""
     digests = {}
-    for batch in (7, 64):
+    for batch, workers in ((7, 3), (64, 1)):
         workdir = _copy(trained, tmp_path / f"b{batch}")
-        _params(workdir, workdir / "folder", batch=batch)
+        _params(workdir, workdir / "folder", batch=batch, workers=workers)
         result = run_dmat("generate", cwd=workdir)
         assert result.returncode == 0, result.stderr
-        digests[f"batch {batch}"] = ArrayStore.open(workdir / "data/synthetic", verify=True).digest
+        digests[f"batch {batch}, {workers} local workers"] = ArrayStore.open(workdir / "data/synthetic",
+                                                                             verify=True).digest
     workdir = _copy(trained, tmp_path / "ddp")
     result = run_torchrun("generate", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -77,7 +83,29 @@ def test_generate_is_identical_for_any_batch_size_and_process_count(trained: Pat
     assert len(set(digests.values())) == 1, digests
     store = ArrayStore.open(workdir / "data/synthetic")
     assert len(store) == 15 and np.array_equal(store.labels, np.repeat(np.arange(3), 5))  # sorted by class
+    assert store.meta.source["guidance"] == 2.5 and store.meta.source["guidance_interval"] == [0.5, 10]
     assert (workdir / "plots/generate_grid.png").is_file()
+    # 3 Heun steps evaluate at σ 80, 2.52, 0.002 and (corrections) 2.52, 0.002: 5, plus 2 guided at 2.52
+    assert json.loads((workdir / "metrics/generate.json").read_text())["nfe"] == 7
+
+
+def test_guidance_changes_the_images_and_needs_label_dropout(trained: Path, tmp_path: Path) -> None:
+    plain = _copy(trained, tmp_path / "plain")
+    _params(plain, plain / "folder", guidance="guidance: 1")
+    assert run_dmat("generate", cwd=plain).returncode == 0
+    guided = _copy(trained, tmp_path / "guided")
+    assert run_dmat("generate", cwd=guided).returncode == 0
+    images = [ArrayStore.open(w / "data/synthetic").images for w in (plain, guided)]
+    assert not np.array_equal(*images)
+
+    untrained_null = _copy(trained, tmp_path / "no-dropout")
+    shutil.rmtree(untrained_null / "models/diffusion")
+    _params(untrained_null, untrained_null / "folder", dropout=0.0)
+    assert run_dmat("train-diffusion", cwd=untrained_null).returncode == 0
+    result = run_dmat("generate", cwd=untrained_null)
+    assert result.returncode == 2
+    assert "generate.guidance = 2.5" in result.stderr and "label_dropout = 0" in result.stderr
+    assert not (untrained_null / "data/synthetic").exists()
 
 
 def test_train_diffusion_resumes_after_sigkill(trained: Path, tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ def test_metrics_and_mlflow_run_with_the_diffusion_recipe(workdir: Path) -> None
     assert 0 <= metrics["conditional_accuracy"] <= 1 and 0 <= metrics["real_test_accuracy"] <= 1
     assert set(metrics["conditional_accuracy_per_class"]) == set(TINY_CLASSES)
     assert math.isfinite(metrics["fd_classifier"]) and metrics["fd_classifier"] >= 0
+    assert -1 <= metrics["class_colour_agreement"] <= 1 and -1 <= metrics["class_layout_agreement"] <= 1
     assert "fid" not in metrics  # no Inception weights named: no FID, and nothing downloaded
     assert set(metrics["denoiser"]) == {"sigma_0.2", "sigma_1"}
     for sigma, row in ((0.2, metrics["denoiser"]["sigma_0.2"]), (1.0, metrics["denoiser"]["sigma_1"])):

@@ -138,6 +138,9 @@ class TrainDiffusionConfig:
     ema_half_life_images: float = allowed(20000, min=1)  # EMA half-life in training images (EDM)
     ema_rampup_ratio: float | None = allowed(0.05, min=0)  # half-life <= ratio × images seen; null = off
     label_dropout: float = allowed(0.0, min=0, max=1)  # for classifier-free / unconditional use
+    # Training noise levels, ln σ ~ N(p_mean, p_std²): EDM's -1.2 and 1.2 by default.
+    p_mean: float = allowed(-1.2, min=-10, max=10)
+    p_std: float = allowed(1.2, min=0.01, max=10)
     augment: bool = False  # horizontal flips of the training images
     adversarial: DiffusionATParams = field(default_factory=DiffusionATParams)
     corrupt: CorruptParams = field(default_factory=CorruptParams)
@@ -167,11 +170,21 @@ class GenerateConfig:
     s_noise: float = allowed(1.0, min=0)
     filter_scorer: str | None = allowed(None, pattern=r"^.{1,4096}$")  # classifier checkpoint scoring images
     filter_keep: float = allowed(1.0, min=0, max=1)  # keep this top fraction per class by the scorer
+    # Classifier-free guidance weight w (1 = none, as the paper); > 1 needs a denoiser trained with
+    # train_diffusion.label_dropout > 0. Applied for σ in (guidance_interval[0], guidance_interval[1]].
+    guidance: float = allowed(1.0, min=1, max=100)
+    guidance_interval: tuple[float, float] | None = allowed(None, min=0)  # [σ_lo, σ_hi]; null = every σ
+    # CPU processes sharing the work when not under torchrun (one thread each, so the store is the
+    # same for any count); 0 = one per available core. Ignored on GPUs.
+    workers: int = allowed(0, min=0, max=1024)
 
     def check(self) -> None:
         if self.sigma_min >= self.sigma_max:
             raise ParamsError(f"generate.sigma_min = {self.sigma_min} is not allowed: expected < sigma_max "
                               f"({self.sigma_max})")
+        if self.guidance_interval is not None and not self.guidance_interval[0] < self.guidance_interval[1]:
+            raise ParamsError(f"generate.guidance_interval = {list(self.guidance_interval)} is not allowed: expected "
+                              "[low, high] with low < high")
         if self.filter_keep < 1 and self.filter_scorer is None:
             raise ParamsError(f"generate.filter_keep = {self.filter_keep} is not allowed without "
                               "generate.filter_scorer: name the classifier checkpoint that scores images")

@@ -488,7 +488,7 @@ def build_synthetic(ws: Workspace, node: Node) -> None:
     source = build_store(ws, node)
     diffusion = source.get("diffusion")
     node.details["sampler"] = (f"{source.get('sampler')}, {source.get('steps')} steps, seed {source.get('seed')}, "
-                               f"filter_keep {source.get('filter_keep')}")
+                               f"guidance {source.get('guidance', 1.0)}, filter_keep {source.get('filter_keep')}")
     key = node_key("diffusion", ws.root / "models/diffusion/checkpoint.pt")
     by = f"{ws.display(node.path / 'meta.json')} source.diffusion"
     if diffusion is None:

@@ -5,13 +5,16 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dmat.core.denoisers import build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig
 from dmat.core.diffusion_metrics import (
+    ClassMeans,
     FeatureMoments,
     adversarial_perturbation,
+    class_mean_agreement,
     conditional_accuracy,
     denoiser_robustness,
     feature_statistics,
@@ -178,3 +181,52 @@ def test_inception_network_loads_torchvision_weights_and_refuses_others() -> Non
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
     with pytest.raises(RuntimeError):
         inception_feature_network({"conv.weight": torch.zeros(3, 3)})
+
+
+def _class_images(n_per_class: int, seed: int, *, swap_layout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0: bright top half; class 1: bright bottom half; class 2: bright left half; plus noise.
+    Colours: class c tinted in channel c. `swap_layout` exchanges the layouts of classes 0 and 1."""
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    halves = {0: (slice(0, 4), slice(None)), 1: (slice(4, 8), slice(None)), 2: (slice(None), slice(0, 4))}
+    for c in range(3):
+        x = 0.3 + 0.1 * torch.rand(n_per_class, 3, 8, 8, generator=generator)
+        rows, cols = halves[{0: 1, 1: 0}.get(c, c) if swap_layout else c]
+        x[:, :, rows, cols] += 0.4
+        x[:, c] += 0.2
+        images.append(x)
+        labels.append(torch.full((n_per_class,), c))
+    return torch.cat(images), torch.cat(labels)
+
+
+def _means(images: torch.Tensor, labels: torch.Tensor, batch: int = 7) -> torch.Tensor:
+    means = ClassMeans(3, cell=2)
+    for start in range(0, len(images), batch):  # streamed in batches that cut across classes
+        means.update(images[start:start + batch], labels[start:start + batch])
+    return means.means()
+
+
+def test_class_means_stream_to_the_pooled_per_class_means() -> None:
+    images, labels = _class_images(10, 0)
+    expected = torch.stack([F.avg_pool2d(images[labels == c].double(), 2).mean(0) for c in range(3)])
+    torch.testing.assert_close(_means(images, labels), expected)
+
+
+def test_class_mean_agreement_scores_matching_colour_and_layout_and_catches_swapped_layouts() -> None:
+    real = _means(*_class_images(50, 0))
+    same = class_mean_agreement(real, _means(*_class_images(50, 1)))
+    assert same["colour"] > 0.95 and same["layout"] > 0.95
+    swapped = class_mean_agreement(real, _means(*_class_images(50, 1, swap_layout=True)))
+    assert swapped["colour"] > 0.95 and swapped["layout"] < 0.0  # right colours, wrong layouts
+    alike = class_mean_agreement(real, real[:1].expand_as(real))  # classes that do not differ at all
+    assert alike == pytest.approx({"colour": 0.0, "layout": 0.0}, abs=1e-9)
+
+
+def test_class_mean_agreement_leaves_out_classes_without_images() -> None:
+    real = _means(*_class_images(20, 0))
+    images, labels = _class_images(20, 1)
+    keep = labels != 2
+    generated = _means(images[keep], labels[keep])
+    assert generated[2].isnan().all()
+    agreement = class_mean_agreement(real, generated)
+    assert agreement["layout"] > 0.9 and math.isfinite(agreement["colour"])

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from dmat.core.denoisers import build_denoiser
-from dmat.core.samplers import SAMPLERS, edm_sigma_steps, euler_sampler, heun_sampler, image_noise, to_uint8
+from dmat.core.samplers import (
+    SAMPLERS,
+    edm_sigma_steps,
+    euler_sampler,
+    heun_sampler,
+    image_noise,
+    per_image_randn_like,
+    to_uint8,
+)
 
 MU, S = 0.3, 0.5  # data ~ N(μ, s²); s = σ_data as for EDM's images
 
@@ -120,6 +128,23 @@ def test_image_noise_depends_only_on_seed_class_and_index() -> None:
     assert image_noise(7, 2, [], shape).shape == (0, *shape)
     with pytest.raises(ValueError):
         image_noise(-1, 0, [0], shape)
+
+
+def test_churn_noise_is_per_image_so_stochastic_sampling_ignores_the_batch() -> None:
+    """With churn on, each image's result is the same whether it is sampled alone or in a batch."""
+    latents = image_noise(3, 0, range(5), (1,))
+    classes, indices = [0, 1, 0, 1, 0], [0, 1, 2, 3, 4]
+    churn = {"num_steps": 8, "s_churn": 20.0, "s_noise": 1.0}
+    together = heun_sampler(gaussian_denoiser, latents, None, **churn,
+                            randn_like=per_image_randn_like(3, classes, indices))
+    for k in range(5):
+        alone = heun_sampler(gaussian_denoiser, latents[k:k + 1], None, **churn,
+                             randn_like=per_image_randn_like(3, classes[k:k + 1], indices[k:k + 1]))
+        assert torch.equal(alone[0], together[k])
+    deterministic = heun_sampler(gaussian_denoiser, latents, None, num_steps=8)
+    assert not torch.equal(deterministic, together)  # the churn noise was used
+    first = per_image_randn_like(3, [0], [0])(torch.zeros(1, 1))
+    assert not torch.equal(first[0], latents[0])  # a stream apart from the initial noise
 
 
 def test_image_noise_is_unit_gaussian() -> None:

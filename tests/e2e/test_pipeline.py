@@ -35,9 +35,9 @@ data:
   val_size: 20
   train_limit: 60
   test_limit: 30
-train_diffusion: {{steps: 4, batch_size: 8, log_every: 2, checkpoint_every: 2, grid_steps: 2,
+train_diffusion: {{steps: 4, batch_size: 8, log_every: 2, checkpoint_every: 2, grid_steps: 2, label_dropout: 0.1,
                   adversarial: {{mode: adversarial}}}}
-generate: {{per_class: 2, batch_size: 8, network_batch: 4, steps: 2}}
+generate: {{per_class: 2, batch_size: 8, network_batch: 4, steps: 2, guidance: 3}}
 mix: {{synthetic_fraction: 0.5}}
 train: {{epochs: 1, batch_size: 16, val_limit: 8, attack: {{steps: 1}}, val_attack_steps: 2}}
 evaluate:

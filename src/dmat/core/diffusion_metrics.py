@@ -154,6 +154,54 @@ def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -
     return max(float(distance), 0.0)
 
 
+class ClassMeans:
+    """Streaming per-class mean images (float64 sums), average-pooled to cells of `cell`×`cell` pixels."""
+
+    def __init__(self, num_classes: int, cell: int = 4) -> None:
+        self.num_classes, self.cell = num_classes, cell
+        self.total: Tensor | None = None
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+
+    def update(self, images: Tensor, labels: Tensor) -> None:
+        """images: N×C×H×W in [0, 1]; labels: (N,) class indices."""
+        pooled = F.avg_pool2d(images.detach().to("cpu", torch.float64), self.cell)
+        if self.total is None:
+            self.total = torch.zeros(self.num_classes, *pooled.shape[1:], dtype=torch.float64)
+        self.total.index_add_(0, labels.cpu(), pooled)
+        self.counts += torch.bincount(labels.cpu(), minlength=self.num_classes).double()
+
+    def means(self) -> Tensor:
+        """K×C×h×w per-class means (NaN for a class without images)."""
+        counts = self.counts.reshape(-1, 1, 1, 1)
+        return torch.where(counts > 0, self.total / counts.clamp(min=1), float("nan"))
+
+
+def _correlation(a: Tensor, b: Tensor) -> float:
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-12))
+
+
+def class_mean_agreement(real: Tensor, generated: Tensor) -> dict[str, float]:
+    """How far the generated images' per-class means reproduce what sets each real class apart.
+
+    Both are K×C×h×w per-class mean images (:class:`ClassMeans`); classes missing from either are
+    left out. What every class shares is removed first, so agreement is about class differences:
+    - ``colour``: correlation of the per-class mean colours, as deviations from the all-class mean;
+    - ``layout``: per class, the correlation of the mean brightness pattern with the class's own
+      mean brightness and the all-class pattern removed (sky above, ground below, an object in the
+      middle...), averaged over classes. Both are 1 for a perfect match and about 0 for none.
+    """
+    present = ~(real.flatten(1).isnan().any(1) | generated.flatten(1).isnan().any(1))
+    real, generated = real[present], generated[present]
+    colours = [m.mean((2, 3)) for m in (real, generated)]
+    colour = _correlation(*(c - c.mean(0) for c in colours))
+    patterns = [m.mean(1) for m in (real, generated)]  # K×h×w brightness
+    patterns = [p - p.mean((1, 2), keepdim=True) for p in patterns]
+    patterns = [p - p.mean(0) for p in patterns]
+    layout = sum(_correlation(r, g) for r, g in zip(*patterns, strict=True)) / len(real)
+    return {"colour": colour, "layout": layout}
+
+
 def conditional_accuracy(predicted: Tensor, conditioning: Tensor, num_classes: int) -> tuple[float, Tensor]:
     """The share of generated images classified as their conditioning class: overall, and per class
     (NaN for a class without images)."""

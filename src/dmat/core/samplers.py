@@ -128,10 +128,12 @@ def euler_sampler(
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"heun": heun_sampler, "euler": euler_sampler}
 
 
-def _image_generator(seed: int, class_index: int, index: int) -> torch.Generator:
-    """A CPU generator whose state depends only on (seed, class, index), via numpy's SeedSequence
-    (which hashes the triple, so neighbouring triples give unrelated streams)."""
-    state = np.random.SeedSequence([seed, class_index, index]).generate_state(1, dtype=np.uint64)[0]
+def _image_generator(seed: int, class_index: int, index: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator whose state depends only on (seed, class, index) and the stream (0: initial
+    noise, 1: churn noise), via numpy's SeedSequence (which hashes its key, so neighbouring keys give
+    unrelated streams)."""
+    key = [seed, class_index, index] + ([stream] if stream else [])
+    state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) >> 1)  # manual_seed wants a value below 2^63
 
 
@@ -146,6 +148,18 @@ def image_noise(seed: int, class_index: int, indices: Sequence[int], shape: tupl
         raise ValueError("seed, class_index and indices must be non-negative")
     noise = [torch.randn(shape, generator=_image_generator(seed, class_index, i)) for i in indices]
     return torch.stack(noise) if noise else torch.empty(0, *shape)
+
+
+def per_image_randn_like(seed: int, classes: Sequence[int], indices: Sequence[int]) -> Callable[[Tensor], Tensor]:
+    """A `randn_like` for the samplers' churn that draws each image's noise from that image's own
+    stream, so stochastic sampling too gives every image the same result in any batch or process."""
+    generators = [_image_generator(seed, c, i, stream=1) for c, i in zip(classes, indices, strict=True)]
+
+    def randn_like(x: Tensor) -> Tensor:
+        noise = [torch.randn(x.shape[1:], generator=g, dtype=torch.float64) for g in generators]
+        return torch.stack(noise).to(device=x.device, dtype=x.dtype)
+
+    return randn_like
 
 
 def to_uint8(x: Tensor) -> Tensor:

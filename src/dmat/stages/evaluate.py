@@ -80,7 +80,7 @@ def upstream_recipe(checkpoint: dict) -> dict:
         "diffusion": {"model": diffusion.get("model"), "adversarial_mode": diffusion.get("adversarial", {}).get("mode"),
                       "adversarial": diffusion.get("adversarial"), "corrupt": diffusion.get("corrupt"),
                       "train_steps": diffusion.get("train_steps"), "run_id": diffusion.get("mlflow_run_id")},
-        "generate": {k: generated.get(k) for k in ("sampler", "steps", "filter_keep")},
+        "generate": {k: generated.get(k) for k in ("sampler", "steps", "guidance", "filter_keep")},
         "mix": {"synthetic_fraction": manifest["synthetic_fraction"],
                 "generated_images_used": manifest["synthetic"]["used"], "real_images": manifest["real"]["images"]},
         "train": {**checkpoint["train_config"], "run_id": checkpoint["mlflow_run_id"]},

@@ -15,6 +15,9 @@ trained classifier (models/classifier/best.pt):
 - `fd_classifier`: the Fréchet distance between the first `n_real` test images and the generated ones
   in the classifier's penultimate-layer features. Not an FID: comparable only between runs that
   share the classifier, and biased upwards at small n.
+- `class_colour_agreement` and `class_layout_agreement`: how well the generated per-class mean images
+  reproduce what sets each real class apart in colour and in coarse layout (correlations; 1 is a
+  perfect match, 0 none; see `dmat.core.diffusion_metrics.class_mean_agreement`);
 - `fid`, only when `inception_weights` names a local torchvision Inception-v3 weights file (loaded
   with weights_only=True; a missing or foreign file is an error). Such a file is an input of the stage:
   add it to the stage's deps in dvc.yaml when you name it.
@@ -37,7 +40,9 @@ from dmat.checkpoint import CheckpointError, load_checkpoint
 from dmat.config import Params, flatten
 from dmat.core.diffusion_at import DiffusionATConfig
 from dmat.core.diffusion_metrics import (
+    ClassMeans,
     FeatureMoments,
+    class_mean_agreement,
     conditional_accuracy,
     denoiser_robustness,
     frechet_distance,
@@ -153,6 +158,7 @@ def sample_quality(classifier: nn.Module, inception: nn.Module | None, real: Arr
     """Conditional accuracy, fd_classifier and (with Inception weights) FID of the generated images."""
     real_pass = _feature_pass(classifier, inception, real, real_rows, batch_size, device)
     generated_pass = _feature_pass(classifier, inception, synthetic, generated_rows, batch_size, device)
+    agreement = class_mean_agreement(real_pass["class_means"].means(), generated_pass["class_means"].means())
     predicted, conditioning = generated_pass["predicted"], generated_pass["labels"]
     overall, per_class = conditional_accuracy(predicted, conditioning, len(real.classes))
     metrics = {
@@ -162,6 +168,7 @@ def sample_quality(classifier: nn.Module, inception: nn.Module | None, real: Arr
         "real_test_accuracy": float((real_pass["predicted"] == real_pass["labels"]).double().mean()),
         "fd_classifier": frechet_distance(*real_pass["classifier"].statistics(),
                                           *generated_pass["classifier"].statistics()),
+        "class_colour_agreement": agreement["colour"], "class_layout_agreement": agreement["layout"],
     }
     if inception is not None:
         metrics["fid"] = frechet_distance(*real_pass["inception"].statistics(),
@@ -174,6 +181,7 @@ def _feature_pass(classifier: nn.Module, inception: nn.Module | None, store: Arr
                   batch_size: int, device: str) -> dict:
     """One pass over `rows`: classifier feature moments and predictions, Inception feature moments."""
     moments = {"classifier": FeatureMoments(), "inception": FeatureMoments()}
+    class_means = ClassMeans(len(store.classes))
     predicted, labels = [], []
     for start in range(0, len(rows), batch_size):
         images, batch_labels = store.read(rows[start:start + batch_size])
@@ -182,10 +190,11 @@ def _feature_pass(classifier: nn.Module, inception: nn.Module | None, store: Arr
         moments["classifier"].update(features)
         predicted.append(classifier.head(features).argmax(1).cpu())  # forward(x) = head(features(x))
         labels.append(torch.from_numpy(batch_labels))
+        class_means.update(x, labels[-1])
         if inception is not None:
             for chunk in x.split(INCEPTION_BATCH):
                 moments["inception"].update(inception_features(inception, chunk))
-    return {**moments, "predicted": torch.cat(predicted), "labels": torch.cat(labels)}
+    return {**moments, "class_means": class_means, "predicted": torch.cat(predicted), "labels": torch.cat(labels)}
 
 
 def _training_box(diffusion: dict) -> dict | None:

@@ -3,8 +3,10 @@
 `generate.per_class` images for every class, sorted by class, written straight into a pre-allocated
 memory-mapped store (millions of images never sit in RAM). Each image's initial noise depends only
 on (seed, class, index), so the store is byte-identical whatever `generate.batch_size` and whatever
-the number of torchrun processes sharing the work. Optionally, more candidates are generated and
-the most confident `filter_keep` share per class under a scorer classifier is kept.
+the number of processes sharing the work (torchrun ranks, or the worker processes a plain CPU run
+starts by itself, one per core). Churn noise, when asked for, is per image too. Optionally:
+classifier-free guidance (`generate.guidance`, for denoisers trained with label dropout), and more
+candidates of which the most confident `filter_keep` share per class under a scorer is kept.
 
 Also writes metrics/generate.json and plots/generate_grid.png (a `dvc plots` image).
 """
@@ -13,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +27,10 @@ import torch
 from tqdm import tqdm
 
 from dmat.checkpoint import CheckpointError, load_checkpoint
-from dmat.config import Params
+from dmat.config import Params, ParamsError
 from dmat.core.denoisers import build_denoiser
-from dmat.core.samplers import SAMPLERS, image_noise, to_uint8
+from dmat.core.guidance import GuidedDenoiser
+from dmat.core.samplers import SAMPLERS, edm_sigma_steps, image_noise, per_image_randn_like, to_uint8
 from dmat.data.store import ArrayStore, StoreWriter, allocate_store, seal_store, write_block
 from dmat.distributed import World, barrier, broadcast_object, world
 from dmat.fsutil import atomic_path, sha256_file, write_json
@@ -77,6 +83,22 @@ class FixedBatchDenoiser(torch.nn.Module):
         return torch.cat(outputs)
 
 
+def sampling_network(denoiser: torch.nn.Module, state: dict, params: Params) -> torch.nn.Module:
+    """The denoiser as the sampler calls it: in fixed-size chunks, with classifier-free guidance if asked."""
+    cfg = params.generate
+    network = FixedBatchDenoiser(denoiser, cfg.network_batch)
+    if cfg.guidance == 1:
+        return network
+    config = state["model_config"]
+    if not config.get("label_dropout"):
+        raise ParamsError(f"generate.guidance = {cfg.guidance:g} is not allowed with this denoiser: guidance needs "
+                          "the unconditional denoiser that label dropout trains, and "
+                          f"{train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT} was trained with "
+                          "train_diffusion.label_dropout = 0")
+    interval = (0.0, math.inf) if cfg.guidance_interval is None else tuple(cfg.guidance_interval)
+    return GuidedDenoiser(network, cfg.guidance, null_label=config["num_classes"], interval=interval)
+
+
 def sample(denoiser: torch.nn.Module, params: Params, classes: np.ndarray, indices: np.ndarray,
            shape: tuple[int, int, int], device: str) -> np.ndarray:
     """uint8 N×H×W×C samples for (class, index) pairs; each depends only on its own pair and the seed."""
@@ -86,8 +108,20 @@ def sample(denoiser: torch.nn.Module, params: Params, classes: np.ndarray, indic
     images = SAMPLERS[cfg.sampler](
         denoiser, noise.to(device), torch.from_numpy(classes).to(device), num_steps=cfg.steps,
         sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, s_churn=cfg.s_churn, s_min=cfg.s_min,
-        s_max=math.inf if cfg.s_max is None else cfg.s_max, s_noise=cfg.s_noise)
+        s_max=math.inf if cfg.s_max is None else cfg.s_max, s_noise=cfg.s_noise,
+        randn_like=per_image_randn_like(params.base.seed, classes.tolist(), indices.tolist()))
     return to_uint8(images).cpu().numpy()
+
+
+def network_evaluations(cfg) -> int:
+    """Denoiser evaluations per image (without churn): Heun 2·steps − 1, Euler steps, plus one
+    unconditional evaluation at each σ inside the guidance interval."""
+    sigmas = edm_sigma_steps(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+    evaluated = torch.cat([sigmas[:-1], sigmas[1:-1]]) if cfg.sampler == "heun" else sigmas[:-1]
+    if cfg.guidance == 1:
+        return len(evaluated)
+    low, high = cfg.guidance_interval or (0.0, math.inf)
+    return len(evaluated) + int(((evaluated > low) & (evaluated <= high)).sum())
 
 
 def candidates_per_class(params: Params) -> int:
@@ -106,6 +140,48 @@ def fill_store(store_dir: Path, denoiser, params: Params, w: World, per_class: i
             classes, indices = block // per_class, block % per_class
             write_block(store_dir, int(block[0]), sample(denoiser, params, classes, indices, shape, w.device), classes)
             progress.update(len(block) * w.size)
+
+
+def local_workers(params: Params, w: World, total: int) -> int:
+    """CPU processes a plain (non-torchrun) run spreads its rows over: `generate.workers`, or one per
+    available core, and never more than there are batches."""
+    if w.size > 1 or w.device != "cpu":
+        return 1
+    workers = params.generate.workers or len(os.sched_getaffinity(0))
+    return max(1, min(workers, math.ceil(total / params.generate.batch_size)))
+
+
+def fill_store_locally(store_dir: Path, network: torch.nn.Module, params: Params, w: World, per_class: int,
+                       num_classes: int, shape: tuple[int, int, int]) -> None:
+    """This rank's rows; on a CPU outside torchrun, shared with spawned worker processes (the shards
+    are those of torchrun ranks, so the store is the same either way)."""
+    workers = local_workers(params, w, per_class * num_classes)
+    if workers == 1:
+        fill_store(store_dir, network, params, w, per_class, num_classes, shape)
+        return
+    with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shards = [pool.submit(_fill_shard, store_dir, params, World(rank, workers, w.device), per_class,
+                              num_classes, shape) for rank in range(1, workers)]
+        fill_store(store_dir, network, params, World(0, workers, w.device), per_class, num_classes, shape)
+        for shard in shards:
+            shard.result()
+
+
+def _fill_shard(store_dir: Path, params: Params, w: World, per_class: int, num_classes: int,
+                shape: tuple[int, int, int]) -> None:
+    """A spawned worker's share of the store (its own denoiser, one thread)."""
+    _configure_torch(params)
+    denoiser, state = load_denoiser(w.device)
+    fill_store(store_dir, sampling_network(denoiser, state, params), params, w, per_class, num_classes, shape)
+
+
+def _configure_torch(params: Params) -> str:
+    device = apply_torch(params.base)
+    if device == "cpu" and not params.base.threads:
+        # Kernels chosen for a CPU convolution depend on the thread count, which changes the last bits
+        # of the images: one thread per process keeps the store identical for any process count.
+        torch.set_num_threads(1)
+    return device
 
 
 def filter_by_confidence(candidates: ArrayStore, params: Params, device: str) -> np.ndarray:
@@ -127,14 +203,10 @@ def filter_by_confidence(candidates: ArrayStore, params: Params, device: str) ->
 
 
 def run(params: Params) -> dict:
-    device = apply_torch(params.base)
-    if device == "cpu" and not params.base.threads:
-        # Kernels chosen for a CPU convolution depend on the thread count, which changes the last bits
-        # of the images: one thread per process keeps the store identical for any process count (use
-        # torchrun to use more cores).
-        torch.set_num_threads(1)
+    device = _configure_torch(params)
     with world(device) as w:
         denoiser, state = load_denoiser(w.device)
+        network = sampling_network(denoiser, state, params)
         classes, config = state["classes"], state["model_config"]
         shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
         per_class = candidates_per_class(params)
@@ -142,7 +214,6 @@ def run(params: Params) -> dict:
             tracked.set_tags({"dmat.diffusion_run_id": state["mlflow_run_id"] or "",
                               "dmat.adversarial_mode": state["adversarial"]["mode"]})
             started = time.perf_counter()
-            network = FixedBatchDenoiser(denoiser, params.generate.network_batch)
             _generate(network, params, w, classes, per_class, shape, diffusion_recipe(state))
             seconds = time.perf_counter() - started
             if not w.is_main:
@@ -151,7 +222,7 @@ def run(params: Params) -> dict:
             cfg = params.generate
             metrics = {"images": len(store), "per_class": cfg.per_class, "candidates_per_class": per_class,
                        "sampler": cfg.sampler, "steps": cfg.steps,
-                       "nfe": 2 * cfg.steps - 1 if cfg.sampler == "heun" else cfg.steps,
+                       "nfe": network_evaluations(cfg), "guidance": cfg.guidance,
                        "seconds": seconds, "images_per_s": per_class * len(classes) / max(seconds, 1e-9),
                        "sha256": store.digest, "adversarial_mode": state["adversarial"]["mode"]}
             write_json(METRICS_FILE, metrics)
@@ -177,8 +248,10 @@ def _generate(denoiser, params: Params, w: World, classes: list[str], per_class:
     and publishes it at data/synthetic in one rename."""
     hwc = (shape[1], shape[2], shape[0])
     filtering = params.generate.filter_keep < 1
-    source = {"kind": "generated", "sampler": params.generate.sampler, "steps": params.generate.steps,
-              "seed": params.base.seed, "filter_keep": params.generate.filter_keep, "diffusion": diffusion}
+    cfg = params.generate
+    source = {"kind": "generated", "sampler": cfg.sampler, "steps": cfg.steps, "seed": params.base.seed,
+              "filter_keep": cfg.filter_keep, "guidance": cfg.guidance, "guidance_interval": cfg.guidance_interval,
+              "diffusion": diffusion}
     with atomic_path(OUT_DIR, directory=True) if w.is_main else contextlib.nullcontext() as staging:
         fill_dir = broadcast_object(w, str(staging / "candidates" if filtering else staging) if w.is_main else None)
         fill_dir = Path(fill_dir)
@@ -186,7 +259,7 @@ def _generate(denoiser, params: Params, w: World, classes: list[str], per_class:
             fill_dir.mkdir(exist_ok=True)
             allocate_store(fill_dir, per_class * len(classes), hwc)
         barrier(w)
-        fill_store(fill_dir, denoiser, params, w, per_class, len(classes), shape)
+        fill_store_locally(fill_dir, denoiser, params, w, per_class, len(classes), shape)
         barrier(w)
         if w.is_main:
             seal_store(fill_dir, classes, source)

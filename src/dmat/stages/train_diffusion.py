@@ -48,9 +48,10 @@ GRID_PER_CLASS = 10
 
 
 def at_config(params: Params) -> DiffusionATConfig:
-    a = params.train_diffusion.adversarial
+    cfg = params.train_diffusion
+    a = cfg.adversarial
     return DiffusionATConfig(mode=a.mode, lam=a.lam, rho=a.rho, floor_min=a.floor_min, floor_max=a.floor_max,
-                             step_size=a.step_size, detach_clean=a.detach_clean)
+                             step_size=a.step_size, detach_clean=a.detach_clean, p_mean=cfg.p_mean, p_std=cfg.p_std)
 
 
 def to_model_space(images: np.ndarray, device: str) -> torch.Tensor:
