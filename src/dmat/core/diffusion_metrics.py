@@ -1,4 +1,5 @@
-"""Evaluation of a diffusion model: denoiser robustness, Fréchet distance, conditional accuracy.
+"""Evaluation of a diffusion model: denoiser robustness, Fréchet distance, conditional accuracy,
+agreement of the per-class mean images with the real ones.
 
 Denoiser robustness measures exactly what diffusion AT trains for (DESIGN.md §5, dmat.core.diffusion_at):
 on clean data x0 noised as x = x0 + σ·n, the denoising error ‖D(x) − x0‖², and the change of the

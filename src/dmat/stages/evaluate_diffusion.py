@@ -155,7 +155,8 @@ def denoiser_metrics(denoiser: nn.Module, real: ArrayStore, params: Params, devi
 
 def sample_quality(classifier: nn.Module, inception: nn.Module | None, real: ArrayStore, real_rows: np.ndarray,
                    synthetic: ArrayStore, generated_rows: np.ndarray, batch_size: int, device: str) -> dict:
-    """Conditional accuracy, fd_classifier and (with Inception weights) FID of the generated images."""
+    """Conditional accuracy, fd_classifier, class-mean agreement and (with Inception weights) FID of the
+    generated images."""
     real_pass = _feature_pass(classifier, inception, real, real_rows, batch_size, device)
     generated_pass = _feature_pass(classifier, inception, synthetic, generated_rows, batch_size, device)
     agreement = class_mean_agreement(real_pass["class_means"].means(), generated_pass["class_means"].means())
