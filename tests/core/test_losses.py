@@ -85,8 +85,11 @@ def test_trades_matches_hand_written_reference() -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     loss.backward()
     expected.backward()
+    # atol 1e-6 against gradients up to ~0.4: the conv bias ahead of BatchNorm has an exactly zero
+    # gradient in exact arithmetic, so there both sides are float32 rounding noise (~1e-7, varying
+    # with the thread count).
     for ours, theirs in zip(_grads(model), _grads(reference), strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     # Running statistics: same two training-forward updates, nothing from the attack or clean target.
     assert _bn(model).num_batches_tracked.item() == 2
     torch.testing.assert_close(_bn(model).running_mean, _bn(reference).running_mean)
