@@ -25,6 +25,7 @@ import torch
 from dmat.core.denoisers import build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
 from dmat.core.samplers import heun_sampler
+from dmat.stages.generate import available_cores
 
 MODES = ("none", "random", "adversarial", "invariance")
 
@@ -111,7 +112,7 @@ def generate_seconds_by_workers() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         env = _tiny_project(work, 32)
-        cores = len(os.sched_getaffinity(0))
+        cores = available_cores()
         for workers in (1, cores):
             (work / "params.yaml").write_text(
                 f"data: {{name: bench, path: {work / 'folder'}, val_size: 0}}\n"

@@ -147,8 +147,13 @@ def local_workers(params: Params, w: World, total: int) -> int:
     available core, and never more than there are batches."""
     if w.size > 1 or w.device != "cpu":
         return 1
-    workers = params.generate.workers or len(os.sched_getaffinity(0))
+    workers = params.generate.workers or available_cores()
     return max(1, min(workers, math.ceil(total / params.generate.batch_size)))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one, as on Linux)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def fill_store_locally(store_dir: Path, network: torch.nn.Module, params: Params, w: World, per_class: int,
