@@ -1,7 +1,9 @@
 """Diffusion speed and memory: training images/s per AT mode (vs `none`), sampling images/s, generate's peak RSS.
 
-- Training: the same network (unet-tiny, 32×32) and batch (32) for each adversarial mode; the
-  baseline is mode `none`, measured in the same run.
+- Training: the same network (unet-tiny, 32×32) and batch (32) for each adversarial mode, and for
+  `adversarial` with the regulariser on a quarter of each batch (`adversarial.fraction`, the CPU
+  default); the baseline is mode `none`, measured in the same run. Also unet-tiny's plain resampling
+  against DDPM++'s resampling residual blocks (mode `none`).
 - Sampling: images/s of the 18-step Heun sampler (35 network evaluations per image) for unet-tiny
   and the paper-scale ddpmpp-cifar, at the network batch the CPU default uses (16; 2 for ddpmpp).
 - Memory: peak RSS of the real `dmat generate` stage for 1,000 vs 100,000 images (a 1-step Euler
@@ -22,20 +24,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmat.core.denoisers import build_denoiser
+from dmat.core.denoisers import DENOISERS, UNet, build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
+from dmat.core.edm import Precond
 from dmat.core.samplers import heun_sampler
 from dmat.stages.generate import available_cores
 
-MODES = ("none", "random", "adversarial", "invariance")
+TRAINING_CASES = {name: DiffusionATConfig(mode=name) for name in ("none", "random", "adversarial", "invariance")}
+TRAINING_CASES["adversarial, fraction 0.25"] = DiffusionATConfig(mode="adversarial", fraction=0.25)
 
 
-def training_images_per_s(mode: str, steps: int = 6, batch: int = 32) -> float:
+def training_images_per_s(cfg: DiffusionATConfig, resample_blocks: bool = False, steps: int = 6,
+                          batch: int = 32) -> float:
     torch.manual_seed(0)
-    model = build_denoiser("unet-tiny", img_resolution=32, in_channels=3, num_classes=10)
+    architecture = {**DENOISERS["unet-tiny"].kwargs, "resample_blocks": resample_blocks}
+    model = Precond(UNet(img_resolution=32, in_channels=3, num_classes=10, **architecture))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x0, labels = torch.rand(batch, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (batch,))
-    cfg = DiffusionATConfig(mode=mode)
 
     def step() -> None:
         loss, _ = diffusion_training_loss(model, x0, labels, cfg)
@@ -126,7 +131,8 @@ def generate_seconds_by_workers() -> dict[str, float]:
 
 
 def run() -> dict:
-    speed = {mode: training_images_per_s(mode) for mode in MODES}
+    speed = {name: training_images_per_s(cfg) for name, cfg in TRAINING_CASES.items()}
+    with_blocks = training_images_per_s(TRAINING_CASES["none"], resample_blocks=True)
     peaks = generate_peak_rss_mb()
     small, large = sorted(peaks)
     by_workers = generate_seconds_by_workers()
@@ -134,6 +140,7 @@ def run() -> dict:
     return {
         "train_images_per_s": {mode: round(v, 1) for mode, v in speed.items()},
         "train_speed_relative_to_none": {mode: round(v / speed["none"], 2) for mode, v in speed.items()},
+        "train_speedup_plain_resampling_vs_blocks": round(speed["none"] / with_blocks, 2),
         "sampling_images_per_s_18_steps": {"unet-tiny": round(sampling_images_per_s("unet-tiny", 16), 2),
                                            "ddpmpp-cifar": round(sampling_images_per_s("ddpmpp-cifar", 2), 3)},
         "generate_peak_rss_mb": {str(n): round(mb) for n, mb in peaks.items()},

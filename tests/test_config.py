@@ -101,6 +101,8 @@ def test_new_sections_reject_bad_values() -> None:
                      ({"train_diffusion": {"adversarial": {"mode": "strong"}}}, "train_diffusion.adversarial.mode"),
                      ({"train_diffusion": {"adversarial": {"floor_min": 0.5, "floor_max": 0.1}}},
                       "train_diffusion.adversarial.floor_min"),
+                     ({"train_diffusion": {"adversarial": {"fraction": 0}}}, "train_diffusion.adversarial.fraction"),
+                     ({"train_diffusion": {"adversarial": {"fraction": 1.5}}}, "train_diffusion.adversarial.fraction"),
                      ({"generate": {"sigma_min": 100}}, "generate.sigma_min"),
                      ({"generate": {"filter_keep": 0.5}}, "generate.filter_keep"),
                      ({"generate": {"guidance": 0.5}}, "generate.guidance"),

@@ -111,8 +111,12 @@ class DiffusionATParams:
     floor_max: float = allowed(16 / 255, min=0)
     step_size: float = allowed(1.0, min=0, max=10)  # adversarial step, as a fraction of the radius
     detach_clean: bool = False  # stop gradients through D(x) in the regulariser
+    fraction: float = allowed(1.0, min=0, max=1)  # share of each batch regularised (1 = all, as the paper)
 
     def check(self) -> None:
+        if self.fraction == 0:
+            raise ParamsError("train_diffusion.adversarial.fraction = 0 is not allowed: expected > 0 "
+                              "(mode none turns the regulariser off)")
         if self.floor_min > self.floor_max:
             raise ParamsError(f"train_diffusion.adversarial.floor_min = {self.floor_min} is not allowed: "
                               f"expected <= floor_max ({self.floor_max})")

@@ -252,8 +252,8 @@ def _generate(denoiser, params: Params, w: World, classes: list[str], per_class:
     """All ranks fill one pre-allocated store in place; rank 0 seals it (after filtering, when asked)
     and publishes it at data/synthetic in one rename."""
     hwc = (shape[1], shape[2], shape[0])
-    filtering = params.generate.filter_keep < 1
     cfg = params.generate
+    filtering = cfg.filter_keep < 1
     source = {"kind": "generated", "sampler": cfg.sampler, "steps": cfg.steps, "seed": params.base.seed,
               "filter_keep": cfg.filter_keep, "guidance": cfg.guidance, "guidance_interval": cfg.guidance_interval,
               "diffusion": diffusion}

@@ -51,7 +51,8 @@ def at_config(params: Params) -> DiffusionATConfig:
     cfg = params.train_diffusion
     a = cfg.adversarial
     return DiffusionATConfig(mode=a.mode, lam=a.lam, rho=a.rho, floor_min=a.floor_min, floor_max=a.floor_max,
-                             step_size=a.step_size, detach_clean=a.detach_clean, p_mean=cfg.p_mean, p_std=cfg.p_std)
+                             step_size=a.step_size, detach_clean=a.detach_clean, fraction=a.fraction,
+                             p_mean=cfg.p_mean, p_std=cfg.p_std)
 
 
 def to_model_space(images: np.ndarray, device: str) -> torch.Tensor:
@@ -160,9 +161,9 @@ class DiffusionTrainer:
 
 
 def interval_metrics(rows: torch.Tensor, seconds: float, images: int) -> dict[str, float]:
-    """Means over a logging interval, and the loss split by σ band."""
+    """Means over a logging interval (R over the samples that had it), and the loss split by σ band."""
     sigma, loss, denoise, reg = rows.double().T
-    metrics = {"loss": loss.mean().item(), "denoise_loss": denoise.mean().item(), "regulariser": reg.mean().item(),
+    metrics = {"loss": loss.mean().item(), "denoise_loss": denoise.mean().item(), "regulariser": reg.nanmean().item(),
                "images_per_s": images / max(seconds, 1e-9)}
     for low, high in SIGMA_BANDS:
         band = (sigma >= low) & (sigma < high)
