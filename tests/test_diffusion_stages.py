@@ -19,7 +19,7 @@ PARAMS = """
 base: {{seed: 0}}
 data: {{name: tiny, path: {folder}, val_size: 6}}
 train_diffusion: {{steps: {steps}, batch_size: 8, log_every: 2, checkpoint_every: 2, grid_steps: 2,
-                  label_dropout: {dropout}, adversarial: {{mode: {mode}}}}}
+                  label_dropout: {dropout}, adversarial: {{mode: {mode}, fraction: 0.5}}}}
 generate: {{per_class: 5, batch_size: {batch}, network_batch: 4, steps: 3, s_churn: 5, workers: {workers},
            {guidance}}}
 """
