@@ -32,15 +32,19 @@ class ParamsError(ValueError):
 
 @dataclass(frozen=True)
 class Bounds:
-    """Inclusive numeric bounds (None = unbounded) and, for strings, a regular expression."""
+    """Numeric bounds (None = unbounded): inclusive ``min`` and ``max``, exclusive ``above``; for
+    strings, a regular expression."""
 
     min: float | None = None
     max: float | None = None
     pattern: str | None = None
+    above: float | None = None
 
     def describe(self) -> str:
         if self.pattern is not None:
             return f"matching /{self.pattern}/"
+        if self.above is not None:
+            return f"> {_fmt(self.above)}" + ("" if self.max is None else f" and <= {_fmt(self.max)}")
         if self.min is not None and self.max is not None:
             return f"between {_fmt(self.min)} and {_fmt(self.max)}"
         if self.min is not None:
@@ -49,12 +53,17 @@ class Bounds:
             return f"<= {_fmt(self.max)}"
         return ""
 
+    def admits(self, value: float) -> bool:
+        return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.above is None or value > self.above))
 
-def allowed(default: Any, *, min: float | None = None, max: float | None = None, pattern: str | None = None):
-    """A dataclass field with a default and bounds checked at load time."""
+
+def allowed(default: Any, *, min: float | None = None, max: float | None = None, pattern: str | None = None,
+            above: float | None = None):
+    """A dataclass field with a default and bounds checked at load time (``above``: strictly greater)."""
     if isinstance(default, list | dict):
         raise TypeError("use immutable defaults (tuples) in config dataclasses")
-    return field(default=default, metadata={"bounds": Bounds(min, max, pattern)})
+    return field(default=default, metadata={"bounds": Bounds(min, max, pattern, above)})
 
 
 def _fmt(number: float) -> str:
@@ -111,12 +120,9 @@ class DiffusionATParams:
     floor_max: float = allowed(16 / 255, min=0)
     step_size: float = allowed(1.0, min=0, max=10)  # adversarial step, as a fraction of the radius
     detach_clean: bool = False  # stop gradients through D(x) in the regulariser
-    fraction: float = allowed(1.0, min=0, max=1)  # share of each batch regularised (1 = all, as the paper)
+    fraction: float = allowed(1.0, above=0, max=1)  # share of each batch regularised (1 = all, as the paper)
 
     def check(self) -> None:
-        if self.fraction == 0:
-            raise ParamsError("train_diffusion.adversarial.fraction = 0 is not allowed: expected > 0 "
-                              "(mode none turns the regulariser off)")
         if self.floor_min > self.floor_max:
             raise ParamsError(f"train_diffusion.adversarial.floor_min = {self.floor_min} is not allowed: "
                               f"expected <= floor_max ({self.floor_max})")
@@ -248,7 +254,7 @@ class EvaluateDiffusionConfig:
     n_denoiser: int = allowed(128, min=1)  # first n images of data/real/test for the denoiser metrics
     sigmas: tuple[float, ...] = allowed((0.05, 0.2, 0.5, 1.0, 2.0), min=0)  # noise levels, [-1, 1] image units
     attack_steps: int = allowed(5, min=1)  # signed-gradient (PGD) steps of the adversarial perturbation
-    radius_rho: float = allowed(2.0, min=0)  # exponent ρ of the box radius (> 0)
+    radius_rho: float = allowed(2.0, above=0)  # exponent ρ of the box radius
     radius_floor: float = allowed(12 / 255, min=0)  # fixed floor of the box radius, in noise units
     batch_size: int = allowed(128, min=1)
     inception_weights: str | None = allowed(None, pattern=r"^.{1,4096}$")  # local torchvision Inception-v3 file
@@ -260,8 +266,6 @@ class EvaluateDiffusionConfig:
         if len({f"{s:g}" for s in self.sigmas}) != len(self.sigmas):
             raise ParamsError(f"evaluate_diffusion.sigmas = {list(self.sigmas)} is not allowed: expected distinct "
                               "values")
-        if self.radius_rho <= 0:
-            raise ParamsError(f"evaluate_diffusion.radius_rho = {self.radius_rho} is not allowed: expected > 0")
 
 
 AUTOATTACK_ATTACKS = Literal["apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square"]
@@ -499,7 +503,7 @@ def _parse_scalar(tp: type, value: Any, key: str, bounds: Bounds) -> Any:
         return value
     else:
         raise TypeError(f"unsupported config type {tp!r} for {key}")
-    if (bounds.min is not None and value < bounds.min) or (bounds.max is not None and value > bounds.max):
+    if not bounds.admits(value):
         raise bad()
     return value
 
