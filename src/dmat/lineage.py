@@ -330,10 +330,11 @@ def _onnx_metadata(node: Node) -> dict:
     """The model's `dmat.*` metadata_props, each a JSON string."""
     import onnx
 
+    from dmat.onnx_contract import decode_metadata
+
     try:
         proto = onnx.load(str(node.path), load_external_data=False)
-        return {e.key.removeprefix("dmat."): json.loads(e.value) for e in proto.metadata_props
-                if e.key.startswith("dmat.")}
+        return decode_metadata((e.key, e.value) for e in proto.metadata_props)
     except Exception as err:  # onnx raises protobuf's DecodeError and others for a damaged file
         node.add(Check(STALE, f"{node.path.name}: unreadable ONNX metadata ({type(err).__name__}: {err})"))
         return {}

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from dmat.config import Params
-from dmat.deploy.onnx_model import INPUT_NAME, OUTPUT_NAME
 from dmat.fsutil import atomic_path, sha256_file, write_json
+from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, OUTPUT_NAME, encode_metadata
 from dmat.runtime import apply_torch
 from dmat.stages import evaluate, generate, mix, train, train_diffusion
 from dmat.tracking import git_commit, project_root, stage_run
@@ -63,7 +63,7 @@ def export_denoiser_onnx(denoiser: nn.Module, shape: tuple[int, int, int], path:
     labels = torch.arange(EXAMPLE_BATCH) % 2
     dims = {"noisy": {0: batch_dim()}, "sigma": {0: batch_dim()}, "class_labels": {0: batch_dim()}}
     program = torch.onnx.export(DenoiserForExport(denoiser).eval(), (noisy, sigma, labels), dynamo=True,
-                                input_names=["noisy", "sigma", "class_labels"], output_names=["denoised"],
+                                input_names=list(DENOISER_INPUTS), output_names=[DENOISER_OUTPUT],
                                 dynamic_shapes=dims, verbose=False)
     _save_onnx(program.model_proto, path, metadata)
 
@@ -124,11 +124,6 @@ def provenance(params: Params, checkpoint: dict) -> dict:
     }
 
 
-def onnx_metadata(info: dict) -> dict[str, str]:
-    """ONNX metadata_props are strings: every entry is JSON."""
-    return {f"dmat.{key}": json.dumps(value, sort_keys=True) for key, value in info.items()}
-
-
 def run(params: Params) -> dict:
     apply_torch(params.base)
     torch.set_grad_enabled(False)
@@ -140,13 +135,13 @@ def run(params: Params) -> dict:
     with stage_run(STAGE, params, SECTIONS) as tracked:
         tracked.set_tags({"dmat.train_run_id": checkpoint["mlflow_run_id"] or ""})
         with atomic_path(OUT_DIR, directory=True) as staging:
-            export_classifier_onnx(model, example, staging / CLASSIFIER_ONNX, onnx_metadata(info))
+            export_classifier_onnx(model, example, staging / CLASSIFIER_ONNX, encode_metadata(info))
             export_program(model, example, staging / CLASSIFIER_PT2)
             denoiser_info = {"lineage": {"diffusion_run_id": diffusion_state["mlflow_run_id"],
                                          "checkpoint_sha256": sha256_file(
                                              train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT)},
                              "classes": diffusion_state["classes"], "sigma_data": 0.5}
-            export_denoiser_onnx(denoiser, shape, staging / DENOISER_ONNX, onnx_metadata(denoiser_info))
+            export_denoiser_onnx(denoiser, shape, staging / DENOISER_ONNX, encode_metadata(denoiser_info))
             files = {name: sha256_file(staging / name) for name in (CLASSIFIER_ONNX, CLASSIFIER_PT2, DENOISER_ONNX)}
             write_json(staging / MANIFEST, {**info, "files": files, "denoiser": denoiser_info,
                                             "export_run_id": tracked.run_id})

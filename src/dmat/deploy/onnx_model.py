@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
+from dmat.onnx_contract import INPUT_NAME, OUTPUT_NAME
 
 
 class OnnxClassifier:

@@ -24,12 +24,11 @@ from typing import Any
 
 from dmat.deploy.payload import InputSpec
 from dmat.fsutil import sha256_file
+from dmat.onnx_contract import METADATA_PREFIX, OUTPUT_NAME
 
 logger = logging.getLogger("dmat.serve")
 
-METADATA_PREFIX = "dmat."
 REPORTED_KEYS = ("threat", "metrics", "lineage")  # in /metadata always, null when the model lacks them
-OUTPUT_NAME = "logits"
 REGISTRY_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 REGISTRY_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 
