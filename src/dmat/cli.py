@@ -71,6 +71,8 @@ TOOLS: dict[str, tuple[str, str]] = {
               "Serve an ONNX classifier (a .onnx path or models:/name@alias) over HTTP on 127.0.0.1."),
     "lineage": ("dmat.lineage",
                 "Print the chain of stages, runs and files that produced an artifact, each link checked."),
+    "params": ("dmat.tools.params",
+               "Validate a params file without running a stage: `dmat params check [FILE]` (exit 0 valid, 2 not)."),
 }
 
 

@@ -7,6 +7,11 @@ turns that error into exit code 2 before any stage writes anything.
 
 Field constraints live in the field's metadata (`allowed(...)`); `Literal[...]` types give the
 allowed choices; `X | None` makes a key nullable. Floats also accept fractions such as "8/255".
+
+The file is read as YAML 1.2 (ruamel.yaml), not YAML 1.1 (PyYAML's safe_load): `dvc exp run -S`
+rewrites params.yaml with ruamel's round-trip dumper, which follows 1.2 and drops the quotes around
+strings such as `off`, `yes` or `no` that are plain strings in 1.2 but booleans in 1.1. Reading with
+the writer's own semantics guarantees that a value DVC writes back is read back unchanged.
 """
 
 from __future__ import annotations
@@ -19,8 +24,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn")
 NAME_PATTERN = r"[a-z0-9][a-z0-9_\-]{0,31}"  # names that become parts of file and stage names
@@ -238,7 +241,7 @@ class TrainConfig:
     attack: ThreatConfig = field(default_factory=ThreatConfig)
     val_attack_steps: int = allowed(40, min=1)  # PGD-CW steps for checkpoint selection on data/real/val
     val_limit: int | None = allowed(None, min=1)  # first n validation images; null = all
-    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast precision
+    amp: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the training steps
 
 
 @dataclass(frozen=True)
@@ -361,15 +364,40 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except (OSError, UnicodeDecodeError) as err:
         raise ParamsError(f"{path}: cannot read params file: {err}") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    if raw is None:
-        raw = {}
+        raw = read_yaml(text)
+    except ValueError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
     try:
         return parse_params(raw)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
+
+
+def read_yaml(text: str) -> Any:
+    """YAML 1.2 text -> plain Python data ({} for an empty document); ValueError (one line) when invalid.
+
+    Duplicate keys are an error, not a silent "last one wins"."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        data = YAML(typ="safe", pure=True).load(text)
+    except YAMLError as err:
+        raise ValueError(" ".join(str(err).split())) from None
+    return {} if data is None else data
+
+
+def to_yaml(data: Any) -> str:
+    """Plain data as YAML 1.2 text in block style, keys sorted (the dialect `read_yaml` reads)."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    stream = io.StringIO()
+    yaml.dump(data, stream)
+    return stream.getvalue()
 
 
 def parse_params(raw: Any) -> Params:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from dmat.config import as_dict, flatten
+from dmat.config import as_dict, flatten, to_yaml
 from dmat.data.store import ArrayStore
 
 # MLflow stores a dataset digest in a 36-character column; the full sha256 goes into a tag.
@@ -323,13 +323,11 @@ def _use_experiment(mlflow_module: Any, name: str, uri: str) -> None:
 
 def _log_config(tracked: StageRun, params: Any, sections: tuple[str, ...]) -> None:
     """The stage's params, flattened, plus the fully resolved config file next to the results."""
-    import yaml
-
     resolved = {name: as_dict(params.section(name)) for name in sections}
     tracked.log_params(flatten(resolved))
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "params.resolved.yaml"
-        config_file.write_text(yaml.safe_dump(resolved, sort_keys=True))
+        config_file.write_text(to_yaml(resolved))
         tracked.log_artifact(config_file)
 
 

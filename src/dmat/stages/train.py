@@ -63,7 +63,7 @@ def check_config(params: Params, device: str) -> None:
     if cfg.model not in CLASSIFIERS:
         raise ParamsError(f"train.model = {cfg.model!r} is not allowed: expected one of {', '.join(CLASSIFIERS)}")
     if cfg.amp == "fp16" and not device.startswith("cuda"):
-        raise ParamsError("train.amp = 'fp16' is not allowed on the CPU: expected off or bf16")
+        raise ParamsError("train.amp = 'fp16' is not allowed on the CPU: expected fp32 or bf16")
 
 
 def normalisation(store: ArrayStore) -> tuple[list[float], list[float]]:
@@ -191,7 +191,7 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _autocast(self):
-        if self.cfg.amp == "off":
+        if self.cfg.amp == "fp32":
             return contextlib.nullcontext()
         device_type = "cuda" if self.world.device.startswith("cuda") else "cpu"
         return torch.autocast(device_type, dtype=torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16)
