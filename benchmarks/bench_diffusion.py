@@ -27,7 +27,7 @@ import torch
 from dmat.core.denoisers import DENOISERS, UNet, build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
 from dmat.core.edm import Precond
-from dmat.core.samplers import heun_sampler
+from dmat.core.samplers import edm_sigma_steps, heun_sampler
 from dmat.stages.generate import available_cores
 
 TRAINING_CASES = {name: DiffusionATConfig(mode=name) for name in ("none", "random", "adversarial", "invariance")}
@@ -59,7 +59,7 @@ def sampling_images_per_s(name: str, batch: int) -> float:
     model = build_denoiser(name, img_resolution=32, in_channels=3, num_classes=10).eval()
     noise, labels = torch.randn(batch, 3, 32, 32), torch.arange(batch) % 10
     started = time.perf_counter()
-    heun_sampler(model, noise, labels, num_steps=18)
+    heun_sampler(model, noise, labels, edm_sigma_steps(18))
     return batch / (time.perf_counter() - started)
 
 

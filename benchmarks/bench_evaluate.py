@@ -27,7 +27,7 @@ CHECKPOINT = Path("models/classifier/best.pt")
 
 def cpu_default_model() -> tuple[torch.nn.Module, str]:
     if CHECKPOINT.is_file():
-        from dmat.stages.train import load_classifier
+        from dmat.artifacts.loaders import load_classifier
 
         return load_classifier(CHECKPOINT)[0], str(CHECKPOINT)
     mean, std = DATASET_STATS["cifar10"]
@@ -57,7 +57,7 @@ def run() -> dict:
     test = Path("data/real/test")
     if test.is_dir():  # real points: as many survive each attack as in the stage
         from dmat.data.store import ArrayStore
-        from dmat.stages.evaluate import first_points
+        from dmat.data.tensors import first_points
 
         x, y = first_points(ArrayStore.open(test), N)
     bare_times, our_times = [], []

@@ -136,9 +136,9 @@ def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_pat
     """filter_keep 0.5: 10 candidates per class are generated; the 5 the scorer trusts most are kept."""
     import torch
 
+    from dmat.artifacts.layout import CLASSIFIER_FORMAT
     from dmat.checkpoint import save_checkpoint
     from dmat.core.classifiers import build_classifier
-    from dmat.stages.train import CHECKPOINT_FORMAT
 
     config = {"name": "wrn-16-1", "num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_pat
     stores = {}
     for name, generate in (("all", "per_class: 10"), ("kept", "per_class: 5, filter_keep: 0.5, filter_scorer: s.pt")):
         workdir = _copy(trained, tmp_path / name)
-        save_checkpoint(workdir / "s.pt", {"format": CHECKPOINT_FORMAT, "model_config": config,
+        save_checkpoint(workdir / "s.pt", {"format": CLASSIFIER_FORMAT, "model_config": config,
                                            "ema": scorer.state_dict()})
         params = (workdir / "params.yaml").read_text().split("generate:")[0]
         (workdir / "params.yaml").write_text(params + f"generate: {{{generate}, network_batch: 4, steps: 2}}\n")

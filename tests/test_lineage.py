@@ -17,8 +17,8 @@ import pytest
 from dmat.checkpoint import save_checkpoint
 from dmat.cli import main
 from dmat.data.store import ArrayStore, write_store
-from dmat.fsutil import sha256_file, write_json
-from dmat.lineage import MISSING, STALE, VERIFIED, locate, node_key
+from dmat.files import sha256_file, write_json
+from dmat.tools.lineage import MISSING, STALE, VERIFIED, locate, node_key
 
 CLASSES = ("a", "b")
 DVC_YAML = """

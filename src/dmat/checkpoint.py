@@ -7,11 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dmat.fsutil import atomic_path
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or from another configuration; names the file."""
+from dmat.errors import CheckpointError
+from dmat.files import atomic_path
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -46,10 +46,10 @@ STAGES: dict[str, tuple[str, str]] = {
                            "adversarial perturbations in a fixed AT box at several noise levels; conditional "
                            "accuracy and classifier-feature Frechet distance of data/synthetic (FID with local "
                            "Inception weights only) -> metrics/evaluate_diffusion.json."),
-    "export": ("dmat.deploy.export",
+    "export": ("dmat.stages.export",
                "Export the best EMA classifier (ONNX with provenance metadata, torch.export .pt2) and the EMA "
                "denoiser (ONNX) -> models/export/."),
-    "verify": ("dmat.deploy.verify",
+    "verify": ("dmat.stages.verify",
                "Deployment-side checks of models/export (ONNX checker, contract, parity, robustness after export, "
                "Square on onnxruntime, latency, denoiser parity) -> metrics/verify.json; registers the model in "
                "MLflow when every gate passes. Exits 1 naming the failed gate."),
@@ -64,12 +64,12 @@ STAGE_OPTIONS: dict[str, dict[str, dict]] = {
 # Commands that are not pipeline stages: subcommand -> module with configure(parser) and run(args) -> exit code.
 # Each module parses its own arguments; the serving command must work where torch is not installed.
 TOOLS: dict[str, tuple[str, str]] = {
-    "robustness": ("dmat.robustness_cli",
+    "robustness": ("dmat.tools.robustness",
                    "Evaluate any classifier (DMAT checkpoint, torch.export .pt2, or .onnx with Square only) on a "
                    "canonical store with AutoAttack -> a JSON report."),
     "serve": ("dmat.deploy.serve",
               "Serve an ONNX classifier (a .onnx path or models:/name@alias) over HTTP on 127.0.0.1."),
-    "lineage": ("dmat.lineage",
+    "lineage": ("dmat.tools.lineage",
                 "Print the chain of stages, runs and files that produced an artifact, each link checked."),
     "params": ("dmat.tools.params",
                "Validate a params file without running a stage: `dmat params check [FILE]` (exit 0 valid, 2 not)."),
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_stage(module_name: str, params_file: str, **options: object) -> None:
     from dmat.config import load_params
-    from dmat.runtime import apply_base
+    from dmat.stage_setup import apply_base
 
     params = load_params(params_file)  # validated before anything is imported or written
     apply_base(params.base)
@@ -111,19 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "tool_module", None):
         return importlib.import_module(args.tool_module).run(args)
-    from dmat.checkpoint import CheckpointError
     from dmat.config import ParamsError
-    from dmat.data.sources import DataError
-    from dmat.data.store import StoreError
-    from dmat.deploy.verify import GateFailed
-    from dmat.tracking import TrackingError
+    from dmat.errors import USER_ERRORS
 
     try:
         options = {flag.lstrip("-"): getattr(args, flag.lstrip("-")) for flag in STAGE_OPTIONS.get(args.command, {})}
         run_stage(args.stage_module, args.params, **options)
     except ParamsError as err:
         return _fail(args.command, err, EXIT_USAGE)
-    except (DataError, StoreError, CheckpointError, TrackingError, GateFailed) as err:
+    except USER_ERRORS as err:
         return _fail(args.command, err, EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail(args.command, "interrupted", EXIT_INTERRUPTED)

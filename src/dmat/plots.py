@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dmat.fsutil import atomic_path
+from dmat.files import atomic_path
 
 
 def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

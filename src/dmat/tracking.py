@@ -22,14 +22,11 @@ from typing import Any
 
 from dmat.config import as_dict, flatten, to_yaml
 from dmat.data.store import ArrayStore
+from dmat.errors import TrackingError
 
 # MLflow stores a dataset digest in a 36-character column; the full sha256 goes into a tag.
 MLFLOW_DIGEST_LENGTH = 36
 PREFLIGHT_TIMEOUT_S = 5.0
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message names the URI."""
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -216,9 +213,9 @@ class StageRun:
 
 
     def register_onnx_model(self, onnx_path: str | Path, name: str, input_example: Any, output_example: Any,
-                            card: Mapping[str, Any]) -> dict[str, Any]:
-        """Log the ONNX model into this run, register it as a new version of `name` and tag the version
-        with `card` (threat model, accuracies). Aliases: `candidate` always; `champion` by `champion_decision`."""
+                            tags: Mapping[str, Any]) -> str:
+        """Log the ONNX model into this run, register it as a new version of `name`, tag the version with
+        `tags` (as `dmat.<key>`) and point the alias `candidate` at it; returns the version."""
         import onnx
         from mlflow.models import infer_signature
 
@@ -229,38 +226,22 @@ class StageRun:
                 save_as_external_data=False)  # one file, byte-identical to the verified export
         client = self._mlflow.MlflowClient()
         version = str(info.registered_model_version)
-        for key, value in card.items():
+        for key, value in tags.items():
             client.set_model_version_tag(name, version, f"dmat.{key}", str(value))
         client.set_registered_model_alias(name, "candidate", version)
-        current = _champion_card(client, name)
-        move, reason = champion_decision(card, current)
-        if move:
-            client.set_registered_model_alias(name, "champion", version)
-        return {"name": name, "version": version, "aliases": ["candidate", "champion"] if move else ["candidate"],
-                "champion_moved": move, "reason": reason, "model_uri": f"models:/{name}/{version}"}
+        return version
 
+    def model_version_tags(self, name: str, alias: str) -> dict[str, str] | None:
+        """The `dmat.*` tags (prefix removed) and `version` of the version `alias` points at; None without one."""
+        try:
+            version = self._mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+        except self._mlflow.exceptions.MlflowException:  # the registered model or the alias does not exist yet
+            return None
+        tags = {k.removeprefix("dmat."): v for k, v in version.tags.items() if k.startswith("dmat.")}
+        return {**tags, "version": str(version.version)}
 
-def champion_decision(new: Mapping[str, Any], current: Mapping[str, Any] | None) -> tuple[bool, str]:
-    """Whether a new version becomes champion: only against the same threat model and eps, and only
-    when its robust accuracy is at least the champion's."""
-    if current is None:
-        return True, "no champion yet"
-    if (str(current.get("norm")), float(current.get("eps", -1))) != (str(new["norm"]), float(new["eps"])):
-        return False, (f"champion v{current.get('version')} was evaluated under {current.get('norm')} eps "
-                       f"{current.get('eps')}, not {new['norm']} eps {new['eps']}: not comparable, champion kept")
-    old, fresh = float(current.get("robust_accuracy", "nan")), float(new["robust_accuracy"])
-    if fresh >= old:
-        return True, f"robust accuracy {fresh:.4f} >= champion v{current.get('version')}'s {old:.4f}"
-    return False, f"robust accuracy {fresh:.4f} < champion v{current.get('version')}'s {old:.4f}: champion kept"
-
-
-def _champion_card(client: Any, name: str) -> dict[str, Any] | None:
-    try:
-        version = client.get_model_version_by_alias(name, "champion")
-    except Exception:  # MLflow raises when the alias does not exist yet
-        return None
-    card = {k.removeprefix("dmat."): v for k, v in version.tags.items() if k.startswith("dmat.")}
-    return {**card, "version": version.version}
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        self._mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
 
 
 class NullRun:

@@ -7,7 +7,7 @@ import torch
 
 from dmat.core.denoisers import build_denoiser
 from dmat.core.guidance import GuidedDenoiser
-from dmat.core.samplers import heun_sampler
+from dmat.core.samplers import edm_sigma_steps, heun_sampler
 
 MEANS = torch.tensor([-1.0, 1.0])  # two classes, equally likely
 S = 0.5
@@ -72,8 +72,8 @@ def test_guided_sampling_separates_the_classes_further_than_conditional_sampling
     """The known effect of guidance: samples move away from the other class, and each class tightens."""
     latents = torch.randn(2000, 1, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1]).repeat(1000)
-    plain = heun_sampler(ExactDenoiser(), latents, labels, num_steps=32)
-    guided = heun_sampler(GuidedDenoiser(ExactDenoiser(), 3.0, NULL), latents, labels, num_steps=32)
+    plain = heun_sampler(ExactDenoiser(), latents, labels, edm_sigma_steps(32))
+    guided = heun_sampler(GuidedDenoiser(ExactDenoiser(), 3.0, NULL), latents, labels, edm_sigma_steps(32))
     for c, sign in ((0, -1.0), (1, 1.0)):
         assert plain[labels == c].mean().item() == pytest.approx(MEANS[c].item(), abs=0.05)
         assert sign * guided[labels == c].mean().item() > sign * plain[labels == c].mean().item()
@@ -83,7 +83,7 @@ def test_guided_sampling_separates_the_classes_further_than_conditional_sampling
 def test_registry_denoiser_runs_guided_with_its_null_class() -> None:
     denoiser = build_denoiser("unet-tiny", img_resolution=8, in_channels=3, num_classes=4, label_dropout=0.1).eval()
     guided = GuidedDenoiser(denoiser, 2.0, null_label=4, interval=(0.5, math.inf))
-    out = heun_sampler(guided, torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3]), num_steps=3)
+    out = heun_sampler(guided, torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3]), edm_sigma_steps(3))
     assert out.shape == (3, 3, 8, 8) and torch.isfinite(out).all()
 
 

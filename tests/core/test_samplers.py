@@ -8,6 +8,7 @@ import torch
 from dmat.core.denoisers import build_denoiser
 from dmat.core.samplers import (
     SAMPLERS,
+    Churn,
     edm_sigma_steps,
     euler_sampler,
     heun_sampler,
@@ -34,7 +35,7 @@ def quantile_latents(n: int) -> torch.Tensor:
 
 def moments(sampler, num_steps: int, **kwargs) -> tuple[float, float]:
     z = quantile_latents(4001)
-    x = sampler(gaussian_denoiser, z / z.std(), None, num_steps=num_steps, **kwargs)
+    x = sampler(gaussian_denoiser, z / z.std(), None, edm_sigma_steps(num_steps), **kwargs)
     assert x.dtype == torch.float64 and x.shape == z.shape
     return x.mean().item(), x.std().item()
 
@@ -75,10 +76,10 @@ def test_heun_uses_2n_minus_1_evaluations_and_euler_n() -> None:
         calls.append(sigma[0].item())
         return gaussian_denoiser(x, sigma, labels)
 
-    heun_sampler(counting, torch.zeros(2, 1), None, num_steps=7)
+    heun_sampler(counting, torch.zeros(2, 1), None, edm_sigma_steps(7))
     assert len(calls) == 13 and min(calls) == pytest.approx(0.002)
     calls.clear()
-    euler_sampler(counting, torch.zeros(2, 1), None, num_steps=7)
+    euler_sampler(counting, torch.zeros(2, 1), None, edm_sigma_steps(7))
     assert len(calls) == 7
 
 
@@ -91,12 +92,12 @@ def test_stochastic_churn_stays_close_and_is_reproducible() -> None:
         def seeded_randn_like(x: torch.Tensor) -> torch.Tensor:
             return torch.randn(x.shape, generator=gen, dtype=x.dtype)
 
-        churn = {"s_churn": 10.0, "s_min": 0.05, "s_max": 10.0}
-        return heun_sampler(gaussian_denoiser, z, None, randn_like=seeded_randn_like, **churn)
+        churn = Churn(s_churn=10.0, s_min=0.05, s_max=10.0)
+        return heun_sampler(gaussian_denoiser, z, None, edm_sigma_steps(18), churn=churn, randn_like=seeded_randn_like)
 
     first = run()
     assert torch.equal(first, run())
-    assert not torch.equal(first, heun_sampler(gaussian_denoiser, z, None))
+    assert not torch.equal(first, heun_sampler(gaussian_denoiser, z, None, edm_sigma_steps(18)))
     assert first.mean().item() == pytest.approx(MU, abs=0.03)
     assert first.std().item() == pytest.approx(S, rel=0.15)
 
@@ -110,7 +111,7 @@ def test_samplers_share_one_signature_and_pass_labels_through() -> None:
 
     labels = torch.tensor([3, 1])
     for sampler in SAMPLERS.values():
-        out = sampler(recording, torch.ones(2, 3, 4, 4), labels, num_steps=3, sigma_max=10.0)
+        out = sampler(recording, torch.ones(2, 3, 4, 4), labels, edm_sigma_steps(3, sigma_max=10.0))
         torch.testing.assert_close(out, torch.zeros(2, 3, 4, 4, dtype=torch.float64))  # D ≡ 0 ⇒ x → 0
     assert all(s is labels for s in seen)
 
@@ -134,14 +135,14 @@ def test_churn_noise_is_per_image_so_stochastic_sampling_ignores_the_batch() -> 
     """With churn on, each image's result is the same whether it is sampled alone or in a batch."""
     latents = image_noise(3, 0, range(5), (1,))
     classes, indices = [0, 1, 0, 1, 0], [0, 1, 2, 3, 4]
-    churn = {"num_steps": 8, "s_churn": 20.0, "s_noise": 1.0}
-    together = heun_sampler(gaussian_denoiser, latents, None, **churn,
+    sigmas, churn = edm_sigma_steps(8), Churn(s_churn=20.0, s_noise=1.0)
+    together = heun_sampler(gaussian_denoiser, latents, None, sigmas, churn=churn,
                             randn_like=per_image_randn_like(3, classes, indices))
     for k in range(5):
-        alone = heun_sampler(gaussian_denoiser, latents[k:k + 1], None, **churn,
+        alone = heun_sampler(gaussian_denoiser, latents[k:k + 1], None, sigmas, churn=churn,
                              randn_like=per_image_randn_like(3, classes[k:k + 1], indices[k:k + 1]))
         assert torch.equal(alone[0], together[k])
-    deterministic = heun_sampler(gaussian_denoiser, latents, None, num_steps=8)
+    deterministic = heun_sampler(gaussian_denoiser, latents, None, sigmas)
     assert not torch.equal(deterministic, together)  # the churn noise was used
     first = per_image_randn_like(3, [0], [0])(torch.zeros(1, 1))
     assert not torch.equal(first[0], latents[0])  # a stream apart from the initial noise
@@ -164,5 +165,5 @@ def test_heun_drives_a_registry_denoiser_to_uint8_images() -> None:
     torch.manual_seed(0)
     denoiser = build_denoiser("unet-tiny", img_resolution=8, in_channels=3, num_classes=4).eval()
     latents = torch.cat([image_noise(0, c, [0, 1], (3, 8, 8)) for c in (1, 3)])
-    images = to_uint8(heun_sampler(denoiser, latents, torch.tensor([1, 1, 3, 3]), num_steps=3))
+    images = to_uint8(heun_sampler(denoiser, latents, torch.tensor([1, 1, 3, 3]), edm_sigma_steps(3)))
     assert images.shape == (4, 8, 8, 3) and images.dtype == torch.uint8

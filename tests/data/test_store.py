@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dmat.data.store import ArrayStore, StoreError, create_store, write_store
-from dmat.fsutil import sha256_file
+from dmat.files import sha256_file
 
 CLASSES = ("a", "b", "c")
 

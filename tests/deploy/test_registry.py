@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from dmat.config import parse_params
-from dmat.tracking import champion_decision, stage_run
+from dmat.stages.verify import champion_decision
+from dmat.stages.verify import register as register_version
+from dmat.tracking import stage_run
 from tests.deploy.helpers import save_tiny_classifier
 
 LINF = {"norm": "Linf", "eps": 8 / 255}
@@ -18,8 +20,8 @@ def register(tmp_path: Path, model: Path, robust: float, threat: dict = LINF) ->
     params = parse_params({"base": {"experiment": "registry-test"}})
     example = np.zeros((1, 3, 8, 8), dtype=np.float32)
     with stage_run("verify", params, ("base",)) as tracked:
-        return tracked.register_onnx_model(model, "tiny", example, np.zeros((1, 3), dtype=np.float32),
-                                           {**threat, "robust_accuracy": robust, "clean_accuracy": 0.9})
+        return register_version(tracked, model, "tiny", example, np.zeros((1, 3), dtype=np.float32),
+                                {**threat, "robust_accuracy": robust, "clean_accuracy": 0.9})
 
 
 @pytest.mark.slow

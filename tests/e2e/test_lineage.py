@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmat.fsutil import write_json
-from dmat.stages.train import load_classifier
+from dmat.artifacts.loaders import load_classifier
+from dmat.files import write_json
 from tests.conftest import BIN_DIR
 from tests.e2e.test_pipeline import build_pipeline, run
 
@@ -43,7 +43,7 @@ def test_exported_model_is_verified_through_the_whole_chain(pipeline: Path) -> N
     stages = {stage["path"]: stage for stage in report["stages"]}
     _, checkpoint = load_classifier(pipeline / "models/classifier/best.pt")
     assert stages["models/classifier/best.pt"]["details"]["mlflow_run"].startswith(checkpoint["mlflow_run_id"])
-    evaluation = json.loads((pipeline / "metrics/evaluate_linf.json").read_text())
+    evaluation = json.loads((pipeline / "models/eval/linf/report.json").read_text())
     assert stages["models/eval/linf"]["details"]["mlflow_run"].startswith(evaluation["mlflow_run_id"])
     assert "mode adversarial" in stages["models/diffusion/checkpoint.pt"]["details"]["adversarial_training"]
     commit = run(["git", "rev-parse", "HEAD"], pipeline).stdout.strip()

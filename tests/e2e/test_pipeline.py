@@ -115,7 +115,9 @@ def test_every_stage_wrote_its_declared_outputs(pipeline: Path) -> None:
                  "plots/train_curves.csv", "metrics/evaluate_linf.json", "metrics/evaluate_l2.json",
                  "plots/evaluate_linf_sweep.csv", "models/eval/linf/images.npy", "models/eval/l2/robustbench.json",
                  "models/export/classifier.onnx", "models/export/classifier.pt2", "models/export/denoiser.onnx",
-                 "metrics/verify.json", "metrics/evaluate_diffusion.json"):
+                 "metrics/verify.json", "metrics/evaluate_diffusion.json", "models/eval/linf/report.json",
+                 *(f"reports/{stage}.json" for stage in ("prepare", "train_diffusion", "generate", "verify",
+                                                         "evaluate_diffusion"))):
         assert (pipeline / path).is_file(), path
     result = run([str(BIN_DIR / "dvc"), "metrics", "show", "--json"], pipeline)
     for key in ("best_val_robust_acc", "images_per_s", "robust_acc", "sanity_passed", "fd_classifier"):
@@ -125,7 +127,7 @@ def test_every_stage_wrote_its_declared_outputs(pipeline: Path) -> None:
 
 
 def test_evaluation_reports_attacks_classes_and_sanity(pipeline: Path) -> None:
-    report = json.loads((pipeline / "metrics/evaluate_linf.json").read_text())
+    report = json.loads((pipeline / "models/eval/linf/report.json").read_text())
     assert report["n"] == 30 and 0 <= report["robust_acc"] <= report["clean_acc"] <= 1
     dlr_possible = len(report["classes"]) >= 4  # the tiny fallback folder has 3 classes: no targeted DLR
     assert report["attacks"] == ["apgd-ce", *(["apgd-t"] if dlr_possible else []), "square", "pgd-ce", "pgd-cw"]
@@ -144,10 +146,10 @@ def test_stage_robust_accuracy_equals_a_direct_pyautoattack_call(pipeline: Path)
     import pyautoattack
     import torch
 
-    from dmat.stages.evaluate import first_points
-    from dmat.stages.train import load_classifier
+    from dmat.artifacts.loaders import load_classifier
+    from dmat.data.tensors import first_points
 
-    report = json.loads((pipeline / "metrics/evaluate_linf.json").read_text())
+    report = json.loads((pipeline / "models/eval/linf/report.json").read_text())
     model, _ = load_classifier(pipeline / "models/classifier/best.pt")
     x, y = first_points(ArrayStore.open(pipeline / "data/real/test"), report["n"])
     attacks = [a for a in report["attacks"] if not a.startswith("pgd-")]
@@ -162,7 +164,7 @@ def test_stage_robust_accuracy_equals_a_direct_pyautoattack_call(pipeline: Path)
 
 
 def test_serve_answers_a_png_upload_with_the_right_class(pipeline: Path, tmp_path: Path) -> None:
-    from dmat.deploy.onnx_model import OnnxClassifier
+    from dmat.artifacts.onnx_classifier import OnnxClassifier
     from tests.deploy.helpers import http_request, multipart, running_server, serve_command
 
     test = ArrayStore.open(pipeline / "data/real/test")
@@ -180,7 +182,7 @@ def test_serve_answers_a_png_upload_with_the_right_class(pipeline: Path, tmp_pat
 
 
 def test_verify_passes_every_gate_and_registers_the_model(pipeline: Path) -> None:
-    report = json.loads((pipeline / "metrics/verify.json").read_text())
+    report = json.loads((pipeline / "reports/verify.json").read_text())
     assert report["passed"] and not report["failed"]
     assert report["gates"]["parity"]["batches"]["7"]["max_abs_diff"] <= 1e-4
     assert report["registry"]["version"] == "1" and report["registry"]["champion_moved"]
@@ -259,5 +261,5 @@ def test_failed_gate_exits_nonzero_naming_it(pipeline: Path, tmp_path: Path) -> 
     strict.write_text(params)
     result = run([str(BIN_DIR / "dmat"), "verify", "--params", str(strict)], pipeline, expect=1)
     assert "latency_budget" in result.stderr
-    assert not (pipeline / "metrics/verify.json").exists() or json.loads(
-        (pipeline / "metrics/verify.json").read_text())["failed"] == ["latency_budget"]
+    assert not (pipeline / "reports/verify.json").exists() or json.loads(
+        (pipeline / "reports/verify.json").read_text())["failed"] == ["latency_budget"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -23,7 +24,7 @@ class Denoiser(Protocol):
     def __call__(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor: ...
 
 
-def edm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """Noise levels σ_0 = σ_max > … > σ_{N−1} = σ_min, then σ_N = 0 (EDM Eq. 5), float64.
 
     σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ.
@@ -36,58 +37,47 @@ def edm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: flo
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+@dataclass(frozen=True)
+class Churn:
+    """EDM Algorithm 2's stochasticity: S_churn (0 = deterministic), the σ range [S_min, S_max] where it
+    applies, and S_noise."""
+
+    s_churn: float = 0.0
+    s_min: float = 0.0
+    s_max: float = math.inf
+    s_noise: float = 1.0
+
+
 def _denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
     """Evaluate the network in float32, one σ per sample; return float64 for the ODE arithmetic."""
     sigmas = sigma.to(torch.float32).expand(x.shape[0])
     return denoiser(x.to(torch.float32), sigmas, class_labels).to(torch.float64)
 
 
-def _churn(
-    x: Tensor,
-    t_cur: Tensor,
-    *,
-    num_steps: int,
-    s_churn: float,
-    s_min: float,
-    s_max: float,
-    s_noise: float,
-    randn_like: Callable[[Tensor], Tensor],
-) -> tuple[Tensor, Tensor]:
+def _churn(x: Tensor, t_cur: Tensor, num_steps: int, churn: Churn,
+           randn_like: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
     """Temporarily raise the noise level to t̂ = (1 + γ)·t and add matching fresh noise (EDM Alg. 2,
     lines 4-6), with γ = min(S_churn/N, √2 − 1) inside [S_min, S_max], else 0 (a no-op)."""
-    gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_min <= float(t_cur) <= s_max else 0.0
+    gamma = min(churn.s_churn / num_steps, math.sqrt(2) - 1) if churn.s_min <= float(t_cur) <= churn.s_max else 0.0
     if gamma == 0.0:
         return x, t_cur
     t_hat = t_cur + gamma * t_cur
-    return x + (t_hat**2 - t_cur**2).sqrt() * s_noise * randn_like(x), t_hat
+    return x + (t_hat**2 - t_cur**2).sqrt() * churn.s_noise * randn_like(x), t_hat
 
 
 @torch.no_grad()
-def heun_sampler(
-    denoiser: Denoiser,
-    latents: Tensor,
-    class_labels: Tensor | None,
-    *,
-    num_steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
-    s_churn: float = 0.0,
-    s_min: float = 0.0,
-    s_max: float = float("inf"),
-    s_noise: float = 1.0,
-    randn_like: Callable[[Tensor], Tensor] = torch.randn_like,
-) -> Tensor:
+def heun_sampler(denoiser: Denoiser, latents: Tensor, class_labels: Tensor | None, sigmas: Tensor, *,
+                 churn: Churn = Churn(), randn_like: Callable[[Tensor], Tensor] = torch.randn_like) -> Tensor:
     """EDM 2nd-order Heun sampler: Algorithm 1 (deterministic, ``s_churn=0``) or Algorithm 2.
 
-    ``latents`` are unit Gaussian noise, scaled here by σ_max. The last step is plain Euler to σ = 0,
-    so a run costs 2·num_steps − 1 network evaluations. Returns float64 samples.
+    ``sigmas`` is the schedule σ_0 > … > σ_N = 0 (e.g. :func:`edm_sigma_steps`), on the latents' device.
+    ``latents`` are unit Gaussian noise, scaled here by σ_0. The last step is plain Euler to σ = 0, so N
+    steps cost 2·N − 1 network evaluations. Returns float64 samples.
     """
-    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
-    churn = {"num_steps": num_steps, "s_churn": s_churn, "s_min": s_min, "s_max": s_max, "s_noise": s_noise}
-    x = latents.to(torch.float64) * t_steps[0]
-    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:], strict=True):
-        x_hat, t_hat = _churn(x, t_cur, randn_like=randn_like, **churn)
+    num_steps = len(sigmas) - 1
+    x = latents.to(torch.float64) * sigmas[0]
+    for t_cur, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x_hat, t_hat = _churn(x, t_cur, num_steps, churn, randn_like)
         d_cur = (x_hat - _denoise(denoiser, x_hat, t_hat, class_labels)) / t_hat
         x = x_hat + (t_next - t_hat) * d_cur
         if t_next > 0:  # 2nd-order correction (Alg. 1, lines 7-9), skipped on the final step to σ = 0
@@ -97,30 +87,16 @@ def heun_sampler(
 
 
 @torch.no_grad()
-def euler_sampler(
-    denoiser: Denoiser,
-    latents: Tensor,
-    class_labels: Tensor | None,
-    *,
-    num_steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
-    s_churn: float = 0.0,
-    s_min: float = 0.0,
-    s_max: float = float("inf"),
-    s_noise: float = 1.0,
-    randn_like: Callable[[Tensor], Tensor] = torch.randn_like,
-) -> Tensor:
-    """1st-order Euler sampler on the EDM time steps (EDM Alg. 1/2 without the Heun correction).
+def euler_sampler(denoiser: Denoiser, latents: Tensor, class_labels: Tensor | None, sigmas: Tensor, *,
+                  churn: Churn = Churn(), randn_like: Callable[[Tensor], Tensor] = torch.randn_like) -> Tensor:
+    """1st-order Euler sampler on a σ schedule (EDM Alg. 1/2 without the Heun correction).
 
-    Same signature and churn as :func:`heun_sampler`; num_steps network evaluations.
+    Same signature and churn as :func:`heun_sampler`; N steps cost N network evaluations.
     """
-    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
-    churn = {"num_steps": num_steps, "s_churn": s_churn, "s_min": s_min, "s_max": s_max, "s_noise": s_noise}
-    x = latents.to(torch.float64) * t_steps[0]
-    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:], strict=True):
-        x_hat, t_hat = _churn(x, t_cur, randn_like=randn_like, **churn)
+    num_steps = len(sigmas) - 1
+    x = latents.to(torch.float64) * sigmas[0]
+    for t_cur, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x_hat, t_hat = _churn(x, t_cur, num_steps, churn, randn_like)
         x = x_hat + (t_next - t_hat) * (x_hat - _denoise(denoiser, x_hat, t_hat, class_labels)) / t_hat
     return x
 

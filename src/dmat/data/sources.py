@@ -17,13 +17,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dmat.fsutil import sha256_file
+from dmat.errors import DataError
+from dmat.files import sha256_file
 
 SPLITS = ("train", "test")
-
-
-class DataError(ValueError):
-    """Missing, malformed or inconsistent input data; the message names the file."""
 
 
 @dataclass

@@ -23,16 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from dmat.fsutil import atomic_path, sha256_file
+from dmat.errors import StoreError
+from dmat.files import atomic_path, sha256_file
 
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.npy"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
-
-
-class StoreError(ValueError):
-    """A store that is missing, corrupt or inconsistent; the message names the path."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dmat.deploy.payload import InputSpec
-from dmat.fsutil import sha256_file
+from dmat.files import sha256_file
 from dmat.onnx_contract import METADATA_PREFIX, OUTPUT_NAME
 
 logger = logging.getLogger("dmat.serve")

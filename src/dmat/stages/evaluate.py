@@ -5,11 +5,12 @@ clean accuracy and AutoAttack on the first n test images (RobustBench's rule), o
 PGD-CE/CW on the points AutoAttack left, a PGD eps sweep, and the sanity checks of
 `dmat.core.robustness`. Writes
 
-- metrics/evaluate_<threat>.json: accuracies overall, per attack (cumulative) and per class, flags,
-  sanity checks, timings;
+- metrics/evaluate_<threat>.json: the headline numbers (n, eps, clean and robust accuracy, whether every
+  sanity check passed, seconds);
 - plots/evaluate_<threat>_sweep.csv: robust accuracy against eps (a `dvc plots` curve);
 - models/eval/<threat>/: the adversarial examples (float32 N×H×W×C in [0, 1], the canonical
-  layout) with their labels and the PyTorch predictions, for the deployment-side checks, and
+  layout) with their labels and the PyTorch predictions, for the deployment-side checks; report.json, the
+  full report (accuracy per attack (cumulative) and per class, flags, sanity checks, timings); and
   robustbench.json, a RobustBench-style record.
 
 The MLflow run's params hold the whole upstream recipe (diffusion AT mode, generated images used,
@@ -20,7 +21,6 @@ table compares pipeline outcomes side by side.
 from __future__ import annotations
 
 import csv
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -28,53 +28,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmat.checkpoint import CheckpointError
+from dmat.artifacts import layout
+from dmat.artifacts.loaders import generated_source, load_classifier, load_mix_manifest
 from dmat.config import Params, ParamsError, ThreatEvalConfig, flatten
 from dmat.core.robustness import ContractError, EvaluationSettings, evaluate_robustness, predict
 from dmat.data.store import ArrayStore
-from dmat.fsutil import atomic_path, sha256_file, write_json
+from dmat.data.tensors import first_points
+from dmat.errors import CheckpointError
+from dmat.files import atomic_path, sha256_file, write_json
 from dmat.plots import save_curve
-from dmat.runtime import apply_torch
-from dmat.stages import mix, train
+from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
 STAGE = "evaluate"
 SECTIONS = ("base", "evaluate")
-TEST_DIR = Path("data/real/test")
-SYNTHETIC_META = Path("data/synthetic/meta.json")
-EXAMPLES_FORMAT = "dmat-adversarial-examples-1"
-REPORT = "report.json"
 
 
 def metrics_file(threat: str) -> Path:
-    return Path(f"metrics/evaluate_{threat}.json")
-
-
-def sweep_file(threat: str) -> Path:
-    return Path(f"plots/evaluate_{threat}_sweep.csv")
-
-
-def examples_dir(threat: str) -> Path:
-    return Path(f"models/eval/{threat}")
-
-
-def load_report(threat: str) -> dict:
-    """The evaluation report of one threat model, as saved with its adversarial examples."""
-    return json.loads((examples_dir(threat) / REPORT).read_text())
-
-
-def first_points(store: ArrayStore, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n images (all when None) as float NCHW in [0, 1], and their labels."""
-    count = len(store) if n is None else min(n, len(store))
-    images, labels = store.read(np.arange(count))
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).contiguous()
-    return x, torch.from_numpy(labels.astype(np.int64))
+    return layout.metrics_file(f"{STAGE}_{threat}")
 
 
 def upstream_recipe(checkpoint: dict) -> dict:
     """The pipeline choices that produced the classifier, from the files this stage depends on."""
-    manifest, _ = mix.load_manifest()
-    generated = json.loads(SYNTHETIC_META.read_text())["source"]
+    manifest, _ = load_mix_manifest()
+    generated = generated_source()
     diffusion = generated.get("diffusion", {})
     return {
         "diffusion": {"model": diffusion.get("model"), "adversarial_mode": diffusion.get("adversarial", {}).get("mode"),
@@ -95,8 +72,8 @@ def run(params: Params, threat: str | None = None) -> dict:
             raise ParamsError(f"--threat {name!r} is not allowed: expected one of {', '.join(cfg.threats)} "
                               "(the keys of evaluate.threats)")
     device = apply_torch(params.base)
-    model, checkpoint = train.load_classifier(train.OUT_DIR / train.BEST, device)
-    test = ArrayStore.open(TEST_DIR)
+    model, checkpoint = load_classifier(layout.CLASSIFIER_BEST, device)
+    test = ArrayStore.open(layout.REAL_TEST)
     x, y = first_points(test, cfg.n)
     recipe = upstream_recipe(checkpoint)
     return {name: evaluate_threat(params, name, model, checkpoint, test, x, y, recipe, device) for name in names}
@@ -114,9 +91,9 @@ def evaluate_threat(params: Params, name: str, model, checkpoint: dict, test: Ar
             report, attacked = evaluate_robustness(model, x, y, test.classes, settings_for(params, threat, device),
                                                    progress=lambda line: print(f"  {line}", flush=True))
         except ContractError as err:
-            raise CheckpointError(f"{train.OUT_DIR / train.BEST}: {err}") from None
+            raise CheckpointError(f"{layout.CLASSIFIER_BEST}: {err}") from None
         report.update(threat=name, classes=test.classes, model=checkpoint["model_config"]["name"],
-                      checkpoint_sha256=sha256_file(train.OUT_DIR / train.BEST), test_sha256=test.digest,
+                      checkpoint_sha256=sha256_file(layout.CLASSIFIER_BEST), test_sha256=test.digest,
                       train_run_id=checkpoint["mlflow_run_id"], mlflow_run_id=tracked.run_id,
                       seconds_total=time.perf_counter() - started)
         record = robustbench_record(report, checkpoint, recipe, test)
@@ -162,28 +139,37 @@ def _eps_text(eps: float, norm: str) -> str:
 
 def write_outputs(name: str, report: dict, record: dict, x_adv: torch.Tensor, y: torch.Tensor,
                   predictions: torch.Tensor) -> None:
-    write_examples(examples_dir(name), x_adv, y, predictions, report, record)
-    with atomic_path(sweep_file(name)) as tmp, open(tmp, "w", newline="") as f:
+    write_examples(layout.eval_dir(name), x_adv, y, predictions, report, record)
+    with atomic_path(layout.sweep_file(name)) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["eps", "robust_acc"])
         writer.writeheader()
         writer.writerows(report["sweep"])
-    write_json(metrics_file(name), report)
+    write_json(metrics_file(name), headline(report))
+
+
+def headline(report: dict) -> dict:
+    """What metrics/evaluate_<threat>.json declares to DVC: the numbers people compare across experiments
+    (the full report, with per-attack and per-class accuracies, flags and sanity details, is in models/eval)."""
+    return {"n": report["n"], "eps": report["eps"], "clean_acc": report["clean_acc"],
+            "robust_acc": report["robust_acc"], "sanity_passed": report["sanity_passed"],
+            "seconds": report["seconds_total"]}
 
 
 def write_examples(out: Path, x_adv: torch.Tensor, y: torch.Tensor, predictions: torch.Tensor, report: dict,
                    record: dict) -> None:
     """images.npy (float32 N×H×W×C), labels.npy, predictions.npy and meta.json, published in one rename."""
     with atomic_path(out, directory=True) as staging:
-        np.save(staging / "images.npy", x_adv.permute(0, 2, 3, 1).contiguous().numpy().astype(np.float32))
-        np.save(staging / "labels.npy", y.numpy().astype(np.int64))
-        np.save(staging / "predictions.npy", predictions.numpy().astype(np.int64))
-        meta = {"format": EXAMPLES_FORMAT, "classes": report["classes"], "norm": report["norm"], "eps": report["eps"],
-                "n": report["n"], "clean_acc": report["clean_acc"], "robust_acc": report["robust_acc"],
-                "layout": "NHWC", "dtype": "float32", "range": [0, 1],
-                "sha256": {f: sha256_file(staging / f) for f in ("images.npy", "labels.npy", "predictions.npy")}}
+        arrays = (x_adv.permute(0, 2, 3, 1).contiguous().numpy().astype(np.float32), y.numpy().astype(np.int64),
+                  predictions.numpy().astype(np.int64))
+        for name, array in zip(layout.EXAMPLE_ARRAYS, arrays, strict=True):
+            np.save(staging / name, array)
+        meta = {"format": layout.EXAMPLES_FORMAT, "classes": report["classes"], "norm": report["norm"],
+                "eps": report["eps"], "n": report["n"], "clean_acc": report["clean_acc"],
+                "robust_acc": report["robust_acc"], "layout": "NHWC", "dtype": "float32", "range": [0, 1],
+                "sha256": {f: sha256_file(staging / f) for f in layout.EXAMPLE_ARRAYS}}
         write_json(staging / "meta.json", meta)
-        write_json(staging / "robustbench.json", record)
-        write_json(staging / REPORT, report)  # what export and verify read (the metrics file is for people)
+        write_json(staging / layout.ROBUSTBENCH_FILE, record)
+        write_json(staging / layout.EVAL_REPORT_FILE, report)  # what export and verify read
 
 
 def log_results(tracked, name: str, report: dict, record: dict) -> None:
@@ -195,7 +181,7 @@ def log_results(tracked, name: str, report: dict, record: dict) -> None:
         metrics.update({f"per_class.{kind}.{c}": v for c, v in report["per_class"][kind].items() if v is not None})
     tracked.log_metrics(metrics)
     tracked.set_tags({"dmat.flags": ",".join(report["flags"]) or "none"})
-    tracked.log_artifact(metrics_file(name))
+    tracked.log_artifact(layout.eval_dir(name) / layout.EVAL_REPORT_FILE)
     tracked.log_dict(record, "robustbench.json")
     with tempfile.TemporaryDirectory() as tmp:  # the picture is for MLflow; `dvc plots` draws the CSV
         curve = Path(tmp) / f"evaluate_{name}_sweep.png"

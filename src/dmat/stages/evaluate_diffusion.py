@@ -22,8 +22,9 @@ trained classifier (models/classifier/best.pt):
   with weights_only=True; a missing or foreign file is an error). Such a file is an input of the stage:
   add it to the stage's deps in dvc.yaml when you name it.
 
-Writes metrics/evaluate_diffusion.json and one MLflow run whose params include the diffusion model's
-training recipe (as `train_diffusion.*`, the names its own run uses) and the generated store's source.
+Writes metrics/evaluate_diffusion.json (the headline numbers), reports/evaluate_diffusion.json (everything,
+per σ and per class) and one MLflow run whose params include the diffusion model's training recipe (as
+`train_diffusion.*`, the names its own run uses) and the generated store's source.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmat.checkpoint import CheckpointError, load_checkpoint
+from dmat.artifacts import layout
+from dmat.artifacts.loaders import load_classifier, load_denoiser
+from dmat.checkpoint import load_checkpoint
 from dmat.config import Params, flatten
 from dmat.core.diffusion_at import DiffusionATConfig
 from dmat.core.diffusion_metrics import (
@@ -49,18 +52,17 @@ from dmat.core.diffusion_metrics import (
     inception_feature_network,
     inception_features,
 )
-from dmat.data.sources import DataError
+from dmat.core.rng import seeded_generator
 from dmat.data.splits import purpose_rng, stratified_sample
 from dmat.data.store import ArrayStore
-from dmat.fsutil import write_json
-from dmat.runtime import apply_torch
-from dmat.stages import generate, train, train_diffusion
+from dmat.data.tensors import to_model_space, to_unit_tensor
+from dmat.errors import CheckpointError, DataError
+from dmat.files import write_json
+from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
 STAGE = "evaluate_diffusion"
 SECTIONS = ("base", "evaluate_diffusion")
-TEST_DIR = Path("data/real/test")
-METRICS_FILE = Path("metrics/evaluate_diffusion.json")
 INCEPTION_BATCH = 32  # images per Inception-v3 call: 299×299 activations are large
 
 
@@ -68,10 +70,10 @@ def run(params: Params) -> dict:
     cfg = params.evaluate_diffusion
     device = apply_torch(params.base)
     inception = load_inception(cfg.inception_weights, device) if cfg.inception_weights else None
-    denoiser, diffusion = generate.load_denoiser(device)
+    denoiser, diffusion = load_denoiser(device=device)
     denoiser.requires_grad_(False)  # the attacks need gradients for their input only
-    classifier, classifier_state = train.load_classifier(train.OUT_DIR / train.BEST, device)
-    real, synthetic = ArrayStore.open(TEST_DIR), ArrayStore.open(generate.OUT_DIR)
+    classifier, classifier_state = load_classifier(layout.CLASSIFIER_BEST, device)
+    real, synthetic = ArrayStore.open(layout.REAL_TEST), ArrayStore.open(layout.SYNTHETIC_DIR)
     check_inputs(real, synthetic, diffusion, classifier_state)
     real_rows = np.arange(min(cfg.n_real, len(real)))
     generated_rows = generated_subset(synthetic, params)
@@ -87,10 +89,22 @@ def run(params: Params) -> dict:
                              device),
         }
         metrics["seconds"] = time.perf_counter() - started
-        write_json(METRICS_FILE, metrics)
+        write_json(layout.report_file(STAGE), metrics)
+        write_json(layout.metrics_file(STAGE), headline(metrics))
         tracked.log_metrics(_numeric(flatten(metrics)))
-        tracked.log_dict(metrics, "evaluate_diffusion.json")
+        tracked.log_artifact(layout.report_file(STAGE))
     return metrics
+
+
+def headline(report: dict) -> dict:
+    """metrics/evaluate_diffusion.json: sample quality, and the denoiser metrics averaged over the noise levels
+    (per σ in the report)."""
+    per_sigma = report["denoiser"].values()
+    denoiser = {f"denoiser_{name}": float(np.mean([row[name] for row in per_sigma]))
+                for name in ("denoise_error", "random_change", "adversarial_change")}
+    quality = ("conditional_accuracy", "real_test_accuracy", "fd_classifier", "class_colour_agreement",
+               "class_layout_agreement", "fid")
+    return {**{k: report[k] for k in quality if k in report}, **denoiser, "seconds": report["seconds"]}
 
 
 def load_inception(path: str, device: str) -> nn.Module:
@@ -109,8 +123,8 @@ def load_inception(path: str, device: str) -> nn.Module:
 
 def check_inputs(real: ArrayStore, synthetic: ArrayStore, diffusion: dict, classifier_state: dict) -> None:
     """Refuse stores and models that do not belong together, naming them."""
-    checkpoints = {str(train.OUT_DIR / train.BEST): classifier_state["classes"],
-                   str(train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT): diffusion["classes"]}
+    checkpoints = {str(layout.CLASSIFIER_BEST): classifier_state["classes"],
+                   str(layout.DIFFUSION_CHECKPOINT): diffusion["classes"]}
     for name, classes in [(str(synthetic.path), synthetic.classes), *checkpoints.items()]:
         if tuple(classes) != real.classes:
             raise DataError(f"{name}: classes {list(classes)} differ from {real.path}'s {list(real.classes)}")
@@ -142,9 +156,9 @@ def denoiser_metrics(denoiser: nn.Module, real: ArrayStore, params: Params, devi
     sums: dict[float, dict[str, float]] = {sigma: {} for sigma in cfg.sigmas}
     for start in range(0, len(rows), cfg.batch_size):
         images, labels = real.read(rows[start:start + cfg.batch_size])
-        x0, y = train_diffusion.to_model_space(images, device), torch.from_numpy(labels).to(device)
+        x0, y = to_model_space(images, device), torch.from_numpy(labels).to(device)
         for index, sigma in enumerate(cfg.sigmas):
-            generator = train.seeded_generator(params.base.seed, index, start)
+            generator = seeded_generator(params.base.seed, index, start)
             result = denoiser_robustness(denoiser, x0, y, sigma, box, attack_steps=cfg.attack_steps,
                                          generator=generator)
             for name, values in result.items():
@@ -186,7 +200,7 @@ def _feature_pass(classifier: nn.Module, inception: nn.Module | None, store: Arr
     predicted, labels = [], []
     for start in range(0, len(rows), batch_size):
         images, batch_labels = store.read(rows[start:start + batch_size])
-        x = train.to_tensor(images, device)
+        x = to_unit_tensor(images, device)
         features = classifier.features(x)
         moments["classifier"].update(features)
         predicted.append(classifier.head(features).argmax(1).cpu())  # forward(x) = head(features(x))

@@ -26,36 +26,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmat.checkpoint import CheckpointError, load_checkpoint
+from dmat.artifacts import layout
+from dmat.artifacts.loaders import load_classifier, load_denoiser
 from dmat.config import Params, ParamsError
-from dmat.core.denoisers import build_denoiser
 from dmat.core.guidance import GuidedDenoiser
-from dmat.core.samplers import SAMPLERS, edm_sigma_steps, image_noise, per_image_randn_like, to_uint8
+from dmat.core.samplers import SAMPLERS, Churn, edm_sigma_steps, image_noise, per_image_randn_like, to_uint8
 from dmat.data.store import ArrayStore, StoreWriter, allocate_store, seal_store, write_block
+from dmat.data.tensors import to_unit_tensor
 from dmat.distributed import World, barrier, broadcast_object, world
-from dmat.fsutil import atomic_path, sha256_file, write_json
+from dmat.files import atomic_path, sha256_file, write_json
 from dmat.plots import image_grid, save_png
-from dmat.runtime import apply_torch
-from dmat.stages import train, train_diffusion
+from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
 STAGE = "generate"
 SECTIONS = ("base", "generate")
-OUT_DIR = Path("data/synthetic")
-METRICS_FILE = Path("metrics/generate.json")
-GRID_FILE = Path("plots/generate_grid.png")
 GRID_PER_CLASS = 10
-
-
-def load_denoiser(device: str) -> tuple[torch.nn.Module, dict]:
-    state = load_checkpoint(train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT, map_location=device)
-    if state.get("format") != train_diffusion.CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT}: not a DMAT diffusion "
-                              "checkpoint")
-    config = state["model_config"]
-    denoiser = build_denoiser(config["name"], **{k: v for k, v in config.items() if k != "name"})
-    denoiser.load_state_dict(state["ema"])
-    return denoiser.to(device).eval(), state
+HEADLINE = ("images", "nfe", "guidance", "seconds", "images_per_s")  # metrics/generate.json; the rest in the report
 
 
 class FixedBatchDenoiser(torch.nn.Module):
@@ -93,7 +80,7 @@ def sampling_network(denoiser: torch.nn.Module, state: dict, params: Params) -> 
     if not config.get("label_dropout"):
         raise ParamsError(f"generate.guidance = {cfg.guidance:g} is not allowed with this denoiser: guidance needs "
                           "the unconditional denoiser that label dropout trains, and "
-                          f"{train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT} was trained with "
+                          f"{layout.DIFFUSION_CHECKPOINT} was trained with "
                           "train_diffusion.label_dropout = 0")
     interval = (0.0, math.inf) if cfg.guidance_interval is None else tuple(cfg.guidance_interval)
     return GuidedDenoiser(network, cfg.guidance, null_label=config["num_classes"], interval=interval)
@@ -105,10 +92,11 @@ def sample(denoiser: torch.nn.Module, params: Params, classes: np.ndarray, indic
     cfg = params.generate
     pairs = zip(classes.tolist(), indices.tolist(), strict=True)
     noise = torch.cat([image_noise(params.base.seed, c, [i], shape) for c, i in pairs])
+    sigmas = edm_sigma_steps(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).to(device)
+    churn = Churn(s_churn=cfg.s_churn, s_min=cfg.s_min, s_max=math.inf if cfg.s_max is None else cfg.s_max,
+                  s_noise=cfg.s_noise)
     images = SAMPLERS[cfg.sampler](
-        denoiser, noise.to(device), torch.from_numpy(classes).to(device), num_steps=cfg.steps,
-        sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, s_churn=cfg.s_churn, s_min=cfg.s_min,
-        s_max=math.inf if cfg.s_max is None else cfg.s_max, s_noise=cfg.s_noise,
+        denoiser, noise.to(device), torch.from_numpy(classes).to(device), sigmas, churn=churn,
         randn_like=per_image_randn_like(params.base.seed, classes.tolist(), indices.tolist()))
     return to_uint8(images).cpu().numpy()
 
@@ -176,7 +164,7 @@ def _fill_shard(store_dir: Path, params: Params, w: World, per_class: int, num_c
                 shape: tuple[int, int, int]) -> None:
     """A spawned worker's share of the store (its own denoiser, one thread)."""
     _configure_torch(params)
-    denoiser, state = load_denoiser(w.device)
+    denoiser, state = load_denoiser(device=w.device)
     fill_store(store_dir, sampling_network(denoiser, state, params), params, w, per_class, num_classes, shape)
 
 
@@ -191,14 +179,13 @@ def _configure_torch(params: Params) -> str:
 
 def filter_by_confidence(candidates: ArrayStore, params: Params, device: str) -> np.ndarray:
     """Rows to keep: per class, the `per_class` candidates the scorer is most confident belong to it."""
-    scorer, _ = train.load_classifier(params.generate.filter_scorer, device)
+    scorer, _ = load_classifier(params.generate.filter_scorer, device)
     confidence = np.empty(len(candidates))
     with torch.no_grad():
         for start in range(0, len(candidates), 256):
             rows = np.arange(start, min(start + 256, len(candidates)))
             images, labels = candidates.read(rows)
-            x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255)
-            probs = scorer(x).softmax(1).cpu().numpy()
+            probs = scorer(to_unit_tensor(images, device)).softmax(1).cpu().numpy()
             confidence[rows] = probs[np.arange(len(rows)), labels]
     per_class, n = params.generate.per_class, len(candidates.classes)
     candidates_each = len(candidates) // n
@@ -210,7 +197,7 @@ def filter_by_confidence(candidates: ArrayStore, params: Params, device: str) ->
 def run(params: Params) -> dict:
     device = _configure_torch(params)
     with world(device) as w:
-        denoiser, state = load_denoiser(w.device)
+        denoiser, state = load_denoiser(device=w.device)
         network = sampling_network(denoiser, state, params)
         classes, config = state["classes"], state["model_config"]
         shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
@@ -223,28 +210,29 @@ def run(params: Params) -> dict:
             seconds = time.perf_counter() - started
             if not w.is_main:
                 return {}
-            store = ArrayStore.open(OUT_DIR)
+            store = ArrayStore.open(layout.SYNTHETIC_DIR)
             cfg = params.generate
             metrics = {"images": len(store), "per_class": cfg.per_class, "candidates_per_class": per_class,
                        "sampler": cfg.sampler, "steps": cfg.steps,
                        "nfe": network_evaluations(cfg), "guidance": cfg.guidance,
                        "seconds": seconds, "images_per_s": per_class * len(classes) / max(seconds, 1e-9),
                        "sha256": store.digest, "adversarial_mode": state["adversarial"]["mode"]}
-            write_json(METRICS_FILE, metrics)
+            write_json(layout.report_file(STAGE), metrics)
+            write_json(layout.metrics_file(STAGE), {k: metrics[k] for k in HEADLINE})
             grid = image_grid(store.read(_grid_rows(store, params.generate.per_class))[0], columns=GRID_PER_CLASS)
-            save_png(GRID_FILE, grid, scale=2)
+            save_png(layout.GENERATE_GRID, grid, scale=2)
             tracked.log_store(store, "synthetic", context="generated")
             tracked.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-            tracked.log_artifact(GRID_FILE)
+            tracked.log_artifact(layout.GENERATE_GRID)
+            tracked.log_artifact(layout.report_file(STAGE))
     return metrics
 
 
 def diffusion_recipe(state: dict) -> dict:
     """What the generated store records about the model that made it (for lineage and run comparison)."""
-    path = train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT
     return {"model": state["model_config"]["name"], "train_steps": state["step"],
             "adversarial": state["adversarial"], "corrupt": state["train_config"].get("corrupt"),
-            "mlflow_run_id": state["mlflow_run_id"], "checkpoint_sha256": sha256_file(path)}
+            "mlflow_run_id": state["mlflow_run_id"], "checkpoint_sha256": sha256_file(layout.DIFFUSION_CHECKPOINT)}
 
 
 def _generate(denoiser, params: Params, w: World, classes: list[str], per_class: int,
@@ -257,7 +245,7 @@ def _generate(denoiser, params: Params, w: World, classes: list[str], per_class:
     source = {"kind": "generated", "sampler": cfg.sampler, "steps": cfg.steps, "seed": params.base.seed,
               "filter_keep": cfg.filter_keep, "guidance": cfg.guidance, "guidance_interval": cfg.guidance_interval,
               "diffusion": diffusion}
-    with atomic_path(OUT_DIR, directory=True) if w.is_main else contextlib.nullcontext() as staging:
+    with atomic_path(layout.SYNTHETIC_DIR, directory=True) if w.is_main else contextlib.nullcontext() as staging:
         fill_dir = broadcast_object(w, str(staging / "candidates" if filtering else staging) if w.is_main else None)
         fill_dir = Path(fill_dir)
         if w.is_main:

@@ -10,24 +10,19 @@ then draws round(f·B) of every batch from those rows.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
+from dmat.artifacts import layout
 from dmat.config import Params
-from dmat.data.sources import DataError
 from dmat.data.splits import purpose_rng, stratified_sample
 from dmat.data.store import ArrayStore
-from dmat.fsutil import atomic_path, sha256_file
+from dmat.errors import DataError
+from dmat.files import atomic_path, sha256_file
 from dmat.tracking import stage_run
 
 STAGE = "mix"
 SECTIONS = ("base", "mix")
-REAL_DIR = Path("data/real/train")
-SYNTHETIC_DIR = Path("data/synthetic")
-OUT_DIR = Path("data/mixed")
-MANIFEST_FILE = "manifest.json"
-INDICES_FILE = "synthetic_indices.npy"
 
 
 def check_compatible(real: ArrayStore, synthetic: ArrayStore, fraction: float) -> None:
@@ -65,39 +60,28 @@ def histogram(labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, int]:
 def run(params: Params) -> dict:
     cfg = params.mix
     with stage_run(STAGE, params, SECTIONS) as tracked:
-        real, synthetic = ArrayStore.open(REAL_DIR), ArrayStore.open(SYNTHETIC_DIR)
+        real, synthetic = ArrayStore.open(layout.REAL_TRAIN), ArrayStore.open(layout.SYNTHETIC_DIR)
         check_compatible(real, synthetic, cfg.synthetic_fraction)
         rows = choose_synthetic(synthetic, params)
         manifest = {
-            "real": {"path": str(REAL_DIR), "sha256": real.digest, "images": len(real),
+            "real": {"path": str(layout.REAL_TRAIN), "sha256": real.digest, "images": len(real),
                      "class_counts": histogram(np.asarray(real.labels), real.classes)},
-            "synthetic": {"path": str(SYNTHETIC_DIR), "sha256": synthetic.digest, "images": len(synthetic),
+            "synthetic": {"path": str(layout.SYNTHETIC_DIR), "sha256": synthetic.digest, "images": len(synthetic),
                           "used": len(rows),
                           "class_counts_used": histogram(np.asarray(synthetic.labels[rows]), real.classes)},
             "synthetic_fraction": cfg.synthetic_fraction,
             "synthetic_limit": cfg.synthetic_limit,
             "seed": params.base.seed,
             "classes": list(real.classes),
-            "indices_file": INDICES_FILE,
+            "indices_file": layout.MIX_INDICES_FILE,
         }
-        with atomic_path(OUT_DIR, directory=True) as staging:
-            np.save(staging / INDICES_FILE, rows)
-            manifest["indices_sha256"] = sha256_file(staging / INDICES_FILE)
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        with atomic_path(layout.MIXED_DIR, directory=True) as staging:
+            np.save(staging / layout.MIX_INDICES_FILE, rows)
+            manifest["indices_sha256"] = sha256_file(staging / layout.MIX_INDICES_FILE)
+            (staging / layout.MIX_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         tracked.log_store(real, "real/train", context="training")
         tracked.log_store(synthetic, "synthetic", context="training")
         tracked.log_metrics({"synthetic_used": len(rows), "synthetic_fraction": cfg.synthetic_fraction})
-        tracked.log_artifact(OUT_DIR / MANIFEST_FILE)
+        tracked.log_artifact(layout.MIXED_DIR / layout.MIX_MANIFEST_FILE)
     return manifest
 
-
-def load_manifest(out_dir: Path = OUT_DIR) -> tuple[dict, np.ndarray]:
-    """The manifest and the chosen generated rows, checked against each other."""
-    try:
-        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
-        rows = np.load(out_dir / manifest["indices_file"], allow_pickle=False)
-    except (OSError, ValueError, KeyError) as err:
-        raise DataError(f"{out_dir}: unreadable mix manifest ({err}); run the mix stage") from None
-    if sha256_file(out_dir / manifest["indices_file"]) != manifest["indices_sha256"]:
-        raise DataError(f"{out_dir / manifest['indices_file']}: sha256 differs from {MANIFEST_FILE}")
-    return manifest, rows

@@ -14,18 +14,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dmat.artifacts import layout
 from dmat.config import Params
-from dmat.data.sources import DataError, SplitSource, open_source
+from dmat.data.sources import SplitSource, open_source
 from dmat.data.splits import purpose_rng, stratified_sample
 from dmat.data.store import ArrayStore, create_store
-from dmat.fsutil import atomic_path, write_json
+from dmat.errors import DataError
+from dmat.files import atomic_path, write_json
 from dmat.tracking import stage_run
 
 STAGE = "prepare"
 SECTIONS = ("base", "data")
-OUT_DIR = Path("data/real")
-METRICS_FILE = Path("metrics/prepare.json")
-OUTPUTS = ("train", "val", "test")
 WRITE_CHUNK = 1024
 
 
@@ -97,22 +96,23 @@ def run(params: Params) -> dict:
         if "sha256" in source:
             tracked.log_dataset(f"source/{cfg.name}", str(Path(source["path"]).resolve()), source["sha256"],
                                 context="source")
-        with atomic_path(OUT_DIR, directory=True) as staging:  # all three stores appear together
+        with atomic_path(layout.REAL_DIR, directory=True) as staging:  # all three stores appear together
             for source_split, names in (("train", ("train", "val")), ("test", ("test",))):
                 split = splits[source_split]
                 write_split({name: (staging / name, chosen[name], _describe(split, name, params))
                              for name in names}, split)
-        stores = {name: ArrayStore.open(OUT_DIR / name) for name in OUTPUTS}
-        metrics = {
+        stores = {name: ArrayStore.open(layout.REAL_DIR / name) for name in layout.REAL_SPLITS}
+        report = {
             name: {"images": len(store), "sha256": store.digest,
                    "class_counts": dict(zip(store.classes, map(int, store.meta.class_counts), strict=True))}
             for name, store in stores.items()
         }
-        write_json(METRICS_FILE, metrics)
+        write_json(layout.report_file(STAGE), {**report, "source": source})
+        write_json(layout.metrics_file(STAGE), {f"{name}_images": len(store) for name, store in stores.items()})
         for name, store in stores.items():
             tracked.log_store(store, name=f"real/{name}", context=f"prepared-{name}")
             counts = zip(store.classes, store.meta.class_counts, strict=True)
             tracked.log_metrics({f"{name}.images": len(store)} | {f"{name}.count.{c}": n for c, n in counts})
             tracked.set_tags({f"dmat.output.{name}.sha256": store.digest})
-        tracked.log_artifact(METRICS_FILE)
-    return metrics
+        tracked.log_artifact(layout.report_file(STAGE))
+    return report

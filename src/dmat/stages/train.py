@@ -24,36 +24,26 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dmat.checkpoint import (
-    CheckpointError,
-    fingerprint,
-    load_checkpoint,
-    load_resumable,
-    restore_training,
-    save_checkpoint,
-)
+from dmat.artifacts import layout
+from dmat.artifacts.loaders import load_classifier, load_mix_manifest
+from dmat.checkpoint import fingerprint, load_resumable, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.attacks import pgd
 from dmat.core.classifiers import CLASSIFIERS, DATASET_STATS, build_classifier
 from dmat.core.ema import WeightAverage, trades_ema_decay
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay, pgd_at_loss, trades_loss
+from dmat.core.rng import seeded_generator
 from dmat.data.augment import augmentation_for
 from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import ArrayStore
+from dmat.data.tensors import to_unit_tensor
 from dmat.distributed import World, all_reduce_sum, broadcast_object, world
-from dmat.fsutil import atomic_path, write_json
-from dmat.runtime import apply_torch
-from dmat.stages import mix
+from dmat.files import atomic_path, write_json
+from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
 STAGE = "train"
 SECTIONS = ("base", "train")
-VAL_DIR = Path("data/real/val")
-OUT_DIR = Path("models/classifier")
-LAST, BEST = "last.pt", "best.pt"
-METRICS_FILE = Path("metrics/train.json")
-CURVES_FILE = Path("plots/train_curves.csv")
-CHECKPOINT_FORMAT = "dmat-classifier-1"
 EVAL_BATCH = 256
 
 
@@ -83,27 +73,17 @@ def normalisation(store: ArrayStore) -> tuple[list[float], list[float]]:
     return mean.tolist(), np.sqrt(np.maximum(channel_sq_sum / count - mean**2, 1e-12)).tolist()
 
 
-def seeded_generator(*key: int) -> torch.Generator:
-    """A CPU generator whose stream depends only on `key` (e.g. seed, rank, epoch): resumable."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
-
-
-def to_tensor(images: np.ndarray, device: str) -> torch.Tensor:
-    """uint8 N×H×W×C → float32 N×C×H×W in [0, 1] (the models' input contract)."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255).contiguous()
-
-
 class Trainer:
     """The training state of one run: model, EMA, optimiser, data, schedule, history."""
 
     def __init__(self, params: Params, w: World):
         cfg = self.cfg = params.train
         self.params, self.world = params, w
-        self.real = ArrayStore.open(mix.REAL_DIR)
-        self.val = ArrayStore.open(VAL_DIR)
-        self.manifest, rows = mix.load_manifest()
+        self.real = ArrayStore.open(layout.REAL_TRAIN)
+        self.val = ArrayStore.open(layout.REAL_VAL)
+        self.manifest, rows = load_mix_manifest()
         self.fraction = float(self.manifest["synthetic_fraction"])
-        self.synthetic = ArrayStore.open(mix.SYNTHETIC_DIR) if self.fraction > 0 else None
+        self.synthetic = ArrayStore.open(layout.SYNTHETIC_DIR) if self.fraction > 0 else None
         self.sampler = MixedBatchSampler(len(self.real), rows, batch_size=cfg.batch_size, fraction=self.fraction,
                                          seed=params.base.seed)
         self.total_steps = cfg.epochs * self.sampler.steps_per_epoch
@@ -129,7 +109,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load models/classifier/last.pt if it belongs to this configuration and these inputs."""
-        state = load_resumable(OUT_DIR / LAST, format=CHECKPOINT_FORMAT, fingerprint=self.fingerprint,
+        state = load_resumable(layout.CLASSIFIER_LAST, format=layout.CLASSIFIER_FORMAT, fingerprint=self.fingerprint,
                                map_location=self.world.device)
         if state is None:
             return False
@@ -139,7 +119,7 @@ class Trainer:
 
     def checkpoint_state(self, *, with_optimizer: bool) -> dict[str, Any]:
         state = {
-            "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "epoch": self.epoch,
+            "format": layout.CLASSIFIER_FORMAT, "fingerprint": self.fingerprint, "epoch": self.epoch,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "model_config": self.model_config,
             "classes": list(self.real.classes), "threat": {"norm": self.cfg.attack.norm, "eps": self.cfg.attack.eps},
             "mlflow_run_id": self.run_id, "history": self.history, "train_config": as_dict(self.cfg),
@@ -155,7 +135,7 @@ class Trainer:
         if len(plan.synthetic):
             syn_images, syn_labels = self.synthetic.read(plan.synthetic)
             images, labels = np.concatenate([images, syn_images]), np.concatenate([labels, syn_labels])
-        return to_tensor(images, self.world.device), torch.from_numpy(labels).to(self.world.device)
+        return to_unit_tensor(images, self.world.device), torch.from_numpy(labels).to(self.world.device)
 
     def train_epoch(self, progress: tqdm) -> dict[str, float]:
         cfg, w = self.cfg, self.world
@@ -209,7 +189,7 @@ class Trainer:
         counts = torch.zeros(3, dtype=torch.float64)  # clean correct, robust correct, n
         for start in range(0, len(rows), EVAL_BATCH):
             images, labels = self.val.read(rows[start:start + EVAL_BATCH])
-            x, y = to_tensor(images, w.device), torch.from_numpy(labels).to(w.device)
+            x, y = to_unit_tensor(images, w.device), torch.from_numpy(labels).to(w.device)
             x_adv = pgd(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps, loss="cw", generator=generator,
                         step_size=2.5 * cfg.attack.eps / cfg.val_attack_steps, steps=cfg.val_attack_steps)
             with torch.no_grad():
@@ -267,13 +247,13 @@ def _train(trainer: Trainer, tracked) -> None:
 
 def _save_epoch(trainer: Trainer, *, is_best: bool) -> None:
     if is_best:  # best before last: a kill in between resumes from the previous epoch and redoes both
-        save_checkpoint(OUT_DIR / BEST, trainer.checkpoint_state(with_optimizer=False))
-    save_checkpoint(OUT_DIR / LAST, trainer.checkpoint_state(with_optimizer=True))
+        save_checkpoint(layout.CLASSIFIER_BEST, trainer.checkpoint_state(with_optimizer=False))
+    save_checkpoint(layout.CLASSIFIER_LAST, trainer.checkpoint_state(with_optimizer=True))
     _write_curves(trainer.history)
 
 
 def _write_curves(history: list[dict]) -> None:
-    with atomic_path(CURVES_FILE) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(layout.TRAIN_CURVES) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in history)
@@ -289,25 +269,11 @@ def _finish(trainer: Trainer, tracked) -> dict:
         "train_s": sum(r["epoch_s"] for r in trainer.history),
     }
     if trainer.world.is_main:
-        write_json(METRICS_FILE, metrics)
+        write_json(layout.metrics_file(STAGE), metrics)
         tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "steps")})
-        tracked.log_artifact(CURVES_FILE)
-        best_model = _load_best_ema(trainer)
+        tracked.log_artifact(layout.TRAIN_CURVES)
+        best_model, _ = load_classifier(layout.CLASSIFIER_BEST)
         example = np.zeros((2, *[trainer.real.image_shape[i] for i in (2, 0, 1)]), dtype=np.float32)
         tracked.log_torch_model(best_model, input_example=example)
     return metrics
 
-
-def load_classifier(path: str | Path = OUT_DIR / BEST, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """The EMA classifier of a DMAT checkpoint, in eval mode on `device`, and the checkpoint's contents."""
-    state = load_checkpoint(path, map_location=device)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a DMAT classifier checkpoint (format {state.get('format')!r})")
-    cfg = state["model_config"]
-    model = build_classifier(cfg["name"], num_classes=cfg["num_classes"], mean=cfg["mean"], std=cfg["std"])
-    model.load_state_dict(state["ema"])
-    return model.to(device).eval(), state
-
-
-def _load_best_ema(trainer: Trainer) -> nn.Module:
-    return load_classifier(OUT_DIR / BEST)[0]

@@ -14,34 +14,31 @@ each process trains on its share of every global batch (DDP); rank 0 writes and 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from dmat.artifacts import layout
 from dmat.checkpoint import fingerprint, load_resumable, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.denoisers import DENOISERS, build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
 from dmat.core.ema import WeightAverage, half_life_decay
-from dmat.core.samplers import heun_sampler, image_noise, to_uint8
+from dmat.core.rng import seeded_generator
+from dmat.core.samplers import edm_sigma_steps, heun_sampler, image_noise, to_uint8
 from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import ArrayStore
+from dmat.data.tensors import to_model_space
 from dmat.distributed import World, barrier, broadcast_object, world
-from dmat.fsutil import write_json
+from dmat.files import write_json
 from dmat.plots import image_grid
-from dmat.runtime import apply_torch
+from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
 STAGE = "train_diffusion"
 SECTIONS = ("base", "train_diffusion")
-REAL_DIR = Path("data/real/train")
-OUT_DIR = Path("models/diffusion")
-CHECKPOINT = "checkpoint.pt"
-METRICS_FILE = Path("metrics/train_diffusion.json")
-CHECKPOINT_FORMAT = "dmat-diffusion-1"
 # Noise-level bands for the loss split: where the denoiser's work is fine detail vs global layout.
 SIGMA_BANDS = ((0.0, 0.2), (0.2, 1.0), (1.0, 5.0), (5.0, float("inf")))
 GRID_PER_CLASS = 10
@@ -53,11 +50,6 @@ def at_config(params: Params) -> DiffusionATConfig:
     return DiffusionATConfig(mode=a.mode, lam=a.lam, rho=a.rho, floor_min=a.floor_min, floor_max=a.floor_max,
                              step_size=a.step_size, detach_clean=a.detach_clean, fraction=a.fraction,
                              p_mean=cfg.p_mean, p_std=cfg.p_std)
-
-
-def to_model_space(images: np.ndarray, device: str) -> torch.Tensor:
-    """uint8 N×H×W×C → float32 N×C×H×W in [−1, 1] (EDM's data space)."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1).contiguous()
 
 
 def corrupted_rows(n: int, params: Params) -> np.ndarray:
@@ -76,24 +68,16 @@ def corrupt(x0: torch.Tensor, rows: np.ndarray, chosen: np.ndarray, params: Para
     return torch.where(torch.from_numpy(mask).to(x0.device).reshape(-1, 1, 1, 1), x0 + sigma * noise, x0)
 
 
-def step_generator(seed: int, rank: int, step: int, device: str = "cpu") -> torch.Generator:
-    """σ, noise and perturbations of one step depend only on (seed, rank, step): exact resume.
-
-    The generator lives on the device the draws are made on (torch refuses a CPU generator for CUDA tensors)."""
-    seed_value = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-    return torch.Generator(device=device).manual_seed(seed_value)
-
-
 class DiffusionTrainer:
     def __init__(self, params: Params, w: World):
         cfg = self.cfg = params.train_diffusion
         self.params, self.world = params, w
-        self.real = ArrayStore.open(REAL_DIR)
+        self.real = ArrayStore.open(layout.REAL_TRAIN)
         if len(self.real) == 0:
-            raise ParamsError(f"{REAL_DIR} is empty: nothing to train the diffusion model on")
+            raise ParamsError(f"{layout.REAL_TRAIN} is empty: nothing to train the diffusion model on")
         h, w_, c = self.real.image_shape
         if h != w_:
-            raise ParamsError(f"train_diffusion needs square images, {REAL_DIR} holds {h}x{w_}")
+            raise ParamsError(f"train_diffusion needs square images, {layout.REAL_TRAIN} holds {h}x{w_}")
         self.model_config = {"name": cfg.model, "img_resolution": h, "in_channels": c,
                              "num_classes": len(self.real.classes), "label_dropout": cfg.label_dropout}
         self.model = build_denoiser(cfg.model, **{k: v for k, v in self.model_config.items() if k != "name"})
@@ -109,8 +93,8 @@ class DiffusionTrainer:
         self.step, self.run_id, self.log = 0, None, []
 
     def resume(self) -> bool:
-        state = load_resumable(OUT_DIR / CHECKPOINT, format=CHECKPOINT_FORMAT, fingerprint=self.fingerprint,
-                               map_location=self.world.device)
+        state = load_resumable(layout.DIFFUSION_CHECKPOINT, format=layout.DIFFUSION_FORMAT,
+                               fingerprint=self.fingerprint, map_location=self.world.device)
         if state is None:
             return False
         restore_training(state, model=self.model, ema=self.ema, optimizer=self.optimizer)
@@ -118,8 +102,8 @@ class DiffusionTrainer:
         return True
 
     def save(self) -> None:
-        save_checkpoint(OUT_DIR / CHECKPOINT, {
-            "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": self.step,
+        save_checkpoint(layout.DIFFUSION_CHECKPOINT, {
+            "format": layout.DIFFUSION_FORMAT, "fingerprint": self.fingerprint, "step": self.step,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "model_config": self.model_config, "classes": list(self.real.classes),
             "adversarial": as_dict(self.cfg.adversarial), "train_config": as_dict(self.cfg),
@@ -138,9 +122,10 @@ class DiffusionTrainer:
         images, labels = self.real.read(plan.real)
         x0 = corrupt(to_model_space(images, w.device), plan.real, self.corrupted, self.params)
         if cfg.augment:
-            flip = torch.rand(len(x0), generator=step_generator(self.params.base.seed, w.rank, self.step)) < 0.5
+            flip = torch.rand(len(x0), generator=seeded_generator(self.params.base.seed, w.rank, self.step)) < 0.5
             x0 = torch.where(flip.to(w.device).reshape(-1, 1, 1, 1), x0.flip(3), x0)
-        generator = step_generator(self.params.base.seed + 1, w.rank, self.step, w.device)
+        # σ, noise and perturbations of one step depend only on (seed, rank, step): exact resume.
+        generator = seeded_generator(self.params.base.seed + 1, w.rank, self.step, device=w.device)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
         loss, stats = diffusion_training_loss(self.trained, x0, torch.from_numpy(labels).to(w.device), self.at,
@@ -164,7 +149,7 @@ def interval_metrics(rows: torch.Tensor, seconds: float, images: int) -> dict[st
     """Means over a logging interval (R over the samples that had it), and the loss split by σ band."""
     sigma, loss, denoise, reg = rows.double().T
     metrics = {"loss": loss.mean().item(), "denoise_loss": denoise.mean().item(), "regulariser": reg.nanmean().item(),
-               "images_per_s": images / max(seconds, 1e-9)}
+               "images_per_s": images / max(seconds, 1e-9), "interval_s": seconds}
     for low, high in SIGMA_BANDS:
         band = (sigma >= low) & (sigma < high)
         if band.any():
@@ -178,7 +163,7 @@ def sample_grid(denoiser: nn.Module, num_classes: int, shape: tuple[int, int, in
     """GRID_PER_CLASS samples per class, one row per class, with the deterministic Heun sampler."""
     labels = torch.arange(num_classes).repeat_interleave(GRID_PER_CLASS)
     noise = torch.cat([image_noise(seed, c, range(GRID_PER_CLASS), shape) for c in range(num_classes)])
-    images = heun_sampler(denoiser, noise.to(device), labels.to(device), num_steps=steps)
+    images = heun_sampler(denoiser, noise.to(device), labels.to(device), edm_sigma_steps(steps).to(device))
     return image_grid(to_uint8(images).cpu().numpy(), columns=GRID_PER_CLASS)
 
 
@@ -233,9 +218,12 @@ def _finish(trainer: DiffusionTrainer, tracked) -> dict:
     cfg, w = trainer.cfg, trainer.world
     last = trainer.log[-1] if trainer.log else {}
     metrics = {"steps": trainer.step, "images_seen": trainer.step * cfg.batch_size,
-               "adversarial_mode": cfg.adversarial.mode, **{k: v for k, v in last.items() if k != "step"}}
+               "train_s": sum(entry.get("interval_s", 0.0) for entry in trainer.log),
+               **{k: last[k] for k in ("loss", "denoise_loss", "regulariser", "images_per_s") if k in last}}
     if w.is_main:
-        write_json(METRICS_FILE, metrics)
+        write_json(layout.metrics_file(STAGE), metrics)
+        write_json(layout.report_file(STAGE), {**metrics, "adversarial_mode": cfg.adversarial.mode,
+                                               "last_interval": last, "log": trainer.log})
         grid = sample_grid(trainer.ema.module.eval(), len(trainer.real.classes), _chw(trainer.real.image_shape),
                            cfg.grid_steps, trainer.params.base.seed, w.device)
         tracked.log_image(grid, "samples_grid.png")

@@ -14,24 +14,21 @@ Writes models/export/:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dmat.artifacts import layout
+from dmat.artifacts.loaders import generated_source, load_classifier, load_denoiser, load_eval_report, load_mix_manifest
 from dmat.config import Params
-from dmat.fsutil import atomic_path, sha256_file, write_json
+from dmat.files import atomic_path, sha256_file, write_json
 from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, OUTPUT_NAME, encode_metadata
-from dmat.runtime import apply_torch
-from dmat.stages import evaluate, generate, mix, train, train_diffusion
+from dmat.stage_setup import apply_torch
 from dmat.tracking import git_commit, project_root, stage_run
 
 STAGE = "export"
 SECTIONS = ("base", "evaluate")
-OUT_DIR = Path("models/export")
-CLASSIFIER_ONNX, CLASSIFIER_PT2, DENOISER_ONNX, MANIFEST = (
-    "classifier.onnx", "classifier.pt2", "denoiser.onnx", "manifest.json")
 EXAMPLE_BATCH = 4  # the exporters want an example batch larger than 1 for a dynamic batch dimension (DESIGN.md §6)
 
 
@@ -94,9 +91,9 @@ def primary_threat(params: Params, checkpoint: dict) -> str:
 
 def provenance(params: Params, checkpoint: dict) -> dict:
     """Where the classifier came from: runs, commit, recipe and the digests of everything upstream."""
-    reports = {name: evaluate.load_report(name) for name in params.evaluate.threats}
-    manifest, _ = mix.load_manifest()
-    generated = json.loads(evaluate.SYNTHETIC_META.read_text())["source"]
+    reports = {name: load_eval_report(name) for name in params.evaluate.threats}
+    manifest, _ = load_mix_manifest()
+    generated = generated_source()
     main = primary_threat(params, checkpoint)
     return {
         "classes": checkpoint["classes"],
@@ -115,7 +112,7 @@ def provenance(params: Params, checkpoint: dict) -> dict:
             "evaluate_run_ids": {name: r.get("mlflow_run_id") for name, r in reports.items()},
             "diffusion_run_id": generated.get("diffusion", {}).get("mlflow_run_id"),
             "adversarial_mode": generated.get("diffusion", {}).get("adversarial", {}).get("mode"),
-            "checkpoint_sha256": sha256_file(train.OUT_DIR / train.BEST),
+            "checkpoint_sha256": sha256_file(layout.CLASSIFIER_BEST),
             "diffusion_checkpoint_sha256": generated.get("diffusion", {}).get("checkpoint_sha256"),
             "data_sha256": {"train": manifest["real"]["sha256"], "synthetic": manifest["synthetic"]["sha256"],
                             "mixed_indices": manifest["indices_sha256"],
@@ -127,28 +124,31 @@ def provenance(params: Params, checkpoint: dict) -> dict:
 def run(params: Params) -> dict:
     apply_torch(params.base)
     torch.set_grad_enabled(False)
-    model, checkpoint = train.load_classifier(train.OUT_DIR / train.BEST, "cpu")  # exported graphs are device-free
-    denoiser, diffusion_state = generate.load_denoiser("cpu")
+    model, checkpoint = load_classifier(layout.CLASSIFIER_BEST, "cpu")  # exported graphs are device-free
+    denoiser, diffusion_state = load_denoiser()
     info = provenance(params, checkpoint)
     shape = tuple(info["input"]["shape"])
     example = torch.rand(EXAMPLE_BATCH, *shape, generator=torch.Generator().manual_seed(params.base.seed))
     with stage_run(STAGE, params, SECTIONS) as tracked:
         tracked.set_tags({"dmat.train_run_id": checkpoint["mlflow_run_id"] or ""})
-        with atomic_path(OUT_DIR, directory=True) as staging:
-            export_classifier_onnx(model, example, staging / CLASSIFIER_ONNX, encode_metadata(info))
-            export_program(model, example, staging / CLASSIFIER_PT2)
+        with atomic_path(layout.EXPORT_DIR, directory=True) as staging:
+            staged = {path: staging / path.name for path in (layout.EXPORTED_CLASSIFIER_ONNX,
+                                                             layout.EXPORTED_CLASSIFIER_PT2,
+                                                             layout.EXPORTED_DENOISER_ONNX, layout.EXPORT_MANIFEST)}
+            export_classifier_onnx(model, example, staged[layout.EXPORTED_CLASSIFIER_ONNX], encode_metadata(info))
+            export_program(model, example, staged[layout.EXPORTED_CLASSIFIER_PT2])
             denoiser_info = {"lineage": {"diffusion_run_id": diffusion_state["mlflow_run_id"],
-                                         "checkpoint_sha256": sha256_file(
-                                             train_diffusion.OUT_DIR / train_diffusion.CHECKPOINT)},
+                                         "checkpoint_sha256": sha256_file(layout.DIFFUSION_CHECKPOINT)},
                              "classes": diffusion_state["classes"], "sigma_data": 0.5}
-            export_denoiser_onnx(denoiser, shape, staging / DENOISER_ONNX, encode_metadata(denoiser_info))
-            files = {name: sha256_file(staging / name) for name in (CLASSIFIER_ONNX, CLASSIFIER_PT2, DENOISER_ONNX)}
-            write_json(staging / MANIFEST, {**info, "files": files, "denoiser": denoiser_info,
-                                            "export_run_id": tracked.run_id})
-        for name in (CLASSIFIER_ONNX, MANIFEST):
-            tracked.log_artifact(OUT_DIR / name, "export")
-        tracked.log_params({"opset": _opset(OUT_DIR / CLASSIFIER_ONNX), "primary_threat": info["threat"]["name"]})
-    sizes = ", ".join(f"{OUT_DIR / name} ({(OUT_DIR / name).stat().st_size / 1e6:.2f} MB)" for name in files)
+            export_denoiser_onnx(denoiser, shape, staged[layout.EXPORTED_DENOISER_ONNX], encode_metadata(denoiser_info))
+            files = {name: sha256_file(staging / name) for name in layout.EXPORTED_FILES}
+            write_json(staged[layout.EXPORT_MANIFEST], {**info, "files": files, "denoiser": denoiser_info,
+                                                        "export_run_id": tracked.run_id})
+        for path in (layout.EXPORTED_CLASSIFIER_ONNX, layout.EXPORT_MANIFEST):
+            tracked.log_artifact(path, "export")
+        tracked.log_params({"opset": _opset(layout.EXPORTED_CLASSIFIER_ONNX), "primary_threat": info["threat"]["name"]})
+    sizes = ", ".join(f"{layout.EXPORT_DIR / name} ({(layout.EXPORT_DIR / name).stat().st_size / 1e6:.2f} MB)"
+                      for name in files)
     print(f"export: {sizes}")
     return {"files": files, **info}
 

@@ -45,12 +45,12 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--attacks goes with --version custom, and only with it", 2)
     import torch
 
-    from dmat.checkpoint import CheckpointError
     from dmat.core.robustness import ContractError, EvaluationSettings, evaluate_robustness
-    from dmat.data.store import ArrayStore, StoreError
-    from dmat.fsutil import write_json
-    from dmat.runtime import resolve_device
-    from dmat.stages.evaluate import first_points
+    from dmat.data.store import ArrayStore
+    from dmat.data.tensors import first_points
+    from dmat.errors import CheckpointError, StoreError
+    from dmat.files import write_json
+    from dmat.stage_setup import resolve_device
 
     started = time.perf_counter()
     try:
@@ -88,7 +88,7 @@ def load_model(path: Path, device: str):
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     if path.suffix == ".onnx":
-        from dmat.deploy.onnx_model import OnnxClassifier
+        from dmat.artifacts.onnx_classifier import OnnxClassifier
 
         try:
             return OnnxClassifier(path), "onnx"
@@ -102,7 +102,7 @@ def load_model(path: Path, device: str):
         except Exception as err:  # torch raises many types for a damaged archive
             raise ModelFileError(f"{path}: not a loadable torch.export program ({type(err).__name__}: {err})") from None
         return program.module().to(device), "torch.export"
-    from dmat.stages.train import load_classifier
+    from dmat.artifacts.loaders import load_classifier
 
     return load_classifier(path, device)[0], "dmat-checkpoint"
 

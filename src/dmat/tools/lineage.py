@@ -32,20 +32,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dmat.artifacts import layout
+from dmat.data.store import META_FILE
+
 EXIT_OK, EXIT_NOT_VERIFIED, EXIT_USAGE = 0, 1, 2
 VERIFIED, STALE, MISSING = "verified", "stale", "missing"
 WORST_FIRST = (STALE, MISSING, VERIFIED)  # a stage shows its worst check: changed content before absence
-EXPORTED_FILES = ("classifier.onnx", "classifier.pt2", "denoiser.onnx")
-SPLITS = ("train", "val", "test")
 STAGE_TITLES = {  # chain order: downstream first
     "export": "exported model", "evaluation": "evaluation", "classifier": "classifier training",
     "mixed": "mixed-data manifest", "synthetic": "generated store", "diffusion": "diffusion model",
     "real": "real data", "source": "real-data source",
 }
 HEX_DIGEST = re.compile(r"^[0-9a-f]{32,64}(\.dir)?$")
-ARTIFACTS = ("models/export/{classifier.onnx,classifier.pt2,denoiser.onnx} (or a copy of one), "
-             "models/classifier/{best,last}.pt, models/diffusion/checkpoint.pt, models/eval/THREAT, data/real/SPLIT, "
-             "data/synthetic or data/mixed")
+ARTIFACTS = (f"{layout.EXPORT_DIR}/{{{','.join(layout.EXPORTED_FILES)}}} (or a copy of one), "
+             f"{layout.CLASSIFIER_BEST}, {layout.CLASSIFIER_LAST}, {layout.DIFFUSION_CHECKPOINT}, "
+             f"{layout.EVAL_DIR}/THREAT, {layout.REAL_DIR}/SPLIT, {layout.SYNTHETIC_DIR} or {layout.MIXED_DIR}")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -147,31 +148,36 @@ def find_project(path: Path) -> Path | None:
 def locate(root: Path, path: Path) -> str | None:
     """The key of the stage that `path` (anywhere in its output) belongs to, or None."""
     try:
-        parts = path.relative_to(root).parts
+        relative = path.relative_to(root)
     except ValueError:
-        parts = ()
-    match parts:
-        case ("models", "export") | ("models", "export", "manifest.json"):
-            return node_key("export", root / "models/export/classifier.onnx")
-        case ("models", "export", name) if name in EXPORTED_FILES:
+        relative = None
+    if relative is not None:
+        if relative in (layout.EXPORT_DIR, layout.EXPORT_MANIFEST):
+            return node_key("export", root / layout.EXPORTED_CLASSIFIER_ONNX)
+        if relative.parent == layout.EXPORT_DIR and relative.name in layout.EXPORTED_FILES:
             return node_key("export", path)
-        case ("models", "eval", threat, *_):
-            return node_key("evaluation", root / "models/eval" / threat)
-        case ("models", "classifier"):
-            return node_key("classifier", root / "models/classifier/best.pt")
-        case ("models", "classifier", name) if name in ("best.pt", "last.pt"):
+        if (threat := _child(relative, layout.EVAL_DIR)) is not None:
+            return node_key("evaluation", root / layout.eval_dir(threat))
+        if relative == layout.CLASSIFIER_DIR:
+            return node_key("classifier", root / layout.CLASSIFIER_BEST)
+        if relative in (layout.CLASSIFIER_BEST, layout.CLASSIFIER_LAST):
             return node_key("classifier", path)
-        case ("models", "diffusion", *_):
-            return node_key("diffusion", root / "models/diffusion/checkpoint.pt")
-        case ("data", "mixed", *_):
-            return node_key("mixed", root / "data/mixed")
-        case ("data", "synthetic", *_):
-            return node_key("synthetic", root / "data/synthetic")
-        case ("data", "real", split, *_):
-            return node_key("real", root / "data/real" / split)
+        for directory, kind, key_path in ((layout.DIFFUSION_DIR, "diffusion", layout.DIFFUSION_CHECKPOINT),
+                                          (layout.MIXED_DIR, "mixed", layout.MIXED_DIR),
+                                          (layout.SYNTHETIC_DIR, "synthetic", layout.SYNTHETIC_DIR)):
+            if relative == directory or directory in relative.parents:
+                return node_key(kind, root / key_path)
+        if (split := _child(relative, layout.REAL_DIR)) is not None:
+            return node_key("real", root / layout.REAL_DIR / split)
     if path.suffix in (".onnx", ".pt2") and path.is_file():  # a copy of an exported model, e.g. on a server
         return node_key("export", path)
     return None
+
+
+def _child(relative: Path, directory: Path) -> str | None:
+    """The name of the entry of `directory` that `relative` is or lies in, else None."""
+    depth = len(directory.parts)
+    return relative.parts[depth] if relative.parts[:depth] == directory.parts and len(relative.parts) > depth else None
 
 
 # --- where facts come from: files, dvc.lock, MLflow ---------------------------------------------------------
@@ -193,7 +199,7 @@ class Workspace:
         return str(path) if relative.startswith(f"..{os.sep}..{os.sep}") else relative
 
     def sha256(self, path: Path) -> str | None:
-        from dmat.fsutil import sha256_file
+        from dmat.files import sha256_file
 
         if path not in self._hashes:
             self._hashes[path] = sha256_file(path) if path.is_file() else None
@@ -309,7 +315,7 @@ def build(ws: Workspace, key: str) -> Node:
 
 
 def build_export(ws: Workspace, node: Node) -> None:
-    manifest_path = ws.root / "models/export/manifest.json"
+    manifest_path = ws.root / layout.EXPORT_MANIFEST
     manifest = ws.read_json(node, manifest_path) or {}
     info = _onnx_metadata(node) if node.path.suffix == ".onnx" else manifest
     denoiser = "threat" not in info and "lineage" in info
@@ -349,25 +355,25 @@ def _export_classifier(ws: Workspace, node: Node, info: dict) -> None:
                     f"{'passed' if metrics.get('sanity_passed') else 'FAILED'})",
         "classes": len(info.get("classes", [])), "git_commit": lineage.get("git_commit"),
     })
-    where = f"{ws.display(node.path)} metadata dmat." if node.path.suffix == ".onnx" else "models/export/manifest.json "
+    where = f"{ws.display(node.path)} metadata dmat." if node.path.suffix == ".onnx" else f"{layout.EXPORT_MANIFEST} "
     by = f"{where}lineage"
     for threat_name, run_id in lineage.get("evaluate_run_ids", {}).items():
-        target = node_key("evaluation", ws.root / "models/eval" / threat_name)
+        target = node_key("evaluation", ws.root / layout.eval_dir(threat_name))
         node.record(target, "run_id", run_id, f"{by}.evaluate_run_ids.{threat_name}")
         accuracy = info.get("evaluations", {}).get(threat_name, {}).get("robust_accuracy")
         node.record(target, "robust_acc", accuracy, f"{where}evaluations.{threat_name}.robust_accuracy")
-    classifier = node_key("classifier", ws.root / "models/classifier/best.pt")
+    classifier = node_key("classifier", ws.root / layout.CLASSIFIER_BEST)
     node.record(classifier, "sha256", lineage.get("checkpoint_sha256"), f"{by}.checkpoint_sha256")
     node.record(classifier, "run_id", lineage.get("train_run_id"), f"{by}.train_run_id")
     data = lineage.get("data_sha256", {})
-    node.record(node_key("mixed", ws.root / "data/mixed"), "indices_sha256", data.get("mixed_indices"),
+    node.record(node_key("mixed", ws.root / layout.MIXED_DIR), "indices_sha256", data.get("mixed_indices"),
                 f"{by}.data_sha256.mixed_indices")
-    node.record(node_key("synthetic", ws.root / "data/synthetic"), "sha256", data.get("synthetic"),
+    node.record(node_key("synthetic", ws.root / layout.SYNTHETIC_DIR), "sha256", data.get("synthetic"),
                 f"{by}.data_sha256.synthetic")
     for split in ("train", "test"):
-        node.record(node_key("real", ws.root / "data/real" / split), "sha256", data.get(split),
+        node.record(node_key("real", ws.root / layout.REAL_DIR / split), "sha256", data.get(split),
                     f"{by}.data_sha256.{split}")
-    diffusion = node_key("diffusion", ws.root / "models/diffusion/checkpoint.pt")
+    diffusion = node_key("diffusion", ws.root / layout.DIFFUSION_CHECKPOINT)
     node.record(diffusion, "sha256", lineage.get("diffusion_checkpoint_sha256"), f"{by}.diffusion_checkpoint_sha256")
     node.record(diffusion, "run_id", lineage.get("diffusion_run_id"), f"{by}.diffusion_run_id")
     node.record(diffusion, "adversarial_mode", lineage.get("adversarial_mode"), f"{by}.adversarial_mode")
@@ -376,22 +382,21 @@ def _export_classifier(ws: Workspace, node: Node, info: dict) -> None:
 def _export_denoiser(ws: Workspace, node: Node, info: dict) -> None:
     lineage = info.get("lineage", {})
     node.details["classes"] = len(info.get("classes", []))
-    by = f"{ws.display(node.path)} metadata dmat.lineage"
-    diffusion = node_key("diffusion", ws.root / "models/diffusion/checkpoint.pt")
+    by = f"{ws.display(node.path)} metadata dmat.tools.lineage"
+    diffusion = node_key("diffusion", ws.root / layout.DIFFUSION_CHECKPOINT)
     node.record(diffusion, "sha256", lineage.get("checkpoint_sha256"), f"{by}.checkpoint_sha256")
     node.record(diffusion, "run_id", lineage.get("diffusion_run_id"), f"{by}.diffusion_run_id")
 
 
 def build_evaluation(ws: Workspace, node: Node) -> None:
     threat = node.path.name
-    metrics_file = ws.root / f"metrics/evaluate_{threat}.json"
+    metrics_file = ws.root / layout.metrics_file(f"evaluate_{threat}")
     node.paths.append(metrics_file)
-    meta = ws.read_json(node, node.path / "meta.json") or {}
+    meta = ws.read_json(node, node.path / META_FILE) or {}
     for name, recorded in sorted(meta.get("sha256", {}).items()):
         node.add(compare(f"sha256 of {name}", recorded, ws.sha256(node.path / name),
-                         f"{ws.display(node.path / 'meta.json')}"))
-    report_file = node.path / "report.json"  # what export read; older evaluations have only the metrics file
-    report_file = report_file if report_file.is_file() else metrics_file
+                         f"{ws.display(node.path / META_FILE)}"))
+    report_file = node.path / layout.EVAL_REPORT_FILE  # what export read
     report = ws.read_json(node, report_file) or {}
     node.facts.update(run_id=report.get("mlflow_run_id"), robust_acc=report.get("robust_acc"))
     node.details.update({
@@ -403,10 +408,10 @@ def build_evaluation(ws: Workspace, node: Node) -> None:
     })
     by = ws.display(report_file)
     run = check_run(ws, node, report.get("mlflow_run_id"), f"evaluate@{threat}", f"{by} mlflow_run_id")
-    classifier = node_key("classifier", ws.root / "models/classifier/best.pt")
+    classifier = node_key("classifier", ws.root / layout.CLASSIFIER_BEST)
     node.record(classifier, "sha256", report.get("checkpoint_sha256"), f"{by} checkpoint_sha256")
     node.record(classifier, "run_id", report.get("train_run_id"), f"{by} train_run_id")
-    test = node_key("real", ws.root / "data/real/test")
+    test = node_key("real", ws.root / layout.REAL_TEST)
     node.record(test, "sha256", report.get("test_sha256"), f"{by} test_sha256")
     _record_run_inputs(ws, node, run, {"test": test})
 
@@ -428,10 +433,10 @@ def build_classifier(ws: Workspace, node: Node) -> None:
                       f"robust {_num(best.get('val_robust_acc'))}",
     })
     run = check_run(ws, node, state.get("mlflow_run_id"), "train", f"{node.path.name} mlflow_run_id")
-    mixed = node_key("mixed", ws.root / "data/mixed")
-    targets = {"real/train": node_key("real", ws.root / "data/real/train"),
-               "real/val": node_key("real", ws.root / "data/real/val"),
-               "synthetic": node_key("synthetic", ws.root / "data/synthetic")}
+    mixed = node_key("mixed", ws.root / layout.MIXED_DIR)
+    targets = {"real/train": node_key("real", ws.root / layout.REAL_TRAIN),
+               "real/val": node_key("real", ws.root / layout.REAL_VAL),
+               "synthetic": node_key("synthetic", ws.root / layout.SYNTHETIC_DIR)}
     _record_run_inputs(ws, node, run, targets)
     if run is not None:
         node.details["synthetic_fraction"] = run["params"].get("mix.synthetic_fraction")
@@ -441,7 +446,7 @@ def build_classifier(ws: Workspace, node: Node) -> None:
 
 
 def build_mixed(ws: Workspace, node: Node) -> None:
-    manifest_file = node.path / "manifest.json"
+    manifest_file = node.path / layout.MIX_MANIFEST_FILE
     manifest = ws.read_json(node, manifest_file) or {}
     indices = node.path / manifest.get("indices_file", "synthetic_indices.npy")
     digest = node.facts["indices_sha256"] = ws.sha256(indices)
@@ -456,8 +461,8 @@ def build_mixed(ws: Workspace, node: Node) -> None:
         "indices_sha256": digest,
     })
     by = ws.display(manifest_file)
-    real_key = node_key("real", ws.root / real.get("path", "data/real/train"))
-    synthetic_key = node_key("synthetic", ws.root / synthetic.get("path", "data/synthetic"))
+    real_key = node_key("real", ws.root / real.get("path", str(layout.REAL_TRAIN)))
+    synthetic_key = node_key("synthetic", ws.root / synthetic.get("path", str(layout.SYNTHETIC_DIR)))
     node.record(real_key, "sha256", real.get("sha256"), f"{by} real.sha256")
     node.record(synthetic_key, "sha256", synthetic.get("sha256"), f"{by} synthetic.sha256")
     if synthetic.get("sha256"):
@@ -490,8 +495,8 @@ def build_synthetic(ws: Workspace, node: Node) -> None:
     diffusion = source.get("diffusion")
     node.details["sampler"] = (f"{source.get('sampler')}, {source.get('steps')} steps, seed {source.get('seed')}, "
                                f"guidance {source.get('guidance', 1.0)}, filter_keep {source.get('filter_keep')}")
-    key = node_key("diffusion", ws.root / "models/diffusion/checkpoint.pt")
-    by = f"{ws.display(node.path / 'meta.json')} source.diffusion"
+    key = node_key("diffusion", ws.root / layout.DIFFUSION_CHECKPOINT)
+    by = f"{ws.display(node.path / META_FILE)} source.diffusion"
     if diffusion is None:
         node.record(key, "sha256", None, f"{by} (absent: the store was generated before DMAT recorded it)")
     else:
@@ -518,7 +523,7 @@ def build_diffusion(ws: Workspace, node: Node) -> None:
         "corrupt": f"fraction {corrupt.get('fraction')}, sigma {corrupt.get('sigma')}",
     })
     run = check_run(ws, node, state.get("mlflow_run_id"), "train_diffusion", f"{node.path.name} mlflow_run_id")
-    real = node_key("real", ws.root / "data/real/train")
+    real = node_key("real", ws.root / layout.REAL_TRAIN)
     _record_run_inputs(ws, node, run, {"real/train": real})
     node.upstream.append(real)
 
@@ -533,7 +538,7 @@ def build_real(ws: Workspace, node: Node) -> None:
     if source.get("path"):
         path = Path(source["path"])
         key = node_key("source", (path if path.is_absolute() else ws.root / path).resolve())
-        node.record(key, "sha256", source.get("sha256"), f"{ws.display(node.path / 'meta.json')} source.sha256")
+        node.record(key, "sha256", source.get("sha256"), f"{ws.display(node.path / META_FILE)} source.sha256")
         node.upstream.append(key)
 
 
@@ -550,9 +555,9 @@ BUILDERS: dict[str, Callable[[Workspace, Node], Any]] = {
 
 def _layout_upstream(ws: Workspace, node: Node) -> None:
     """Upstream stages of an artifact that is not there to say so: from the standard layout."""
-    layout = {"classifier": ["data/mixed"], "mixed": ["data/real/train", "data/synthetic"],
-              "synthetic": ["models/diffusion"], "diffusion": ["data/real/train"]}
-    node.upstream += [k for k in (locate(ws.root, ws.root / p) for p in layout.get(node.kind, [])) if k]
+    upstream = {"classifier": [layout.MIXED_DIR], "mixed": [layout.REAL_TRAIN, layout.SYNTHETIC_DIR],
+                "synthetic": [layout.DIFFUSION_DIR], "diffusion": [layout.REAL_TRAIN]}
+    node.upstream += [k for k in (locate(ws.root, ws.root / p) for p in upstream.get(node.kind, [])) if k]
 
 
 def _checkpoint(node: Node) -> dict:
@@ -634,7 +639,7 @@ def trace(ws: Workspace, start: str) -> list[Node]:
 def in_layout(ws: Workspace, node: Node) -> bool:
     """Whether a pipeline stage wrote the node's path (not the real-data source, nor a copy of a model)."""
     if node.kind == "export":
-        return node.path.parent == ws.root / "models/export"
+        return node.path.parent == ws.root / layout.EXPORT_DIR
     return node.kind != "source"
 
 
@@ -730,7 +735,8 @@ def compare(subject: str, recorded: Any, current: Any, by: str) -> Check:
 
 def _chain_order(node: Node) -> tuple:
     kinds = list(STAGE_TITLES)
-    split = SPLITS.index(node.path.name) if node.kind == "real" and node.path.name in SPLITS else len(SPLITS)
+    splits = layout.REAL_SPLITS
+    split = splits.index(node.path.name) if node.kind == "real" and node.path.name in splits else len(splits)
     return kinds.index(node.kind), split, str(node.path)
 
 

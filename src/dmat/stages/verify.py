@@ -1,7 +1,7 @@
 """`verify`: deployment-side checks of models/export, then the MLflow model registry.
 
 Gates (tolerances in params.yaml's `verify` section), each recorded with its measured value in
-metrics/verify.json:
+reports/verify.json (metrics/verify.json holds the headline numbers):
 - onnx_checker: `onnx.checker` full check of classifier.onnx and denoiser.onnx;
 - runtime_versions: their opset and IR version are within what the installed onnxruntime loads
   (probed with a one-node model per version, not read from a table);
@@ -29,24 +29,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmat.artifacts import layout
+from dmat.artifacts.loaders import load_adversarial_examples, load_classifier, load_denoiser, load_eval_report
+from dmat.artifacts.onnx_classifier import OnnxClassifier
 from dmat.config import Params
 from dmat.core.robustness import run_autoattack
 from dmat.data.store import ArrayStore
-from dmat.deploy import export
-from dmat.deploy.onnx_model import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
-from dmat.fsutil import write_json
-from dmat.runtime import apply_torch
-from dmat.stages import evaluate, generate, train
+from dmat.data.tensors import first_points
+from dmat.errors import GateFailed
+from dmat.files import write_json
+from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, OUTPUT_NAME
+from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
 STAGE = "verify"
 SECTIONS = ("base", "verify")
-METRICS_FILE = Path("metrics/verify.json")
 THROUGHPUT_BATCH = 64
-
-
-class GateFailed(RuntimeError):
-    """A deployment gate failed; the message names it and its measured value."""
 
 
 def onnx_checker_gate(paths: list[Path]) -> dict:
@@ -122,10 +120,9 @@ def parity_gate(onnx_model: OnnxClassifier, model: torch.nn.Module, x: torch.Ten
 
 
 def robust_accuracy_gate(onnx_model: OnnxClassifier, threat: str, tolerance: float) -> dict:
-    folder = evaluate.examples_dir(threat)
-    images = np.load(folder / "images.npy")
-    labels, torch_predictions = np.load(folder / "labels.npy"), np.load(folder / "predictions.npy")
-    chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    examples = load_adversarial_examples(threat)
+    labels, torch_predictions = examples.labels, examples.predictions
+    chw = np.ascontiguousarray(examples.images.transpose(0, 3, 1, 2))
     predictions = np.concatenate([onnx_model.run(chw[i:i + 256]).argmax(1) for i in range(0, len(chw), 256)])
     onnx_acc, torch_acc = float((predictions == labels).mean()), float((torch_predictions == labels).mean())
     return {"passed": abs(onnx_acc - torch_acc) <= tolerance, "threat": threat, "n": len(labels),
@@ -136,10 +133,10 @@ def robust_accuracy_gate(onnx_model: OnnxClassifier, threat: str, tolerance: flo
 def square_gate(onnx_model: OnnxClassifier, x: torch.Tensor, y: torch.Tensor, threat: str, params: Params) -> dict:
     """Square on the deployed artifact must not beat the white-box evaluation, nor do worse than nothing."""
     cfg = params.verify
-    report = evaluate.load_report(threat)
+    report = load_eval_report(threat)
     n = min(cfg.square_n, len(x), report["n"])
-    folder = evaluate.examples_dir(threat)
-    autoattack_acc = float((np.load(folder / "predictions.npy")[:n] == np.load(folder / "labels.npy")[:n]).mean())
+    examples = load_adversarial_examples(threat)
+    autoattack_acc = float((examples.predictions[:n] == examples.labels[:n]).mean())
     result = run_autoattack(onnx_model, x[:n], y[:n], norm=report["norm"], eps=report["eps"], version="custom",
                             attacks=("square",), seed=params.base.seed, batch_size=n, square_queries=cfg.square_queries)
     clean_acc = float(result.per_attack["clean"])
@@ -173,7 +170,7 @@ def latency(run_batch, x: torch.Tensor, runs: int) -> dict:
 def denoiser_parity_gate(path: Path, sigmas: tuple[float, ...], atol: float, seed: int) -> dict:
     import onnxruntime
 
-    denoiser, state = generate.load_denoiser("cpu")
+    denoiser, state = load_denoiser()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     config = state["model_config"]
     shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
@@ -185,8 +182,8 @@ def denoiser_parity_gate(path: Path, sigmas: tuple[float, ...], atol: float, see
         sigmas_t, labels = torch.full((4,), float(sigma)), torch.arange(4) % config["num_classes"]
         with torch.no_grad():
             reference = denoiser(noisy, sigmas_t, labels).numpy()
-        ours = session.run(["denoised"], {"noisy": noisy.numpy(), "sigma": sigmas_t.numpy(),
-                                          "class_labels": labels.numpy()})[0]
+        inputs = dict(zip(DENOISER_INPUTS, (noisy.numpy(), sigmas_t.numpy(), labels.numpy()), strict=True))
+        ours = session.run([DENOISER_OUTPUT], inputs)[0]
         per_sigma[str(sigma)] = float(np.abs(ours - reference).max())
     return {"passed": all(d <= atol for d in per_sigma.values()), "atol": atol, "max_abs_diff": per_sigma}
 
@@ -195,12 +192,12 @@ def run(params: Params) -> dict:
     cfg = params.verify
     apply_torch(params.base)
     torch.set_grad_enabled(False)
-    onnx_path, denoiser_path = export.OUT_DIR / export.CLASSIFIER_ONNX, export.OUT_DIR / export.DENOISER_ONNX
-    manifest = json.loads((export.OUT_DIR / export.MANIFEST).read_text())
-    model, _ = train.load_classifier(train.OUT_DIR / train.BEST, "cpu")
+    onnx_path, denoiser_path = layout.EXPORTED_CLASSIFIER_ONNX, layout.EXPORTED_DENOISER_ONNX
+    manifest = json.loads(layout.EXPORT_MANIFEST.read_text())
+    model, _ = load_classifier(layout.CLASSIFIER_BEST, "cpu")
     onnx_model = OnnxClassifier(onnx_path)
-    x, y = evaluate.first_points(ArrayStore.open(evaluate.TEST_DIR), max(max(cfg.parity_batches), cfg.square_n,
-                                                                          THROUGHPUT_BATCH))
+    n = max(max(cfg.parity_batches), cfg.square_n, THROUGHPUT_BATCH)
+    x, y = first_points(ArrayStore.open(layout.REAL_TEST), n)
     threat = manifest["threat"]["name"]
     with stage_run(STAGE, params, SECTIONS) as tracked:
         gates = {
@@ -230,17 +227,62 @@ def run(params: Params) -> dict:
                     "robust_accuracy": manifest["metrics"]["robust_accuracy"],
                     "clean_accuracy": manifest["metrics"]["clean_accuracy"], "n": manifest["metrics"]["n"],
                     "train_run_id": manifest["lineage"]["train_run_id"],
-                    "onnx_sha256": manifest["files"][export.CLASSIFIER_ONNX]}
+                    "onnx_sha256": manifest["files"][onnx_path.name]}
             example = x[:1].numpy()
-            report["registry"] = tracked.register_onnx_model(onnx_path, cfg.registered_model, example,
-                                                             onnx_model.run(example), card)
-        write_json(METRICS_FILE, report)
+            report["registry"] = register(tracked, onnx_path, cfg.registered_model, example, onnx_model.run(example),
+                                          card)
+        write_json(layout.report_file(STAGE), report)
+        write_json(layout.metrics_file(STAGE), headline(report))
         tracked.log_metrics(_flat_numbers(report))
-        tracked.log_artifact(METRICS_FILE)
+        tracked.log_artifact(layout.report_file(STAGE))
     _print_summary(report)
     if failed:
-        raise GateFailed(f"deployment gate(s) failed: {', '.join(failed)} (measured values in {METRICS_FILE})")
+        raise GateFailed(f"deployment gate(s) failed: {', '.join(failed)} (measured values in "
+                         f"{layout.report_file(STAGE)})")
     return report
+
+
+def register(tracked, onnx_path: Path, name: str, example: np.ndarray, output: np.ndarray, card: dict) -> dict:
+    """A new registered version (alias `candidate`); `champion` moves to it when `champion_decision` says so."""
+    version = tracked.register_onnx_model(onnx_path, name, example, output, card)
+    move, reason = champion_decision(card, tracked.model_version_tags(name, "champion"))
+    if move:
+        tracked.set_model_alias(name, "champion", version)
+    return {"name": name, "version": version, "aliases": ["candidate", "champion"] if move else ["candidate"],
+            "champion_moved": move, "reason": reason, "model_uri": f"models:/{name}/{version}"}
+
+
+def champion_decision(new: dict, current: dict | None) -> tuple[bool, str]:
+    """Whether a new version becomes champion: only against the same threat model and eps, and only
+    when its robust accuracy is at least the champion's."""
+    if current is None:
+        return True, "no champion yet"
+    if (str(current.get("norm")), float(current.get("eps", -1))) != (str(new["norm"]), float(new["eps"])):
+        return False, (f"champion v{current.get('version')} was evaluated under {current.get('norm')} eps "
+                       f"{current.get('eps')}, not {new['norm']} eps {new['eps']}: not comparable, champion kept")
+    old, fresh = float(current.get("robust_accuracy", "nan")), float(new["robust_accuracy"])
+    if fresh >= old:
+        return True, f"robust accuracy {fresh:.4f} >= champion v{current.get('version')}'s {old:.4f}"
+    return False, f"robust accuracy {fresh:.4f} < champion v{current.get('version')}'s {old:.4f}: champion kept"
+
+
+def headline(report: dict) -> dict:
+    """metrics/verify.json: whether every gate passed, the parity and robustness-after-export margins, the
+    latencies and how the exported model compares with PyTorch, and what the registry did."""
+    gates, onnx = report["gates"], report["latency"]["onnxruntime"]
+    registry = report.get("registry") or {}
+    return {
+        "passed": report["passed"], "gates_failed": len(report["failed"]),
+        "parity_max_abs_diff": max(b["max_abs_diff"] for b in gates["parity"]["batches"].values()),
+        "robust_acc_onnx_minus_torch": (gates["robust_accuracy_preserved"]["onnxruntime_acc"]
+                                        - gates["robust_accuracy_preserved"]["pytorch_acc"]),
+        "square_acc": gates["square_no_gradient_masking"]["square_acc"],
+        "onnx_p50_ms_batch1": onnx["p50_ms_batch1"], "onnx_p95_ms_batch1": onnx["p95_ms_batch1"],
+        "onnx_vs_torch_latency_ratio_batch1": report["onnx_vs_torch_latency_ratio_batch1"],
+        "onnx_vs_torch_throughput_ratio_batch64": report["onnx_vs_torch_throughput_ratio_batch64"],
+        "registered_version": int(registry["version"]) if registry else None,
+        "champion_moved": registry.get("champion_moved"),
+    }
 
 
 def _flat_numbers(report: dict) -> dict[str, float]:

@@ -1,0 +1,70 @@
+"""Every artifact path and file name of the pipeline, in one place (dvc.yaml declares the same paths).
+
+Paths are relative to the project root, which is the working directory of every stage (DVC runs
+them there). Standard library only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Real data (prepare): canonical stores.
+REAL_DIR = Path("data/real")
+REAL_SPLITS = ("train", "val", "test")
+REAL_TRAIN, REAL_VAL, REAL_TEST = (REAL_DIR / split for split in REAL_SPLITS)
+
+# Generated data (generate): a class-sorted canonical store.
+SYNTHETIC_DIR = Path("data/synthetic")
+
+# The mix (mix): which generated rows the classifier may use, and their share of each batch.
+MIXED_DIR = Path("data/mixed")
+MIX_MANIFEST_FILE = "manifest.json"
+MIX_INDICES_FILE = "synthetic_indices.npy"
+
+# The diffusion model (train_diffusion).
+DIFFUSION_DIR = Path("models/diffusion")
+DIFFUSION_CHECKPOINT = DIFFUSION_DIR / "checkpoint.pt"
+DIFFUSION_FORMAT = "dmat-diffusion-1"
+
+# The classifier (train): the best EMA weights by validation robust accuracy, and the resumable last epoch.
+CLASSIFIER_DIR = Path("models/classifier")
+CLASSIFIER_BEST = CLASSIFIER_DIR / "best.pt"
+CLASSIFIER_LAST = CLASSIFIER_DIR / "last.pt"
+CLASSIFIER_FORMAT = "dmat-classifier-1"
+
+# Evaluations (evaluate@<threat>): adversarial examples and reports, one directory per threat model.
+EVAL_DIR = Path("models/eval")
+EVAL_REPORT_FILE = "report.json"
+ROBUSTBENCH_FILE = "robustbench.json"
+EXAMPLES_FORMAT = "dmat-adversarial-examples-1"
+EXAMPLE_ARRAYS = ("images.npy", "labels.npy", "predictions.npy")
+
+# Deployable models (export).
+EXPORT_DIR = Path("models/export")
+EXPORTED_CLASSIFIER_ONNX = EXPORT_DIR / "classifier.onnx"
+EXPORTED_CLASSIFIER_PT2 = EXPORT_DIR / "classifier.pt2"
+EXPORTED_DENOISER_ONNX = EXPORT_DIR / "denoiser.onnx"
+EXPORT_MANIFEST = EXPORT_DIR / "manifest.json"
+EXPORTED_FILES = (EXPORTED_CLASSIFIER_ONNX.name, EXPORTED_CLASSIFIER_PT2.name, EXPORTED_DENOISER_ONNX.name)
+
+# Pictures and curves (`dvc plots`).
+GENERATE_GRID = Path("plots/generate_grid.png")
+TRAIN_CURVES = Path("plots/train_curves.csv")
+
+
+def eval_dir(threat: str) -> Path:
+    return EVAL_DIR / threat
+
+
+def metrics_file(name: str) -> Path:
+    """A stage's declared DVC metrics, the few headline numbers people compare: metrics/<name>.json."""
+    return Path("metrics") / f"{name}.json"
+
+
+def report_file(name: str) -> Path:
+    """A stage's full report (digests, per-class tables, check details): reports/<name>.json, an ordinary output."""
+    return Path("reports") / f"{name}.json"
+
+
+def sweep_file(threat: str) -> Path:
+    return Path("plots") / f"evaluate_{threat}_sweep.csv"

@@ -1,0 +1,93 @@
+"""Loading what one stage wrote for another: checkpoints as models, the mix manifest, evaluation reports,
+adversarial examples, the generated store's recorded source. Every loader names the file when it
+cannot be used (CheckpointError, DataError); checkpoints load with weights_only=True."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from dmat.artifacts import layout
+from dmat.checkpoint import load_checkpoint
+from dmat.core.classifiers import build_classifier
+from dmat.core.denoisers import build_denoiser
+from dmat.data.store import META_FILE
+from dmat.errors import CheckpointError, DataError
+from dmat.files import sha256_file
+
+
+def load_classifier(path: str | Path = layout.CLASSIFIER_BEST, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """The EMA classifier of a DMAT checkpoint, in eval mode on `device`, and the checkpoint's contents."""
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != layout.CLASSIFIER_FORMAT:
+        raise CheckpointError(f"{path}: not a DMAT classifier checkpoint (format {state.get('format')!r})")
+    config = state["model_config"]
+    model = build_classifier(config["name"], num_classes=config["num_classes"], mean=config["mean"],
+                             std=config["std"])
+    model.load_state_dict(state["ema"])
+    return model.to(device).eval(), state
+
+
+def load_denoiser(path: str | Path = layout.DIFFUSION_CHECKPOINT, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """The EMA denoiser of a DMAT diffusion checkpoint, in eval mode on `device`, and the checkpoint's contents."""
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != layout.DIFFUSION_FORMAT:
+        raise CheckpointError(f"{path}: not a DMAT diffusion checkpoint (format {state.get('format')!r})")
+    config = state["model_config"]
+    denoiser = build_denoiser(config["name"], **{k: v for k, v in config.items() if k != "name"})
+    denoiser.load_state_dict(state["ema"])
+    return denoiser.to(device).eval(), state
+
+
+def load_mix_manifest(directory: Path = layout.MIXED_DIR) -> tuple[dict, np.ndarray]:
+    """The mix manifest and the chosen generated rows, checked against each other."""
+    try:
+        manifest = json.loads((directory / layout.MIX_MANIFEST_FILE).read_text())
+        rows = np.load(directory / manifest["indices_file"], allow_pickle=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{directory}: unreadable mix manifest ({err}); run the mix stage") from None
+    if sha256_file(directory / manifest["indices_file"]) != manifest["indices_sha256"]:
+        raise DataError(f"{directory / manifest['indices_file']}: sha256 differs from {layout.MIX_MANIFEST_FILE}")
+    return manifest, rows
+
+
+def load_eval_report(threat: str) -> dict:
+    """The evaluation report of one threat model, as saved with its adversarial examples."""
+    path = layout.eval_dir(threat) / layout.EVAL_REPORT_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable evaluation report ({err}); run evaluate@{threat}") from None
+
+
+@dataclass(frozen=True)
+class AdversarialExamples:
+    """What evaluate@<threat> attacked: float32 N×H×W×C images in [0, 1], labels and PyTorch's predictions."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray
+
+
+def load_adversarial_examples(threat: str) -> AdversarialExamples:
+    folder = layout.eval_dir(threat)
+    try:
+        images, labels, predictions = (np.load(folder / name, allow_pickle=False) for name in layout.EXAMPLE_ARRAYS)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{folder}: unreadable adversarial examples ({err}); run evaluate@{threat}") from None
+    return AdversarialExamples(images, labels, predictions)
+
+
+def generated_source(directory: Path = layout.SYNTHETIC_DIR) -> dict[str, Any]:
+    """What the generated store recorded about how it was made (sampler, guidance, the diffusion model)."""
+    path = directory / META_FILE
+    try:
+        return json.loads(path.read_text())["source"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{path}: unreadable store metadata ({err}); run the generate stage") from None
+
