@@ -24,8 +24,17 @@ class ServerMetrics:
     """The instruments, in a registry of their own (not the process-wide default one)."""
 
     def __init__(self, model: Any) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            Info,
+            ProcessCollector,
+            disable_created_metrics,
+        )
 
+        disable_created_metrics()  # *_created series: one more timestamp per label set, of no use here
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.requests = Counter("dmat_http_requests", "HTTP requests answered, by endpoint, method and status",

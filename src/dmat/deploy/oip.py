@@ -27,7 +27,7 @@ from typing import Any
 
 from dmat import __version__
 from dmat.deploy.model import probabilities
-from dmat.deploy.payload import RequestError, check_batch_size, json_numbers, validate_batch
+from dmat.deploy.payload import RequestError, check_batch_size, json_numbers, parse_json, validate_batch
 from dmat.onnx_contract import OUTPUT_NAME
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -121,21 +121,10 @@ def _json_header_end(header_length: str | None, body_length: int) -> int:
 
 
 def _parse_json(text: bytes) -> dict[str, Any]:
-    try:
-        document = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise RequestError(400, "malformed JSON: nested too deeply") from None
-    except UnicodeDecodeError:
-        raise RequestError(400, "malformed JSON: the inference header is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise RequestError(400, f"malformed JSON: {err}") from None
+    document = parse_json(text, constant_status=400)
     if not isinstance(document, dict):
         raise RequestError(400, 'the inference request must be a JSON object with "inputs"')
     return document
-
-
-def _refuse_constant(name: str) -> None:
-    raise RequestError(400, f"input data contain {name}: every value must be a finite number in [0, 1]")
 
 
 def _the_input(inputs: Any, model: Any) -> dict[str, Any]:
