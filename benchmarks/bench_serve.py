@@ -6,7 +6,8 @@ temporary MLflow registry as models:/dmat-bench@champion, which every server loa
 
 Servers, all started once and then measured in turn:
 - `dmat serve` with dynamic batching (defaults) and with it off (--batch-window-ms 0), each asked
-  with JSON (POST /predict) and with binary tensors (POST /v2/models/dmat-bench/infer);
+  with JSON (POST /predict) and with binary tensors (POST /v2/models/dmat-bench/infer); and with
+  batching but without the per-request log line (--no-access-log), binary;
 - the previous `dmat serve` (http.server, from git at OLD_SERVER_REV), JSON;
 - `mlflow models serve` (its defaults: one uvicorn worker), JSON on /invocations.
 Load: benchmarks/serve_load.py in its own process, CLIENT_COUNTS concurrent keep-alive clients
@@ -65,6 +66,8 @@ def run() -> dict:
         batching = servers.enter_context(running_server(serve_command(champion), root / "batching.log", env=env))
         unbatched = servers.enter_context(running_server(serve_command(champion, "--batch-window-ms", "0"),
                                                          root / "unbatched.log", env=env))
+        quiet = servers.enter_context(running_server(serve_command(champion, "--no-access-log"), root / "quiet.log",
+                                                     env=env))
         mlflow = servers.enter_context(mlflow_server(champion, root, env))
         infer = f"/v2/models/{REGISTERED}/infer"
         targets = {
@@ -72,6 +75,7 @@ def run() -> dict:
             "dmat serve, batching, binary": (*batching, infer, binary_requests(images)),
             "dmat serve, no batching, JSON": (*unbatched, "/predict", json_requests(images)),
             "dmat serve, no batching, binary": (*unbatched, infer, binary_requests(images)),
+            "dmat serve, batching, binary, --no-access-log": (*quiet, infer, binary_requests(images)),
             "mlflow models serve, JSON": (*mlflow, "/invocations", json_requests(images)),
         }
         old = old_server(root, champion, env)

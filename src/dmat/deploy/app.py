@@ -57,8 +57,9 @@ SIMPLE_ENDPOINTS = "GET /health, GET /metadata, POST /predict"
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(model: Any, batcher: DynamicBatcher, metrics: ServerMetrics, *, max_body_bytes: int) -> Any:
-    """The ASGI application for `model`, wrapped so that every request is counted, timed and logged."""
+def create_app(model: Any, batcher: DynamicBatcher, metrics: ServerMetrics, *, max_body_bytes: int,
+               access_log: bool = True) -> Any:
+    """The ASGI application for `model`: every request counted and timed, and logged with `access_log`."""
     endpoints = Endpoints(model, batcher, metrics, max_body_bytes)
     model_paths = ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}")
 
@@ -79,7 +80,7 @@ def create_app(model: Any, batcher: DynamicBatcher, metrics: ServerMetrics, *, m
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: endpoints.routing_error})
     app.router.redirect_slashes = False  # /health/ is not /health: a 404, not a redirect
-    return Instrumented(app, metrics)
+    return Instrumented(app, metrics, access_log)
 
 
 class Endpoints:
@@ -252,9 +253,10 @@ class ByteBudget:
 class Instrumented:
     """ASGI middleware: per request, the in-flight gauge, the counter and latency by route, and one log line."""
 
-    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+    def __init__(self, app: Any, metrics: ServerMetrics, access_log: bool) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -279,7 +281,8 @@ class Instrumented:
             # The route's template, not the path: clients must not be able to grow the label set.
             self.metrics.observe_request(route.path if route is not None else "unmatched", scope["method"], status,
                                          elapsed)
-            logger.info("%s %s %d %.1fms", scope["method"], _printable(scope["path"]), status, elapsed * 1000)
+            if self.access_log:
+                logger.info("%s %s %d %.1fms", scope["method"], _printable(scope["path"]), status, elapsed * 1000)
 
 
 async def _decode(decoder: Callable[..., Any], body: bytes, *args: Any) -> Any:

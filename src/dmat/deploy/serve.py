@@ -67,6 +67,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body accepted, judged from Content-Length before reading it; "
                              f"more is a 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                        help="log one line per request: method, path, status, milliseconds (default: on; "
+                             "/metrics counts every request either way)")
 
 
 def _positive_int(text: str) -> int:
@@ -145,7 +148,7 @@ def serve_until_signalled(listener: socket.socket, model: Any, args: argparse.Na
     metrics = ServerMetrics(model)
     batcher = DynamicBatcher(model.logits, max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
                              workers=args.workers, observe=metrics.observe_batch)
-    app = create_app(model, batcher, metrics, max_body_bytes=args.max_body_bytes)
+    app = create_app(model, batcher, metrics, max_body_bytes=args.max_body_bytes, access_log=args.access_log)
     config = uvicorn.Config(app, http=LimitedHttpToolsProtocol, ws="none", lifespan="off", log_config=None,
                             access_log=False, proxy_headers=False, server_header=False,
                             headers=[("server", f"dmat-serve/{__version__}")], limit_concurrency=MAX_CONNECTIONS,
