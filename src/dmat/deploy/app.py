@@ -89,7 +89,7 @@ class Endpoints:
     def __init__(self, model: Any, batcher: DynamicBatcher, metrics: ServerMetrics, max_body_bytes: int) -> None:
         self.model = model
         self.batcher = batcher
-        self.prometheus = metrics
+        self.server_metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.body_memory = ByteBudget(BODY_MEMORY_FACTOR * max_body_bytes)
 
@@ -114,7 +114,7 @@ class Endpoints:
         return json_response(200, {"predictions": self.model.predictions(logits)})
 
     async def metrics(self, request: Request) -> Response:
-        body, media_type = self.prometheus.exposition()
+        body, media_type = self.server_metrics.exposition()
         return Response(body, 200, media_type=media_type)
 
     async def server_metadata(self, request: Request) -> Response:
@@ -143,9 +143,8 @@ class Endpoints:
         content, headers, media_type = oip.encode_infer(decoded, logits, self.model)
         return Response(content, 200, headers, media_type=media_type)
 
-    async def routing_error(self, request: Request, exc: Exception) -> Response:
+    async def routing_error(self, request: Request, exc: HTTPException) -> Response:
         """Starlette's 404 (no such path) and 405 (path without that method), as JSON naming the alternatives."""
-        assert isinstance(exc, HTTPException)
         path, headers = _printable(request.url.path), dict(exc.headers or {})
         if exc.status_code == 404:
             message = (f"no endpoint {path}; the endpoints are {SIMPLE_ENDPOINTS}, GET /metrics and the Open "
@@ -182,10 +181,10 @@ class Endpoints:
             return True
         if getattr(request.state, "body_read", False):
             return False
-        declared = request.headers.get("content-length")
         if request.headers.get("transfer-encoding"):
             return True
-        return declared is not None and (not declared.strip().isdigit() or int(declared) > DRAIN_LIMIT_BYTES)
+        declared = request.headers.get("content-length")  # llhttp has checked that it is a number
+        return declared is not None and int(declared) > DRAIN_LIMIT_BYTES
 
     def _check_model(self, request: Request) -> None:
         name, version = request.path_params["model_name"], request.path_params.get("model_version")

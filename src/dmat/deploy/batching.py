@@ -73,11 +73,11 @@ class DynamicBatcher:
         """The requests of one call (cancelled ones left out) and a request that did not fit, kept for the next."""
         pending = [first] if not first.future.cancelled() else []
         images = len(first.batch)
-        deadline = first.arrived + self._window_s
+        if self._window_s > 0:
+            self._wait_for_company(first, images)
         while self._window_s > 0 and images < self._max_batch:
-            remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
@@ -90,6 +90,16 @@ class DynamicBatcher:
             pending.append(item)
             images += len(item.batch)
         return pending, None
+
+    def _wait_for_company(self, first: _Pending, images: int) -> None:
+        """Sleep until `first` has waited the window, or until enough requests queue to fill the call.
+
+        Sleeping rather than waking at every arrival keeps this thread off the GIL while the event
+        loop decodes the requests that will join.
+        """
+        deadline = first.arrived + self._window_s
+        while (remaining := deadline - time.monotonic()) > 0 and self._queue.qsize() < self._max_batch - images:
+            time.sleep(min(remaining, self._window_s / 4))
 
     def _call(self, pending: list[_Pending]) -> None:
         import numpy as np

@@ -10,7 +10,9 @@ and python-multipart are imported when a request needs them, so `dmat serve --he
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,9 +117,10 @@ def json_numbers(values: list, what: str, layout: str) -> Any:
 
 def _leaf_types(values: list, depth: int) -> set[type]:
     """The types of the values `depth` lists deep, in a nesting numpy found regular."""
-    if depth <= 1:
-        return set(map(type, values))
-    return set().union(*(_leaf_types(inner, depth - 1) for inner in values))
+    leaves = values
+    for _ in range(depth - 1):
+        leaves = itertools.chain.from_iterable(leaves)
+    return set(map(type, leaves))
 
 
 def validate_batch(array: Any, spec: InputSpec) -> Any:
@@ -136,9 +139,10 @@ def validate_batch(array: Any, spec: InputSpec) -> Any:
         got = "×".join(map(str, array.shape[1:]))
         raise RequestError(422, f"each input must be C×H×W = {spec.describe()} for this model, got {got}")
     values = array if array.dtype.kind == "f" else array.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise RequestError(422, "inputs contain NaN or infinite values: every value must be a finite number in [0, 1]")
+    # NaN carries into both extremes and ±inf is one of them: two passes check finiteness and range.
     low, high = float(values.min()), float(values.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise RequestError(422, "inputs contain NaN or infinite values: every value must be a finite number in [0, 1]")
     if low < 0.0 or high > 1.0:
         raise RequestError(422, f"input values must lie in [0, 1]; got min {low:g}, max {high:g}")
     return np.ascontiguousarray(values, dtype=np.float32)
