@@ -126,8 +126,11 @@ def multipart(files: list[tuple[str, str, bytes]], boundary: str = "dmat-test-bo
 
 
 def http_request(url: str, method: str, path: str, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 30.0) -> tuple[int, dict, Any]:
-    """(status, headers, body) of one request on a fresh connection; a JSON body comes decoded."""
+                 headers: dict[str, str] | None = None, timeout: float = 30.0) -> tuple[int, Any, Any]:
+    """(status, headers, body) of one request on a fresh connection; a JSON body comes decoded.
+
+    The headers are http.client's message object: names are case-insensitive, as in HTTP.
+    """
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
@@ -136,7 +139,7 @@ def http_request(url: str, method: str, path: str, body: bytes | None = None,
         payload = response.read()
         if (response.getheader("Content-Type") or "").startswith("application/json") and payload.strip():
             payload = json.loads(payload)
-        return response.status, dict(response.getheaders()), payload
+        return response.status, response.headers, payload
     finally:
         connection.close()
 

@@ -17,7 +17,8 @@ def pins(name: str) -> dict[str, str]:
 
 def test_serving_requirements_match_the_pipeline_pins() -> None:
     serve, pipeline = pins("requirements-serve.txt"), pins("requirements.txt")
-    assert {"onnxruntime", "numpy", "pillow", "mlflow-skinny"} <= serve.keys()
+    assert {"onnxruntime", "numpy", "pillow", "mlflow-skinny", "uvicorn", "httptools", "starlette", "python-multipart",
+            "prometheus-client"} <= serve.keys()
     assert "torch" not in serve
     assert {name: serve[name] for name in serve.keys() & pipeline.keys()} == \
         {name: pipeline[name] for name in serve.keys() & pipeline.keys()}

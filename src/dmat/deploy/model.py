@@ -1,9 +1,10 @@
-"""The classifier behind `dmat serve`: resolving MODEL, loading it into onnxruntime, its metadata, predictions.
+"""The classifier behind `dmat serve`: resolving MODEL, loading it into onnxruntime, its metadata, its outputs.
 
-The ONNX contract (what the `export` stage writes): one float32 input `image` [N, C, H, W] in [0, 1]
-with a dynamic batch dimension, one output `logits` [N, num_classes], and JSON-encoded
-`metadata_props` under `dmat.*` (classes, input, threat, metrics, lineage). Missing or unreadable
-metadata is not fatal: the input size then comes from the graph and the classes are named "0".."K-1".
+The ONNX contract (dmat.onnx_contract, what the `export` stage writes): one float32 input `image`
+[N, C, H, W] in [0, 1] with a dynamic batch dimension, one output `logits` [N, num_classes], and
+JSON-encoded `metadata_props` under `dmat.*` (classes, input, threat, metrics, lineage). Missing or
+unreadable metadata is not fatal: the input size then comes from the graph and the classes are
+named "0".."K-1".
 
 Only the standard library is imported at module level; onnxruntime and numpy are imported when a
 model is loaded, mlflow (through dmat.tracking) only for models:/ URIs, and torch never (a serving
@@ -12,7 +13,6 @@ image ships onnxruntime only).
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import re
@@ -24,13 +24,14 @@ from typing import Any
 
 from dmat.deploy.payload import InputSpec
 from dmat.files import sha256_file
-from dmat.onnx_contract import METADATA_PREFIX, OUTPUT_NAME
+from dmat.onnx_contract import OUTPUT_NAME, decode_metadata
 
 logger = logging.getLogger("dmat.serve")
 
 REPORTED_KEYS = ("threat", "metrics", "lineage")  # in /metadata always, null when the model lacks them
 REGISTRY_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 REGISTRY_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+FILE_MODEL_VERSION = "1"  # a .onnx file has no registry version; the protocol's URLs still name one
 
 
 class ModelError(RuntimeError):
@@ -39,30 +40,43 @@ class ModelError(RuntimeError):
 
 @dataclass
 class ServedModel:
-    """One onnxruntime session and what /metadata reports about it. `predict` is safe to call from many threads."""
+    """One onnxruntime session and what the endpoints report about it. `logits` is safe to call from many threads.
+
+    `name` and `version` address it in the Open Inference Protocol (/v2/models/<name>[/versions/<version>]):
+    the registered model's name and version, or the file's stem and "1".
+    """
 
     session: Any
     input_name: str
     output_name: str
     spec: InputSpec
     classes: list[str]
+    name: str
+    version: str
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def predict(self, batch: Any) -> list[dict[str, Any]]:
-        """Class index and name, softmax probabilities (computed in float64) and logits per row, in order."""
-        import numpy as np
-
+    def logits(self, batch: Any) -> Any:
+        """float32 [N, num_classes] for a float32 [N, C, H, W] batch, checked against the contract."""
         logits = self.session.run([self.output_name], {self.input_name: batch})[0]
         if logits.shape != (batch.shape[0], len(self.classes)):
             raise RuntimeError(f"model returned {OUTPUT_NAME} of shape {logits.shape} for a batch of "
                                f"{batch.shape[0]}; expected ({batch.shape[0]}, {len(self.classes)})")
-        logits = logits.astype(np.float64)
-        exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities = exponentials / exponentials.sum(axis=1, keepdims=True)
+        return logits
+
+    def predictions(self, logits: Any) -> list[dict[str, Any]]:
+        """Class index and name, softmax probabilities (float64) and logits per row, in order."""
         return [{"class_index": int(index), "class_name": self.classes[index],
                  "probabilities": row_probabilities.tolist(), "logits": row_logits.tolist()}
                 for index, row_probabilities, row_logits
-                in zip(logits.argmax(axis=1), probabilities, logits, strict=True)]
+                in zip(logits.argmax(axis=1), probabilities(logits), logits.astype("float64"), strict=True)]
+
+
+def probabilities(logits: Any) -> Any:
+    """Softmax over classes, computed in float64 (float32 would round small probabilities to 0 sooner)."""
+    import numpy as np
+
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def load(spec: str, *, max_batch: int, intra_op_threads: int) -> ServedModel:
@@ -71,14 +85,14 @@ def load(spec: str, *, max_batch: int, intra_op_threads: int) -> ServedModel:
         with tempfile.TemporaryDirectory(prefix="dmat-serve-") as download:
             # The session holds the weights once built, so the download can go when this block ends.
             path, registered = download_registered(spec, Path(download))
-            return load_file(path, source={"uri": spec, **registered}, max_batch=max_batch,
-                             intra_op_threads=intra_op_threads)
+            return load_file(path, source={"uri": spec, **registered}, name=registered["name"],
+                             version=registered["version"], max_batch=max_batch, intra_op_threads=intra_op_threads)
     path = Path(spec)
     if not path.is_file():
         raise ModelError(f"model file {spec} not found (give a .onnx file or models:/<name>@<alias>)")
     # The file name only: /metadata is public, the server's directory layout is not.
-    return load_file(path, source={"uri": path.name}, max_batch=max_batch,
-                     intra_op_threads=intra_op_threads)
+    return load_file(path, source={"uri": path.name}, name=path.stem, version=FILE_MODEL_VERSION,
+                     max_batch=max_batch, intra_op_threads=intra_op_threads)
 
 
 def download_registered(uri: str, destination: Path) -> tuple[Path, dict[str, str]]:
@@ -108,7 +122,8 @@ def find_onnx_file(local: Path, uri: str) -> Path:
     return candidates[0]
 
 
-def load_file(path: Path, *, source: dict[str, str], max_batch: int, intra_op_threads: int) -> ServedModel:
+def load_file(path: Path, *, source: dict[str, str], name: str, version: str, max_batch: int,
+              intra_op_threads: int) -> ServedModel:
     session = _open_session(path, intra_op_threads)
     input_name, graph_shape = _check_input(session, path)
     output_name = _pick_output(session, path)
@@ -132,7 +147,7 @@ def load_file(path: Path, *, source: dict[str, str], max_batch: int, intra_op_th
     }
     logger.info("loaded %s: input %s %s, %d classes, sha256 %s", source["uri"], input_name,
                 "×".join(map(str, spec.shape)), len(classes), metadata["sha256"][:12])
-    return ServedModel(session, input_name, output_name, spec, classes, metadata)
+    return ServedModel(session, input_name, output_name, spec, classes, name, version, metadata)
 
 
 def _open_session(path: Path, intra_op_threads: int) -> Any:
@@ -171,15 +186,13 @@ def _pick_output(session: Any, path: Path) -> str:
 
 
 def read_metadata(session: Any) -> dict[str, Any]:
-    """The JSON-decoded `dmat.*` metadata_props, without the prefix; an unreadable entry is logged and left out."""
+    """The decoded `dmat.*` metadata_props, without the prefix; an unreadable entry is logged and left out."""
     decoded = {}
-    for name, text in session.get_modelmeta().custom_metadata_map.items():
-        if not name.startswith(METADATA_PREFIX):
-            continue
+    for entry in session.get_modelmeta().custom_metadata_map.items():
         try:
-            decoded[name.removeprefix(METADATA_PREFIX)] = json.loads(text)
-        except json.JSONDecodeError as err:
-            logger.warning("ignoring metadata %s: not JSON (%s)", name, err)
+            decoded.update(decode_metadata([entry]))
+        except ValueError as err:
+            logger.warning("ignoring metadata %s: not JSON (%s)", entry[0], err)
     return decoded
 
 
