@@ -207,6 +207,35 @@ def test_robustness_command_on_the_exported_artifacts(pipeline: Path) -> None:
     assert black_box["clean_accuracy"] == white_box["clean_accuracy"]
 
 
+EXP_SHOW_COLUMN_BUDGET = 200  # today about 165: metrics ~57, params ~58 (tiny params), deps ~50
+HEADLINE_BUDGET = 12  # numbers per metrics file
+
+
+def test_metrics_files_hold_headline_numbers_and_exp_show_stays_narrow(pipeline: Path) -> None:
+    for path in sorted((pipeline / "metrics").glob("*.json")):
+        assert len(json.loads(path.read_text())) <= HEADLINE_BUDGET, f"{path.name}: details belong in a report file"
+    table = run([str(BIN_DIR / "dvc"), "exp", "show", "--no-pager", "--md"], pipeline).stdout
+    columns = table.splitlines()[0].count("|") - 1
+    assert columns <= EXP_SHOW_COLUMN_BUDGET, f"`dvc exp show --md` has {columns} columns"
+
+
+def test_a_code_change_marks_the_stage_that_runs_it_and_what_follows(pipeline: Path, tmp_path: Path) -> None:
+    """dvc.yaml lists each stage's whole import closure: editing the guidance code invalidates `generate`."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    project = shutil.copytree(pipeline, tmp_path / "project", symlinks=True)
+    guidance = project / "src/dmat/core/guidance.py"
+    guidance.write_text(guidance.read_text() + "\nGUIDANCE_EDITED = True\n")
+    status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
+    assert status == {"generate": [{"changed deps": {"src/dmat/core/guidance.py": "modified"}}]}
+    with Repo(str(project)) as repo:  # everything downstream of generate reruns once data/synthetic changes
+        graph = repo.index.graph
+        generate = next(stage for stage in graph if stage.addressing == "generate")
+        downstream = {stage.addressing for stage in graph if generate in nx.descendants(graph, stage)}
+    assert downstream == {"mix", "train", "evaluate@linf", "evaluate@l2", "export", "verify", "evaluate_diffusion"}
+
+
 def test_second_repro_is_up_to_date(pipeline: Path) -> None:
     result = run([str(BIN_DIR / "dvc"), "repro"], pipeline)
     assert "Running stage" not in result.stdout, result.stdout
