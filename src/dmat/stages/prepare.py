@@ -91,7 +91,8 @@ def _describe(split: SplitSource, name: str, params: Params) -> dict:
 def run(params: Params) -> dict:
     cfg = params.data
     with stage_run(STAGE, params, SECTIONS) as tracked:
-        splits = open_source(cfg.source, cfg.path, name=cfg.name, resize=cfg.resize, classes=cfg.classes)
+        splits = open_source(cfg.source, cfg.path, name=cfg.name, download_dir=cfg.download_dir, resize=cfg.resize,
+                             classes=cfg.classes)
         chosen = select_items(splits, params)
         source = splits["train"].description
         if "sha256" in source:
