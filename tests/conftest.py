@@ -85,10 +85,10 @@ def write_params(path: Path, text: str) -> Path:
     return path
 
 
-def run_dmat(*args: str, cwd: Path, env: dict[str, str] | None = None,
-             timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the installed `dmat` command for real, as DVC does."""
-    return subprocess.run([str(BIN_DIR / "dmat"), *args], cwd=cwd, env={**_stage_env(), **(env or {})},
+def run_dmat(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600,
+             dmat: Path = BIN_DIR / "dmat") -> subprocess.CompletedProcess:
+    """Run the installed `dmat` command (or another launcher of it) for real, as DVC does."""
+    return subprocess.run([str(dmat), *args], cwd=cwd, env={**_stage_env(), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -18,7 +18,7 @@ def test_committed_params_validate() -> None:
 
 def test_empty_sections_take_defaults() -> None:
     params = parse_params({})
-    assert params.base.seed == 0 and params.data.source == "imagefolder" and params.data.resize is None
+    assert params.base.seed == 0 and params.data.source == "auto" and params.data.resize is None
 
 
 def test_fractions_and_tuples_parse() -> None:
@@ -39,7 +39,7 @@ BAD_VALUES = [
     ({"base": {"seed": True}}, "base.seed", "an integer"),
     ({"base": {"device": "tpu"}}, "base.device", "auto, cpu, cuda"),
     ({"base": {"threads": 5000}}, "base.threads", "between 0 and 1024"),
-    ({"data": {"source": "s3"}}, "data.source", "torchvision, imagefolder, npz"),
+    ({"data": {"source": "s3"}}, "data.source", "auto, imagefolder, npz, torchvision"),
     ({"data": {"train_limit": 0}}, "data.train_limit", ">= 1"),
     ({"data": {"resize": [32]}}, "data.resize", "list of 2"),
     ({"data": {"resize": [32, -1]}}, "data.resize[1]", "between 1 and 4096"),

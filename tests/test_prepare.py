@@ -1,4 +1,4 @@
-"""`dmat prepare` for real: splits, stratified subsets, determinism, MLflow record."""
+"""`dmat prepare` (and `dmat fetch`) for real: splits, stratified subsets, determinism, MLflow record, sources."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmat.data.sources import source_sha256
 from dmat.data.store import ArrayStore
 from tests.conftest import run_dmat, write_params
+from tests.torchvision_files import NO_NETWORK, dmat_launcher, fixture_images, write_cifar
 
 
 def _prepare(workdir: Path, data_path: Path, extra: str = "") -> dict:
@@ -84,3 +86,49 @@ def test_full_cifar10_archive(tmp_path: Path, cifar_archive: Path) -> None:
     assert all(metrics["train"]["class_counts"][c] == 5000 - val_counts[c] for c in val_counts)
     test = ArrayStore.open(tmp_path / "data" / "real" / "test")
     assert test.classes[0] == "airplane" and test.image_shape == (32, 32, 3)
+
+
+# torchvision's CIFAR files where the download would land, read through torchvision by the real stages.
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_fetch_and_prepare_read_torchvision_files(tmp_path: Path, name: str) -> None:
+    """Default source (auto), data.path absent: fetch and prepare read the download through torchvision."""
+    project = tmp_path / "project"
+    checksums = write_cifar(project / "data" / "downloads", name, train_per_class=4, test_per_class=2)
+    launcher = dmat_launcher(tmp_path / "bin", checksums)
+    n_classes = 100 if name == "cifar100" else 10
+    write_params(project / "params.yaml", f"base: {{seed: 5}}\ndata:\n  name: {name}\n  path: ../no/archive.tar.gz\n"
+                                          f"  val_size: {n_classes}\n  train_limit: {2 * n_classes}\n")
+    metrics = []
+    for _ in range(2):
+        for stage in ("fetch", "prepare"):
+            result = run_dmat(stage, cwd=project, env=NO_NETWORK, dmat=launcher)
+            assert result.returncode == 0, result.stderr
+        metrics.append(json.loads((project / "metrics" / "prepare.json").read_text()))
+    assert metrics[0] == metrics[1]  # same files, same params: same bytes
+    stores = {n: ArrayStore.open(project / "data" / "real" / n, verify=True) for n in ("train", "val", "test")}
+    assert {n: len(s) for n, s in stores.items()} == {"train": 2 * n_classes, "val": n_classes, "test": 2 * n_classes}
+    assert stores["val"].meta.class_counts == (1,) * n_classes
+    assert stores["test"].classes == tuple(f"class{c:03d}" for c in range(n_classes))
+    test_images, _ = fixture_images(2 * n_classes, n_classes, 100_000)
+    np.testing.assert_array_equal(stores["test"].images, test_images)  # torchvision's order is kept
+    folder = f"data/downloads/{'cifar-100-python' if name == 'cifar100' else 'cifar-10-batches-py'}"
+    recorded = {"kind": "torchvision", "name": name, "path": folder, "sha256": source_sha256(project / folder)}
+    assert {k: stores["train"].meta.source[k] for k in recorded} == recorded
+    assert json.loads((project / "data" / "source.json").read_text())["train"] == {**recorded, "split": "train"}
+
+
+def test_without_archive_or_network_fetch_and_prepare_fail_cleanly(tmp_path: Path) -> None:
+    """One message naming both ways to provide data, exit 1, no data written (prepare's MLflow run says it failed)."""
+    write_params(tmp_path / "params.yaml", "data:\n  path: ../no/cifar10-jpeg.tar.gz\n")
+    for stage in ("fetch", "prepare"):
+        result = run_dmat(stage, cwd=tmp_path, env=NO_NETWORK)
+        assert result.returncode == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith(f"dmat {stage}: error: no cifar10 data:"), result.stderr
+        assert "Traceback" not in result.stderr
+        assert "at data.path" in errors[0] and "data.download_dir (data/downloads)" in errors[0]
+        if stage == "fetch":
+            assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dmat.tracking import TrackingError, check_reachable, project_root
+from dmat.files import project_root
+from dmat.tracking import TrackingError, check_reachable
 from tests.conftest import run_dmat, write_params
 
 
@@ -44,3 +45,18 @@ def test_stage_with_unreachable_server_exits_in_seconds(tmp_path: Path, image_ar
     assert result.returncode == 1 and uri in result.stderr and "unreachable" in result.stderr
     assert time.monotonic() - started < 30
     assert not (tmp_path / "data" / "real").exists()
+
+
+def test_params_paths_resolve_against_the_project_root_from_dvc_temp_copies(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc exp run --queue` runs stages in <root>/.dvc/tmp/exps/<name>: ../shared is beside <root>, not the copy."""
+    from dmat.files import in_project
+
+    (tmp_path / ".dvc").mkdir()
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert in_project("../shared/data.tgz") == tmp_path.resolve() / "../shared/data.tgz"
+    assert in_project("/abs/data.tgz") == Path("/abs/data.tgz")
+    monkeypatch.chdir(tmp_path)
+    assert in_project("../shared/data.tgz") == Path("../shared/data.tgz")  # in the project itself: as written

@@ -17,9 +17,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # subcommand -> (stage module with run(params), help text)
 STAGES: dict[str, tuple[str, str]] = {
+    "fetch": ("dmat.stages.fetch",
+              "Find the real data (source auto: data.path when it exists, else torchvision's download into "
+              "data.download_dir, once) and record which -> data/source.json (kind, path, sha256 per split)."),
     "prepare": ("dmat.stages.prepare",
                 "Real data -> data/real/{train,val,test} canonical stores, split and subset as params.yaml's "
-                "`data` section says (source: torchvision, imagefolder or npz)."),
+                "`data` section says (source: auto, imagefolder, npz or torchvision)."),
     "train-diffusion": ("dmat.stages.train_diffusion",
                         "Train the class-conditional EDM denoiser on data/real/train, with adversarial training of "
                         "the diffusion model (mode none | random | adversarial | invariance) -> "

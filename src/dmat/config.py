@@ -94,10 +94,13 @@ class DataConfig:
 
     # Dataset name: picks the torchvision dataset and the classifier's normalisation constants.
     name: str = allowed("cifar10", pattern=r"^[a-z0-9_\-]{1,64}$")
-    source: Literal["torchvision", "imagefolder", "npz"] = "imagefolder"
+    # auto: data.path when it exists (as imagefolder), else torchvision's files in data.download_dir.
+    source: Literal["auto", "imagefolder", "npz", "torchvision"] = "auto"
     # imagefolder: a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*;
-    # npz: a directory with train.npz and test.npz; torchvision: the download/cache directory.
+    # npz: a directory with train.npz and test.npz.
     path: str = allowed("../shared/data/cifar10-jpeg.tar.gz", pattern=r"^.{1,4096}$")
+    # torchvision (and auto's fallback): its files are used when there, else downloaded there once.
+    download_dir: str = allowed("data/downloads", pattern=r"^.{1,4096}$")
     val_size: int = allowed(1024, min=0)  # held out of the training images before any subsetting
     train_limit: int | None = allowed(None, min=1)  # class-stratified seeded subset; null = all
     test_limit: int | None = allowed(None, min=1)

@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: readers never see a half-written output."""
+"""Atomic file and directory writes (readers never see a half-written output), file digests, and where the
+project is."""
 
 from __future__ import annotations
 
@@ -75,3 +76,28 @@ def write_json(path: str | Path, obj: Any) -> None:
 def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project's root: the directory holding `.dvc/`, looking through DVC's temporary copies."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    # `dvc exp run --temp/--queue` works in <root>/.dvc/tmp/exps/<name>/...: that copy belongs to <root>.
+    for i in range(len(parts) - 1):
+        if parts[i] == ".dvc" and parts[i + 1] == "tmp":
+            return Path(*parts[:i])
+    for candidate in (here, *here.parents):
+        if (candidate / ".dvc").is_dir():
+            return candidate
+    return here
+
+
+def in_project(path: str | Path) -> Path:
+    """A path from params.yaml: absolute as given, relative to the project root. In DVC's temporary copies
+    (`dvc exp run --temp/--queue`), which hold only the repository's files, that is the real project's root,
+    where the data beside it (../shared) and the download directory are."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    root = project_root()
+    return path if root == Path.cwd().resolve() else root / path

@@ -23,24 +23,11 @@ from typing import Any
 from dmat.config import as_dict, flatten, to_yaml
 from dmat.data.store import ArrayStore
 from dmat.errors import TrackingError
+from dmat.files import project_root
 
 # MLflow stores a dataset digest in a 36-character column; the full sha256 goes into a tag.
 MLFLOW_DIGEST_LENGTH = 36
 PREFLIGHT_TIMEOUT_S = 5.0
-
-
-def project_root(start: Path | None = None) -> Path:
-    """The project's root: the directory holding `.dvc/`, looking through DVC's temporary copies."""
-    here = (start or Path.cwd()).resolve()
-    parts = here.parts
-    # `dvc exp run --temp` works in <root>/.dvc/tmp/exps/<name>/...: the store belongs to <root>.
-    for i in range(len(parts) - 1):
-        if parts[i] == ".dvc" and parts[i + 1] == "tmp":
-            return Path(*parts[:i])
-    for candidate in (here, *here.parents):
-        if (candidate / ".dvc").is_dir():
-            return candidate
-    return here
 
 
 def tracking_uri(root: Path | None = None) -> str:

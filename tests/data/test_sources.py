@@ -1,4 +1,5 @@
-"""Data sources: image folders (directory and archive) and npz, and the errors users meet."""
+"""Data sources: image folders (directory and archive), npz, torchvision's CIFAR files and `auto`, and the errors
+users meet."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmat.data.sources import DataError, open_source
+from dmat.data.sources import DataError, open_source, source_sha256
 from tests.conftest import TINY_CLASSES, class_image, encode_png, make_archive
+from tests.torchvision_files import LAYOUTS, NO_NETWORK, apply_checksums, fixture_images, write_cifar
 
 
 def _read_all(split) -> np.ndarray:
@@ -113,3 +115,88 @@ def test_npz_missing_key(tmp_path: Path) -> None:
     np.savez(folder / "train.npz", images=np.zeros((1, 2, 2, 3), np.uint8), label=np.zeros(1))
     with pytest.raises(DataError, match=r"train.npz: missing key\(s\) \['image'\]"):
         open_source("npz", folder, name="toy")
+
+
+def test_directory_sources_are_fingerprinted_by_content(image_folder: Path) -> None:
+    before = open_source("imagefolder", image_folder, name="tiny")["train"].description["sha256"]
+    assert before == source_sha256(image_folder)
+    (image_folder / ".cache").write_bytes(b"hidden files are not data")
+    assert source_sha256(image_folder) == before
+    (image_folder / "test" / "apple" / "0001.png").write_bytes(encode_png(class_image(2, 9)))
+    assert source_sha256(image_folder) != before
+
+
+# torchvision's CIFAR files, read through its own dataset classes with the checksum table pointed at the fixture.
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any download attempt fails at once (an unreachable proxy): these tests never touch the network."""
+    for key, value in NO_NETWORK.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_torchvision_reads_its_cifar_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: None,
+                                            name: str) -> None:
+    apply_checksums(write_cifar(tmp_path / "downloads", name, train_per_class=3, test_per_class=2), monkeypatch)
+    splits = open_source("torchvision", tmp_path / "nowhere", name=name, download_dir=tmp_path / "downloads")
+    n_classes = 100 if name == "cifar100" else 10
+    train, test = splits["train"], splits["test"]
+    assert (len(train.labels), len(test.labels)) == (3 * n_classes, 2 * n_classes)
+    assert train.classes == test.classes == tuple(f"class{c:03d}" for c in range(n_classes))
+    assert train.image_shape == (32, 32, 3) and train.ordered
+    expected, labels = fixture_images(3 * n_classes, n_classes, 0)
+    np.testing.assert_array_equal(_read_all(train), expected)  # torchvision order, HWC, pixel for pixel
+    assert train.labels.tolist() == labels
+    folder = tmp_path / "downloads" / LAYOUTS[name][1]
+    assert train.description == {"kind": "torchvision", "name": name, "path": str(folder),
+                                 "sha256": source_sha256(folder), "split": "train"}
+
+
+def test_torchvision_download_branch_extracts_the_verified_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   offline: None) -> None:
+    """Only the archive a download leaves is there: torchvision finds it verified, extracts and checks it."""
+    downloads = tmp_path / "downloads"
+    apply_checksums(write_cifar(downloads, "cifar10", 2, 1, archived=True), monkeypatch)
+    splits = open_source("torchvision", tmp_path / "nowhere", name="cifar10", download_dir=downloads)
+    assert len(splits["train"].labels) == 20 and (downloads / "cifar-10-batches-py" / "data_batch_5").is_file()
+
+
+def test_torchvision_rejects_files_failing_its_checksums(tmp_path: Path, offline: None,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """The real checksum table: fixture files fail it, the download cannot replace them, nothing is left behind."""
+    downloads = tmp_path / "downloads"
+    write_cifar(downloads, "cifar10", 1, 1)
+    before = sorted(downloads.rglob("*"))
+    with pytest.raises(DataError, match=r"torchvision could not download cifar10 into .*Connect to a network"):
+        open_source("torchvision", tmp_path / "nowhere", name="cifar10", download_dir=downloads)
+    assert sorted(downloads.rglob("*")) == before
+    assert "downloading them once with torchvision" in capsys.readouterr().err
+
+
+def test_auto_uses_the_image_folder_when_it_exists(tmp_path: Path, image_archive: Path) -> None:
+    splits = open_source("auto", image_archive, name="cifar10", download_dir=tmp_path / "downloads")
+    assert splits["test"].description["kind"] == "imagefolder" and splits["train"].classes == TINY_CLASSES
+    assert not (tmp_path / "downloads").exists()
+
+
+def test_auto_falls_back_to_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: None) -> None:
+    apply_checksums(write_cifar(tmp_path / "downloads", "cifar10", 2, 1), monkeypatch)
+    splits = open_source("auto", tmp_path / "cifar10-jpeg.tar.gz", name="cifar10", download_dir=tmp_path / "downloads")
+    assert splits["train"].description["kind"] == "torchvision" and len(splits["test"].labels) == 10
+
+
+def test_auto_without_either_names_both_ways_and_writes_nothing(tmp_path: Path, offline: None) -> None:
+    downloads = tmp_path / "data" / "downloads"
+    with pytest.raises(DataError) as raised:
+        open_source("auto", tmp_path / "cifar10-jpeg.tar.gz", name="cifar10", download_dir=downloads)
+    message = str(raised.value)
+    assert "cifar10-jpeg.tar.gz does not exist" in message and "URLError" in message
+    assert "at data.path" in message and f"into data.download_dir ({downloads})" in message
+    assert not (tmp_path / "data").exists()
+
+
+def test_auto_cannot_download_a_dataset_torchvision_does_not_have(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data.name = 'tiny' is not a torchvision dataset"):
+        open_source("auto", tmp_path / "nowhere", name="tiny", download_dir=tmp_path / "downloads")

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Which real data `fetch` found (kind, path, sha256 per split): what `prepare` depends on.
+SOURCE_RECORD = Path("data/source.json")
+
 # Real data (prepare): canonical stores.
 REAL_DIR = Path("data/real")
 REAL_SPLITS = ("train", "val", "test")

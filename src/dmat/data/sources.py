@@ -1,4 +1,5 @@
-"""Where real images come from: torchvision datasets, image folders (directory or tar archive), npz.
+"""Where real images come from: torchvision datasets, image folders (directory or tar archive), npz,
+or `auto`: the image folder or archive at `data.path` when it exists, else torchvision's download.
 
 Each source gives, per split, the labels of every item up front (cheap: from folder names or
 label arrays) and a reader that decodes only the items asked for. `prepare` picks its subsets from
@@ -7,7 +8,12 @@ the labels first, so a small CPU run never decodes the whole dataset.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import os
+import shutil
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +27,8 @@ from dmat.errors import DataError
 from dmat.files import sha256_file
 
 SPLITS = ("train", "test")
+# Dataset name -> its class in torchvision.datasets.
+TORCHVISION_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
 
 
 @dataclass
@@ -38,16 +46,68 @@ class SplitSource:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def open_source(source: str, path: str | Path, *, name: str, resize: tuple[int, int] | None = None,
+def open_source(source: str, path: str | Path, *, name: str, download_dir: str | Path | None = None,
+                resize: tuple[int, int] | None = None,
                 classes: tuple[str, ...] | None = None) -> dict[str, SplitSource]:
-    """Open a data source; returns {"train": ..., "test": ...} with identical class lists."""
+    """Open a data source; returns {"train": ..., "test": ...} with identical class lists.
+
+    `path` is the image folder/archive or npz directory; `download_dir` (needed by auto and torchvision)
+    is where torchvision's files are, downloaded there once when missing. Each split's `description`
+    says what was opened: kind, path and sha256, so that data from different sources is never confused.
+    """
+    if source in ("auto", "torchvision") and download_dir is None:
+        raise ValueError(f"data source {source!r} needs a download_dir")
+    if source == "auto":
+        return _open_auto(Path(path), Path(download_dir), name, resize)
     if source == "imagefolder":
         return _open_imagefolder(Path(path), resize)
     if source == "npz":
         return _open_npz(Path(path), classes)
     if source == "torchvision":
-        return _open_torchvision(name, Path(path))
+        try:
+            return _open_torchvision(name, Path(download_dir))
+        except DownloadFailed as err:
+            raise DataError(f"{err} Connect to a network and rerun, put torchvision's {name} files in "
+                            f"{download_dir}, or use data.source: imagefolder with data.path pointing at an image "
+                            "folder or archive (train/<class>/, test/<class>/)") from None
     raise DataError(f"unknown data source {source!r}")
+
+
+def source_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's visible files: their relative paths and sha256s, sorted.
+
+    Hidden files and folders (names starting with '.') are left out, as image folders ignore them.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    lines = []
+    for folder, subfolders, files in os.walk(path):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        lines += [f"{(Path(folder) / f).relative_to(path).as_posix()}\0{sha256_file(Path(folder) / f)}\n"
+                  for f in files if not f.startswith(".")]
+    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+
+
+def _open_auto(path: Path, download_dir: Path, name: str, resize: tuple[int, int] | None) -> dict[str, SplitSource]:
+    """The image folder or archive at `path` when it exists, else torchvision's `name` in `download_dir`."""
+    if path.exists():  # whatever data.name says: the name alone never switches the data
+        return _open_imagefolder(path, resize)
+    if name not in TORCHVISION_CLASSES:
+        raise DataError(f"{path}: data.path does not exist, and data.name = {name!r} is not a torchvision dataset "
+                        f"({', '.join(TORCHVISION_CLASSES)}) that could be downloaded instead: point data.path "
+                        "at an image folder or archive with train/<class>/ and test/<class>/")
+    try:
+        return _open_torchvision(name, download_dir)
+    except DownloadFailed as err:
+        offline = " (for CIFAR-10, the team's offline archive cifar10-jpeg.tar.gz)" if name == "cifar10" else ""
+        raise DataError(
+            f"no {name} data: data.path {path} does not exist, and {err} Provide the data in one of two ways: "
+            f"(1) put an image folder or archive with train/<class>/ and test/<class>/ at data.path{offline}, or "
+            f"point data.path at one; (2) connect to a network once, so that torchvision downloads {name} "
+            f"(checksums verified) into data.download_dir ({download_dir}), or copy torchvision's {name} files "
+            "there. Then rerun."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,12 +170,11 @@ def _open_imagefolder(path: Path, resize: tuple[int, int] | None) -> dict[str, S
     if path.is_dir():
         entries, class_dirs = _list_directory(path)
         open_bytes = _directory_reader()
-        description = {"kind": "imagefolder", "path": str(path)}
     elif tarfile.is_tarfile(path):
         entries, class_dirs, open_bytes = _list_archive(path)
-        description = {"kind": "imagefolder", "path": str(path), "sha256": sha256_file(path)}
     else:
         raise DataError(f"{path}: not a directory or a .tar/.tar.gz archive")
+    description = {"kind": "imagefolder", "path": str(path), "sha256": source_sha256(path)}
     classes = _check_classes(path, entries, class_dirs)
     fmt = ImageFormat((resize[1], resize[0]), "RGB", resize=True) if resize else None
     splits = {}
@@ -295,33 +354,67 @@ def _open_npz(path: Path, classes: tuple[str, ...] | None) -> dict[str, SplitSou
     return splits
 
 
+class DownloadFailed(DataError):
+    """torchvision's files are not in the download directory and could not be downloaded there."""
+
+
 def _open_torchvision(name: str, root: Path) -> dict[str, SplitSource]:
-    return {split: _torchvision_split(name, root, split) for split in SPLITS}
+    datasets = {split: _load_or_download(name, root, split) for split in SPLITS}
+    # What prepare reads, fingerprinted: CIFAR's extracted folder (both splits), SVHN's file per split.
+    files = {split: root / (dataset.split_list[split][1] if name == "svhn" else dataset.base_folder)
+             for split, dataset in datasets.items()}
+    digests = {path: source_sha256(path) for path in set(files.values())}
+    return {split: _torchvision_split(name, root, split, dataset, files[split], digests[files[split]])
+            for split, dataset in datasets.items()}
 
 
-def _torchvision_split(name: str, root: Path, split: str) -> SplitSource:
+def _torchvision_dataset(name: str, root: Path, split: str, download: bool):
+    """torchvision's dataset class for one split; it verifies every file against its own md5 table."""
     import torchvision.datasets as tvd
 
-    factories = {
-        "cifar10": lambda download: tvd.CIFAR10(str(root), train=split == "train", download=download),
-        "cifar100": lambda download: tvd.CIFAR100(str(root), train=split == "train", download=download),
-        "svhn": lambda download: tvd.SVHN(str(root), split=split, download=download),
-    }
+    dataset_class = getattr(tvd, TORCHVISION_CLASSES[name])
+    if name == "svhn":
+        return dataset_class(str(root), split=split, download=download)
+    return dataset_class(str(root), train=split == "train", download=download)
+
+
+def _load_or_download(name: str, root: Path, split: str):
     try:
-        dataset = factories[name](False)
-    except RuntimeError:  # not there yet: download once
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            dataset = factories[name](True)
-        except Exception as err:
-            raise DataError(
-                f"{root}: {name} is not there and could not be downloaded ({type(err).__name__}: {err}). "
-                f"Put torchvision's {name} files in {root}, or use data.source: imagefolder with data.path "
-                "pointing at an image folder or archive (offline CIFAR-10: ../shared/data/cifar10-jpeg.tar.gz)"
-            ) from None
+        return _torchvision_dataset(name, root, split, download=False)
+    except RuntimeError:  # missing, or failing torchvision's checksums: download once
+        pass
+    print(f"{root} holds no verified {name} {split} files: downloading them once with torchvision (checksums "
+          "verified)", file=sys.stderr)
+    try:
+        with _removed_on_failure(root):
+            return _torchvision_dataset(name, root, split, download=True)
+    except Exception as err:  # urllib, socket, ssl, tarfile, and torchvision's checksum RuntimeError
+        raise DownloadFailed(f"torchvision could not download {name} into {root} ({type(err).__name__}: "
+                             f"{err}).") from None
+
+
+@contextlib.contextmanager
+def _removed_on_failure(root: Path) -> Iterator[None]:
+    """Remove what a failed or interrupted download left behind: the folders it created for `root`, or else
+    the new entries in `root`."""
+    new_folder = next((p for p in reversed((root, *root.parents)) if not p.exists()), None)  # outermost missing
+    before = set() if new_folder else set(root.iterdir())
+    try:
+        yield
+    except BaseException:
+        leftovers = [new_folder] if new_folder else set(root.iterdir()) - before if root.is_dir() else []
+        for leftover in leftovers:
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        raise
+
+
+def _torchvision_split(name: str, root: Path, split: str, dataset, files: Path, sha256: str) -> SplitSource:
     if name == "svhn":
         images, labels, classes = dataset.data.transpose(0, 2, 3, 1), np.asarray(dataset.labels), tuple("0123456789")
     else:
         images, labels, classes = np.asarray(dataset.data), np.asarray(dataset.targets), tuple(dataset.classes)
-    return _array_split(np.ascontiguousarray(images), labels, classes,
-                        {"kind": "torchvision", "name": name, "split": split}, f"{root} ({name} {split})")
+    description = {"kind": "torchvision", "name": name, "path": str(files), "sha256": sha256, "split": split}
+    return _array_split(np.ascontiguousarray(images), labels, classes, description, f"{root} ({name} {split})")

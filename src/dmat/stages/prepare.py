@@ -20,7 +20,7 @@ from dmat.data.sources import SplitSource, open_source
 from dmat.data.splits import purpose_rng, stratified_sample
 from dmat.data.store import ArrayStore, create_store
 from dmat.errors import DataError
-from dmat.files import atomic_path, write_json
+from dmat.files import atomic_path, in_project, write_json
 from dmat.tracking import stage_run
 
 STAGE = "prepare"
@@ -90,7 +90,8 @@ def _describe(split: SplitSource, name: str, params: Params) -> dict:
 def run(params: Params) -> dict:
     cfg = params.data
     with stage_run(STAGE, params, SECTIONS) as tracked:
-        splits = open_source(cfg.source, cfg.path, name=cfg.name, resize=cfg.resize, classes=cfg.classes)
+        splits = open_source(cfg.source, in_project(cfg.path), name=cfg.name,
+                             download_dir=in_project(cfg.download_dir), resize=cfg.resize, classes=cfg.classes)
         chosen = select_items(splits, params)
         source = splits["train"].description
         if "sha256" in source:

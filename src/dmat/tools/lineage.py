@@ -543,8 +543,11 @@ def build_real(ws: Workspace, node: Node) -> None:
 
 
 def build_source(ws: Workspace, node: Node) -> None:
-    digest = node.facts["sha256"] = ws.sha256(node.path)
-    node.details.update({"kind": "file" if digest else "directory", "sha256": digest})
+    from dmat.data.sources import source_sha256  # a folder's digest, as prepare recorded it
+
+    directory = node.path.is_dir()
+    digest = node.facts["sha256"] = source_sha256(node.path) if directory else ws.sha256(node.path)
+    node.details.update({"kind": "directory" if directory else "file", "sha256": digest})
 
 
 BUILDERS: dict[str, Callable[[Workspace, Node], Any]] = {
