@@ -95,6 +95,14 @@ def test_paper_profile_is_the_reference_recipe() -> None:
     assert abs(t.attack.eps - 8 / 255) < 1e-12 and t.attack.steps == 10
 
 
+def test_training_attack_step_size_is_derived_unless_set() -> None:
+    assert parse_params({}).train.attack.step_size is None
+    assert load_params(REPO_ROOT / "params.yaml").train.attack.step_size is None
+    assert parse_params({"train": {"attack": {"step_size": "2/255"}}}).train.attack.step_size == 2 / 255
+    with pytest.raises(ParamsError, match=r"train\.attack\.step_size = 0\.0 is not allowed: expected a number .*> 0"):
+        parse_params({"train": {"attack": {"step_size": 0}}})
+
+
 def test_new_sections_reject_bad_values() -> None:
     for raw, key in [({"train": {"loss": "mart"}}, "train.loss"),
                      ({"train": {"attack": {"norm": "L1"}}}, "train.attack.norm"),

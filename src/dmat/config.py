@@ -220,7 +220,9 @@ class ThreatConfig:
 
     norm: Literal["Linf", "L2"] = "Linf"
     eps: float = allowed(8 / 255, min=0)
-    step_size: float = allowed(2 / 255, min=0)
+    # null = derived from eps and steps as the reference does (dmat.core.attacks.default_step_size):
+    # Linf 2.5·eps/steps (2/255 at 8/255, 10 steps), L2 2·eps/steps (its L2 solver's learning rate)
+    step_size: float | None = allowed(None, above=0)
     steps: int = allowed(10, min=0)
 
 
@@ -238,7 +240,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = allowed(5e-4, min=0)  # not applied to BatchNorm parameters
     beta: float = allowed(5.0, min=0)  # TRADES robustness weight
-    label_smoothing: float = allowed(0.1, min=0, max=0.99)  # clean CE term only
+    label_smoothing: float = allowed(0.1, min=0, max=0.99)  # TRADES' clean CE term only (PGD-AT: plain CE)
     ema_tau: float = allowed(0.995, min=0, max=1)
     augment: bool = True  # crop + flip (never for SVHN)
     attack: ThreatConfig = field(default_factory=ThreatConfig)

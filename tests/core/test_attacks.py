@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmat.core.attacks import ATTACK_LOSSES, cw_loss, pgd
+from dmat.core.attacks import ATTACK_LOSSES, cw_loss, default_step_size, kl_loss, l2_sgd, pgd
 from tests.conftest import tiny_bn_net
 
 NORMS = {"Linf": (8 / 255, 2 / 255), "L2": (0.5, 0.15)}  # norm -> (eps, step size)
@@ -145,3 +145,84 @@ def test_bad_arguments_are_rejected(model, batch) -> None:
         pgd(model, x, y, norm="L1", eps=0.1, step_size=0.1, steps=1, loss="ce")
     with pytest.raises(ValueError, match="loss"):
         pgd(model, x, y, norm="L2", eps=0.1, step_size=0.1, steps=1, loss="dlr")
+
+
+# --- the reference's L2 solver for TRADES (l2_sgd) --------------------------------------------------------
+
+
+def _linear(weight: list[list[float]]) -> nn.Module:
+    """logits = W·x on 1×1×2 images: with the CW loss the input gradient is W_other − W_true, everywhere."""
+    layer = nn.Linear(2, len(weight), bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weight))
+    return nn.Sequential(nn.Flatten(), layer)
+
+
+def _start(seed: int, n: int = 1) -> torch.Tensor:
+    """The solver's start δ0 = 0.001·N(0, I) for n 1×1×2 images, drawn as it draws it."""
+    return 0.001 * torch.randn((n, 1, 1, 2), generator=torch.Generator().manual_seed(seed))
+
+
+def _l2_sgd(model, x, *, eps, step_size, steps, seed=0, loss="cw"):
+    y = torch.zeros(len(x), dtype=torch.long)
+    return l2_sgd(model, x, y, eps=eps, step_size=step_size, steps=steps, loss=loss,
+                  generator=torch.Generator().manual_seed(seed))
+
+
+def test_l2_sgd_steps_along_the_normalised_gradient_and_rescales_into_the_ball() -> None:
+    # Gradient (3, 4): unit direction (0.6, 0.8). eps 0.1, 3 steps of 2·eps/3: the second step leaves the
+    # ball and is rescaled onto it, the third too, ending at eps·(0.6, 0.8) up to the 0.001 start.
+    model, x, eps, steps = _linear([[0.0, 0.0], [3.0, 4.0]]), torch.full((1, 1, 1, 2), 0.5), 0.1, 3
+    lr, direction = 2 * eps / steps, torch.tensor([0.6, 0.8])
+    delta = _start(0).flatten()
+    for _ in range(steps):  # by hand: x stays inside [0, 1], so only the rescaling acts
+        delta = delta + lr * direction
+        delta = delta * min(1.0, eps / float(delta.norm()))
+    x_adv = _l2_sgd(model, x, eps=eps, step_size=lr, steps=steps)
+    torch.testing.assert_close(x_adv.flatten(), 0.5 + delta, rtol=0, atol=1e-7)
+    torch.testing.assert_close(x_adv.flatten(), torch.tensor([0.56, 0.58]), rtol=0, atol=2e-3)
+
+
+def test_l2_sgd_clips_to_the_image_range_before_rescaling() -> None:
+    # One step of 0.2 along (1, 1)/√2 from x = (1, 0.5): clipping first zeroes the saturated pixel, then the
+    # rescaling gives the other the whole radius: x_adv = (1, 0.6). (Rescaling first would give 0.5 + 0.0707.)
+    model, x = _linear([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([1.0, 0.5]).view(1, 1, 1, 2)
+    x_adv = _l2_sgd(model, x, eps=0.1, step_size=0.2, steps=1)
+    torch.testing.assert_close(x_adv.flatten(), torch.tensor([1.0, 0.6]), rtol=0, atol=1e-6)
+
+
+def test_l2_sgd_moves_along_a_random_unit_direction_where_the_gradient_is_zero() -> None:
+    model, x, lr = _linear([[0.0, 0.0], [0.0, 0.0]]), torch.full((64, 1, 1, 2), 0.5), 0.05
+    x_adv = _l2_sgd(model, x, eps=0.5, step_size=lr, steps=1)
+    step = (x_adv - x - _start(0, 64)).flatten(1)  # what the one step added to the start
+    assert torch.isfinite(x_adv).all()
+    torch.testing.assert_close(step.norm(dim=1), torch.full((64,), lr), rtol=0, atol=1e-6)
+    assert len({tuple(row.tolist()) for row in step.sign()}) > 1  # not one fixed direction
+
+
+@pytest.mark.parametrize("step_scale", [1.0, 10.0])
+def test_l2_sgd_stays_in_ball_and_image_range(model, batch, step_scale) -> None:
+    x, y = batch
+    eps = NORMS["L2"][0]
+    with torch.no_grad():
+        target = F.softmax(model(x), dim=1)
+    x_adv = l2_sgd(model, x, y, eps=eps, step_size=0.1 * step_scale, steps=5, loss="kl", target_probs=target,
+                   generator=torch.Generator().manual_seed(0))
+    assert (_distance(x_adv - x, "L2") <= eps * (1 + 1e-5)).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert kl_loss(model(x_adv), y, target) > kl_loss(model(x), y, target)
+
+
+def test_l2_sgd_with_zero_eps_returns_the_input_exactly(model, batch) -> None:
+    x, y = batch
+    x_adv = l2_sgd(model, x, y, eps=0.0, step_size=0.1, steps=2, loss="ce", generator=torch.Generator())
+    assert torch.equal(x_adv, x)
+
+
+def test_default_step_sizes_follow_the_reference() -> None:
+    assert default_step_size("Linf", 8 / 255, 10) == pytest.approx(2 / 255)  # the reference's Linf step
+    assert default_step_size("L2", 0.5, 10) == pytest.approx(0.1)  # its L2 solver: lr = 2·eps/steps
+    assert default_step_size("L2", 0.5, 0) == pytest.approx(1.0)  # no division by zero steps
+    with pytest.raises(ValueError, match="norm"):
+        default_step_size("L1", 0.5, 10)

@@ -1,4 +1,5 @@
-"""Diffusion-model metrics against known answers: Gaussian-optimal denoisers, Gaussian Fréchet distances."""
+"""Diffusion-model metrics against known answers: Gaussian-optimal denoisers, Gaussian Fréchet distances,
+hand-made point sets for k-NN precision/recall, copies for memorisation."""
 
 import math
 
@@ -13,6 +14,7 @@ from dmat.core.diffusion_at import DiffusionATConfig
 from dmat.core.diffusion_metrics import (
     ClassMeans,
     FeatureMoments,
+    NearestNeighbours,
     adversarial_perturbation,
     class_mean_agreement,
     conditional_accuracy,
@@ -21,6 +23,11 @@ from dmat.core.diffusion_metrics import (
     frechet_distance,
     inception_feature_network,
     inception_features,
+    inside_manifold,
+    knn_precision_recall,
+    knn_radii,
+    memorisation,
+    memorisation_threshold,
 )
 
 BOX = DiffusionATConfig(mode="adversarial", rho=2.0, floor_min=12 / 255, floor_max=12 / 255)
@@ -230,3 +237,101 @@ def test_class_mean_agreement_leaves_out_classes_without_images() -> None:
     assert generated[2].isnan().all()
     agreement = class_mean_agreement(real, generated)
     assert agreement["layout"] > 0.9 and math.isfinite(agreement["colour"])
+
+
+# --- k-NN precision/recall and memorisation -----------------------------------------------------------------
+
+
+def _line(*points: float) -> torch.Tensor:
+    """Points on a line, as (N, 1) feature vectors."""
+    return torch.tensor(points, dtype=torch.float64)[:, None]
+
+
+def test_knn_radii_are_the_distance_to_the_kth_other_point() -> None:
+    real = _line(0, 1, 2, 3, 4)
+    torch.testing.assert_close(knn_radii(real, k=1), _line(1, 1, 1, 1, 1).flatten())
+    # k = 3: from 0 the third other point is 3; from 2 it is one of 0 / 4 (the others are 1 and 3).
+    torch.testing.assert_close(knn_radii(real, k=3), _line(3, 2, 2, 2, 3).flatten())
+    torch.testing.assert_close(knn_radii(_line(0, 0, 5), k=1), _line(0, 0, 5).flatten())  # a duplicate is a neighbour
+    with pytest.raises(ValueError, match="k"):
+        knn_radii(real, k=5)
+
+
+def test_knn_precision_recall_on_hand_made_point_sets() -> None:
+    # Real 0..4 with k = 1: balls of radius 1, manifold [-1, 5]. Generated {0, 0.2, 10, 10.2}: radius 0.2
+    # each, manifold [-0.2, 0.4] ∪ [9.8, 10.4]. Precision: 0 and 0.2 are real-like, 2/4. Recall: of the real
+    # points only 0 is covered, 1/5.
+    result = knn_precision_recall(_line(0, 1, 2, 3, 4), _line(0, 0.2, 10, 10.2), k=1)
+    assert result == {"precision": pytest.approx(0.5), "recall": pytest.approx(0.2)}
+    # The ball's boundary belongs to it: 5 lies exactly at distance 1 from 4.
+    assert knn_precision_recall(_line(0, 1, 2, 3, 4), _line(5, 5.5), k=1)["precision"] == pytest.approx(0.5)
+
+
+def test_knn_precision_recall_identical_sets_score_one_and_far_sets_zero() -> None:
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 16, generator=g)
+    assert knn_precision_recall(real, real.clone()) == {"precision": 1.0, "recall": 1.0}
+    assert knn_precision_recall(real, real + 100.0) == {"precision": 0.0, "recall": 0.0}
+
+
+def test_knn_precision_recall_sees_a_collapsed_generator() -> None:
+    """Mode collapse: generated samples all near one real point are realistic (precision 1) but cover
+    little of the real variety (recall low) — what FD alone cannot separate from small shifts."""
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(400, 2, generator=g, dtype=torch.float64)
+    collapsed = real[:1] + 0.01 * torch.randn(400, 2, generator=g, dtype=torch.float64)
+    result = knn_precision_recall(real, collapsed)
+    assert result["precision"] == 1.0 and result["recall"] < 0.05
+
+
+def test_coverage_is_the_same_in_any_chunk_size_and_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(2)
+    real, generated = torch.randn(130, 3, 4, 4, generator=g), torch.randn(70, 3, 4, 4, generator=g) * 1.2
+    radii = knn_radii(real, 3, chunk=17)
+    distances = torch.cdist(real.flatten(1).double(), real.flatten(1).double())
+    torch.testing.assert_close(radii, distances.sort(dim=1).values[:, 3])
+    brute = (torch.cdist(generated.flatten(1).double(), real.flatten(1).double()) <= radii).any(dim=1)
+    assert torch.equal(inside_manifold(generated, real, radii, chunk=9), brute)
+    assert knn_precision_recall(real, generated, chunk=11) == knn_precision_recall(real, generated)
+
+
+def test_nearest_neighbours_streamed_in_chunks_match_brute_force() -> None:
+    g = torch.Generator().manual_seed(3)
+    queries, reference = torch.rand(50, 3, 8, 8, generator=g), torch.rand(203, 3, 8, 8, generator=g)
+    nearest = NearestNeighbours(queries, chunk=16)
+    for block in reference.split(64):  # as if read from a memory-mapped store
+        nearest.update(block)
+    distances = torch.cdist(queries.flatten(1).double(), reference.flatten(1).double())
+    torch.testing.assert_close(nearest.distances, distances.min(dim=1).values)
+    assert torch.equal(nearest.indices, distances.argmin(dim=1))
+    with pytest.raises(ValueError, match="no reference"):
+        _ = NearestNeighbours(queries).distances
+
+
+def test_a_copied_training_image_is_memorised_and_fresh_ones_are_not() -> None:
+    g = torch.Generator().manual_seed(4)
+    training, held_out = torch.rand(200, 3, 8, 8, generator=g), torch.rand(100, 3, 8, 8, generator=g)
+    copy = training[17:18] + 0.002 * torch.randn(1, 3, 8, 8, generator=g)  # a copy up to uint8 rounding
+    generated = torch.cat([copy, torch.rand(9, 3, 8, 8, generator=g)])
+
+    def nearest_training(images: torch.Tensor) -> NearestNeighbours:
+        nearest = NearestNeighbours(images)
+        nearest.update(training)
+        return nearest
+
+    found = nearest_training(generated)
+    assert found.indices[0] == 17
+    result = memorisation(found.distances, nearest_training(held_out).distances, quantile=0.05)
+    assert result["rate"] == pytest.approx(0.1)  # the copy, and none of the 9 fresh images
+    assert result["threshold"] > float(found.distances[0])
+
+
+def test_memorisation_threshold_is_calibrated_on_real_data() -> None:
+    calibration = torch.arange(1, 1001, dtype=torch.float64)  # distances 1..1000
+    # The lower 1% order statistic: 10 of the 1000 real images lie at or below it.
+    assert memorisation_threshold(calibration, 0.01) == 10.0
+    assert memorisation(calibration, calibration, 0.01)["rate"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="quantile"):
+        memorisation_threshold(calibration, 0.0)
+    with pytest.raises(ValueError, match="calibration"):
+        memorisation_threshold(torch.zeros(0), 0.01)

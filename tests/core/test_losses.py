@@ -154,18 +154,82 @@ def test_bn_batch_stats_frozen_restores_flags_after_an_error() -> None:
     assert _bn(model).training and _bn(model).track_running_stats
 
 
-def test_pgd_at_is_cross_entropy_on_pgd_examples() -> None:
+def _reference_trades_l2(model, x, y, *, eps, steps):
+    """TRADES under L2 written out as the reference trains it (DM-Improves-AT trades.py, 'l2-pgd'): SGD
+    on δ with lr 2·eps/steps from 0.001·randn, gradient renormalised per example, clip then renorm."""
+    delta = (0.001 * torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED))).requires_grad_(True)
+    optimizer = torch.optim.SGD([delta], lr=2 * eps / steps)
+    _bn(model).track_running_stats = False
+    with torch.no_grad():
+        p_natural = F.softmax(model(x), dim=1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = -F.kl_div(F.log_softmax(model(x + delta), dim=1), p_natural, reduction="batchmean")
+        loss.backward()
+        delta.grad.div_(delta.grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        optimizer.step()
+        with torch.no_grad():
+            delta.copy_((x + delta).clamp(0, 1) - x)
+            delta.copy_(delta.renorm(p=2, dim=0, maxnorm=eps))
+    _bn(model).track_running_stats = True
+    model.zero_grad()  # as the reference's optimizer.zero_grad(): the attack's backward filled parameter grads
+    x_adv = (x + delta.detach()).clamp(0, 1)
+    logits_natural, logits_adv = model(x), model(x_adv)
+    clean = F.cross_entropy(logits_natural, y, label_smoothing=SMOOTHING)
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_natural, dim=1), reduction="batchmean")
+    return clean + BETA * kl, x_adv
+
+
+def test_trades_l2_uses_the_reference_solver_with_its_default_step() -> None:
     model, (x, y) = _tiny_bn_net(), _batch()
-    attacked = copy.deepcopy(model)
+    reference = copy.deepcopy(model)
+    eps, steps = 0.5, 4
+    loss, _ = trades_loss(model, x, y, beta=BETA, label_smoothing=SMOOTHING, norm="L2", eps=eps, steps=steps,
+                          generator=torch.Generator().manual_seed(SEED))  # step_size None: lr 2·eps/steps
+    expected, x_adv = _reference_trades_l2(reference, x, y, eps=eps, steps=steps)
+    # torch's renorm scales by maxnorm / (norm + 1e-7): a relative difference of ~2e-7 per rescaling.
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert (x_adv - x).flatten(1).norm(dim=1).max() > 0.9 * eps  # the solver reaches the ball's surface
+    loss.backward()
+    expected.backward()
+    for ours, theirs in zip(_grads(model), _grads(reference), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def _trained_bn_net() -> nn.Module:
+    """The tiny net in train mode, with running statistics far from any one batch's."""
+    model = _tiny_bn_net()
+    with torch.no_grad():
+        model(3 * torch.rand(64, 3, 8, 8) - 1)
+    return model
+
+
+def test_pgd_at_attacks_in_eval_mode_and_trains_on_plain_ce_in_train_mode() -> None:
+    model, (x, y) = _trained_bn_net(), _batch()
+    attacked = copy.deepcopy(model).eval()
+    before = _bn(model).num_batches_tracked.item()
     loss, stats = pgd_at_loss(model, x, y, steps=STEPS, generator=torch.Generator().manual_seed(SEED))
-    generator = torch.Generator().manual_seed(SEED)
-    with bn_batch_stats_frozen(attacked):
-        x_adv = pgd(
-            attacked, x, y, norm="Linf", eps=EPS, step_size=STEP, steps=STEPS, loss="ce", generator=generator
-        )
-    torch.testing.assert_close(loss, F.cross_entropy(attacked(x_adv), y))
-    assert _bn(model).num_batches_tracked.item() == 1  # only the training forward counts
+    # The reference: PGD-CE on the eval-mode model (running statistics), uniform start, step 2.5·eps/steps.
+    x_adv = pgd(attacked, x, y, norm="Linf", eps=EPS, step_size=2.5 * EPS / STEPS, steps=STEPS, loss="ce",
+                generator=torch.Generator().manual_seed(SEED))
+    torch.testing.assert_close(loss, F.cross_entropy(copy.deepcopy(attacked).train()(x_adv), y))
+    with bn_batch_stats_frozen(attacked):  # the former policy (batch statistics) finds other points
+        x_batch_stats = pgd(attacked, x, y, norm="Linf", eps=EPS, step_size=2.5 * EPS / STEPS, steps=STEPS,
+                            loss="ce", generator=torch.Generator().manual_seed(SEED))
+    assert not torch.allclose(x_adv, x_batch_stats)
+    assert all(m.training for m in model.modules())  # the model's own mode is back
+    assert _bn(model).num_batches_tracked.item() == before + 1  # only the trained forward counts
+    with torch.no_grad():
+        torch.testing.assert_close(stats["clean_loss"], F.cross_entropy(attacked(x), y))
     assert stats["loss"] == stats["robust_loss"] and stats["clean_loss"] < stats["loss"]
+
+
+def test_pgd_at_restores_each_module_mode_after_an_error() -> None:
+    model, (x, y) = _trained_bn_net(), _batch()
+    model[2].eval()  # a mixed-mode model: one module already in eval mode
+    with pytest.raises(ValueError, match="norm"):
+        pgd_at_loss(model, x, y, norm="L1", step_size=0.1)
+    assert [m.training for m in model.modules()] == [True, True, True, False, True, True]
 
 
 def test_one_cycle_lr_warms_up_linearly_then_decays_by_cosine_to_zero() -> None:

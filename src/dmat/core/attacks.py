@@ -3,8 +3,10 @@
 PGD (Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks", eq. 2):
 start uniformly inside the eps-ball, take steepest-ascent steps on an attack loss (the gradient's
 sign under Linf, the L2-normalised gradient under L2) and project back onto the ball and onto the
-image range [0, 1] after every step. Every attack loss maps (logits, labels, clean probabilities)
-to a scalar summed over the batch; a sum keeps each example's gradient independent of batch size.
+image range [0, 1] after every step. `l2_sgd` is the reference's L2 solver for TRADES training, a
+variant with a small Gaussian start and the other projection order. Every attack loss maps (logits,
+labels, clean probabilities) to a scalar summed over the batch; a sum keeps each example's gradient
+independent of batch size.
 """
 
 from collections.abc import Callable
@@ -41,6 +43,18 @@ def cw_loss(logits: Tensor, y: Tensor, target_probs: Tensor | None = None) -> Te
 
 ATTACK_LOSSES: dict[str, AttackLoss] = {"ce": ce_loss, "kl": kl_loss, "cw": cw_loss}
 
+# Per-norm rule for the step size of a training attack, as a multiple of eps / steps. Linf: Madry et al.'s
+# 2.5, which gives the reference's 2/255 at eps 8/255 and 10 steps; L2: 2, the learning rate of the
+# reference's L2 solver (DM-Improves-AT trades.py: lr = epsilon / perturb_steps * 2).
+STEP_FRACTION = {"Linf": 2.5, "L2": 2.0}
+
+
+def default_step_size(norm: str, eps: float, steps: int) -> float:
+    """The step size of a `steps`-step training attack of radius `eps` under `norm` (`STEP_FRACTION`)."""
+    if norm not in STEP_FRACTION:
+        raise ValueError(f"norm must be one of {sorted(STEP_FRACTION)}, got {norm!r}")
+    return STEP_FRACTION[norm] * eps / max(steps, 1)
+
 
 def pgd(
     model: nn.Module,
@@ -73,6 +87,52 @@ def pgd(
         grad = _input_gradient(model, x_adv, y, ATTACK_LOSSES[loss], target_probs)
         x_adv = _project(x, x_adv + step_size * _STEEPEST_ASCENT[norm](grad), norm, eps)
     return x_adv.detach()
+
+
+def l2_sgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    loss: str,
+    target_probs: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """L2 adversarial examples as the reference's TRADES training finds them (DM-Improves-AT
+    gowal21uncovering/utils/trades.py, attack 'l2-pgd'; the original TRADES code's L2 branch).
+
+    δ starts at 0.001·N(0, I) (the first gradient is taken at x + δ, unclipped); each step is plain SGD
+    ascent on δ with learning rate `step_size` along the L2-normalised gradient, δ += step·g/‖g‖, then
+    x + δ is clipped to [0, 1] and δ rescaled into the eps-ball, in that order (PGD projects in the other
+    order). Where an example's gradient is exactly zero it steps along a random unit direction instead,
+    so it still moves (the reference takes an unnormalised Gaussian step there, which its rescaling then
+    mostly cuts back to the ball's surface). `generator` draws the start and those directions. The
+    model is used as given (see `pgd`). Returns clip(x + δ, 0, 1), detached.
+    """
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"loss must be one of {sorted(ATTACK_LOSSES)}, got {loss!r}")
+    x = x.detach()
+    delta = 0.001 * _randn(x, generator)
+    for _ in range(steps):
+        grad = _input_gradient(model, x + delta, y, ATTACK_LOSSES[loss], target_probs)
+        norms = _per_example_l2(grad)
+        if bool((norms == 0).any()):
+            random = _randn(x, generator)
+            grad = torch.where(norms == 0, random / _per_example_l2(random).clamp_min(_TINY), grad)
+            norms = _per_example_l2(grad)
+        delta = delta + step_size * grad / norms
+        delta = (x + delta).clamp(0.0, 1.0) - x
+        delta = delta * (eps / _per_example_l2(delta).clamp_min(_TINY)).clamp(max=1.0)
+    return (x + delta).clamp(0.0, 1.0).detach()
+
+
+def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like `x`, drawn on the generator's device, returned on x's."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device).to(x)
 
 
 def _input_gradient(

@@ -1,7 +1,8 @@
 """Adversarial training objectives (TRADES, PGD-AT) and the optimiser recipe of the reference.
 
 Reference: Wang et al. 2023, "Better Diffusion Models Further Improve Adversarial Training"
-(github.com/wzekai99/DM-Improves-AT: gowal21uncovering/utils/trades.py and watrain.py).
+(github.com/wzekai99/DM-Improves-AT: gowal21uncovering/utils/trades.py and watrain.py; PGD-AT in
+core/utils/train.py).
 """
 
 import math
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dmat.core.attacks import pgd
+from dmat.core.attacks import default_step_size, l2_sgd, pgd
 
 
 @contextmanager
@@ -39,6 +40,19 @@ def bn_batch_stats_frozen(model: nn.Module) -> Iterator[None]:
             module.track_running_stats = tracking
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Inside: every module in eval mode (as the reference's `ctx_eval`); each module's own mode is
+    restored on exit, also after an exception."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
 def trades_loss(
     model: nn.Module,
     x: Tensor,
@@ -48,34 +62,26 @@ def trades_loss(
     label_smoothing: float = 0.1,
     norm: str = "Linf",
     eps: float = 8 / 255,
-    step_size: float = 2 / 255,
+    step_size: float | None = None,
     steps: int = 10,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """TRADES (Zhang et al. 2019, eq. 5) as trained by the reference (DESIGN.md §4).
 
-    x_adv = PGD maximising KL(p(x) ‖ p(x_adv)) from uniform noise in the eps-ball, then
-    loss = CE_smooth(f(x), y) + β · KL(softmax f(x) ‖ softmax f(x_adv)) (batch mean). The attack and
+    x_adv maximises KL(p(x) ‖ p(x_adv)): under Linf by PGD from uniform noise in the eps-ball, under L2
+    by the reference's own solver (`attacks.l2_sgd`); `step_size` None takes `attacks.default_step_size`.
+    Then loss = CE_smooth(f(x), y) + β · KL(softmax f(x) ‖ softmax f(x_adv)) (batch mean). The attack and
     its clean target use batch statistics without touching BatchNorm's running statistics; the two
     training forwards run in the model's own mode (train, normally) and do update them. Label smoothing
     applies to the clean term only, and the KL target f(x) is not detached, so the KL also trains f(x).
     Returns the loss and detached per-batch statistics (no host sync is forced).
     """
+    step_size = default_step_size(norm, eps, steps) if step_size is None else step_size
     with bn_batch_stats_frozen(model):
         with torch.no_grad():
             p_clean = F.softmax(model(x).float(), dim=1)
-        x_adv = pgd(
-            model,
-            x,
-            y,
-            norm=norm,
-            eps=eps,
-            step_size=step_size,
-            steps=steps,
-            loss="kl",
-            target_probs=p_clean,
-            generator=generator,
-        )
+        attack = dict(eps=eps, step_size=step_size, steps=steps, loss="kl", target_probs=p_clean, generator=generator)
+        x_adv = l2_sgd(model, x, y, **attack) if norm == "L2" else pgd(model, x, y, norm=norm, **attack)
     logits_clean = model(x).float()
     logits_adv = model(x_adv).float()
     clean = F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing)
@@ -89,28 +95,30 @@ def pgd_at_loss(
     x: Tensor,
     y: Tensor,
     *,
-    label_smoothing: float = 0.0,
     norm: str = "Linf",
     eps: float = 8 / 255,
-    step_size: float = 2 / 255,
+    step_size: float | None = None,
     steps: int = 10,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PGD adversarial training (Madry et al. 2018, eq. 2): CE on PGD-CE examples from a uniform start.
+    """PGD adversarial training (Madry et al. 2018, eq. 2) as the reference runs it (core/utils/train.py,
+    `adversarial_loss`): plain CE on PGD-CE examples from a uniform start.
 
-    As in `trades_loss`, the attack (and the clean forward, only for the statistics) use batch
-    statistics without updating BatchNorm's running statistics; the reference attacks in eval mode here,
-    we keep one BatchNorm policy for both objectives. Only the adversarial forward is trained.
+    The attack runs with every module in eval mode (BatchNorm on its running statistics, nothing
+    updated); the clean forward, only for the statistics, too. The trained forward on x_adv runs in the
+    model's own mode. Neither the attack nor the loss smooths labels, as in the reference.
+    `step_size` None takes `attacks.default_step_size`.
     """
-    with bn_batch_stats_frozen(model):
+    step_size = default_step_size(norm, eps, steps) if step_size is None else step_size
+    with eval_mode(model):
         with torch.no_grad():
             logits_clean = model(x).float()
         x_adv = pgd(
             model, x, y, norm=norm, eps=eps, step_size=step_size, steps=steps, loss="ce", generator=generator
         )
     logits_adv = model(x_adv).float()
-    loss = F.cross_entropy(logits_adv, y, label_smoothing=label_smoothing)
-    clean = F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits_adv, y)
+    clean = F.cross_entropy(logits_clean, y)
     return loss, _batch_stats(loss, clean, loss, logits_clean, logits_adv, y)
 
 

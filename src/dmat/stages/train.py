@@ -28,7 +28,7 @@ from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_classifier, load_mix_manifest
 from dmat.checkpoint import fingerprint, load_resumable, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
-from dmat.core.attacks import pgd
+from dmat.core.attacks import default_step_size, pgd
 from dmat.core.classifiers import CLASSIFIERS, DATASET_STATS, build_classifier
 from dmat.core.ema import WeightAverage, trades_ema_decay
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay, pgd_at_loss, trades_loss
@@ -142,7 +142,8 @@ class Trainer:
         self.model.train()
         generator = seeded_generator(self.params.base.seed, w.rank, self.epoch)
         loss_fn = trades_loss if cfg.loss == "trades" else pgd_at_loss
-        extra = {"beta": cfg.beta} if cfg.loss == "trades" else {}
+        # PGD-AT trains on plain CE, as the reference; label smoothing is TRADES' clean term only
+        extra = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing} if cfg.loss == "trades" else {}
         totals = torch.zeros(4, dtype=torch.float64)  # loss·n, clean correct, adversarial correct, n
         for step, plan in enumerate(self.sampler.epoch(self.epoch, rank=w.rank, world_size=w.size)):
             global_step = self.epoch * self.sampler.steps_per_epoch + step
@@ -152,9 +153,9 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = one_cycle_lr(global_step, self.total_steps, cfg.lr, cfg.warmup_fraction)
             with self._autocast():
-                loss, stats = loss_fn(self.trained, x, y, label_smoothing=cfg.label_smoothing, norm=cfg.attack.norm,
-                                      eps=cfg.attack.eps, step_size=cfg.attack.step_size, steps=cfg.attack.steps,
-                                      generator=generator, **extra)
+                loss, stats = loss_fn(self.trained, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps,
+                                      step_size=cfg.attack.step_size, steps=cfg.attack.steps, generator=generator,
+                                      **extra)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -223,7 +224,9 @@ def _log_inputs(tracked, trainer: Trainer) -> None:
                         used=synthetic["used"], fraction=trainer.fraction)
     tracked.log_params({"mix.synthetic_fraction": trainer.fraction, "mix.synthetic_used": synthetic["used"],
                         "mix.synthetic_sha256": synthetic["sha256"], "model.num_classes": len(trainer.real.classes),
-                        "steps_per_epoch": trainer.sampler.steps_per_epoch, "total_steps": trainer.total_steps})
+                        "steps_per_epoch": trainer.sampler.steps_per_epoch, "total_steps": trainer.total_steps,
+                        "attack.step_size_used": trainer.cfg.attack.step_size or default_step_size(
+                            trainer.cfg.attack.norm, trainer.cfg.attack.eps, trainer.cfg.attack.steps)})
 
 
 def _train(trainer: Trainer, tracked) -> None:
