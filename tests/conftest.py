@@ -1,4 +1,4 @@
-"""Shared fixtures: small generated image folders, the offline CIFAR-10 archive, running `dmat`."""
+"""Shared fixtures: small generated image folders, the offline CIFAR-10 archive, running `dmat`, the tiny pipeline."""
 
 from __future__ import annotations
 
@@ -72,6 +72,18 @@ def cifar_archive() -> Path:
     if not SHARED_ARCHIVE.is_file():
         pytest.skip(f"offline CIFAR-10 archive not found at {SHARED_ARCHIVE}")
     return SHARED_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository copy after one `dvc repro` with the e2e tests' tiny params (minutes), built once per session.
+
+    Shared by every test that asks for it: read it, never change it. A test that writes into the project
+    (runs a stage, `dvc exp run`, edits params) works on its own copy (`shutil.copytree`).
+    """
+    from tests.e2e.test_pipeline import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("tiny-pipeline"))
 
 
 @pytest.fixture(autouse=True)

@@ -83,9 +83,13 @@ def run(cmd: list[str], cwd: Path, expect: int = 0, env: dict[str, str] | None =
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository copy after one `dvc repro` with tiny params."""
-    return build_pipeline(tmp_path_factory.mktemp("e2e"))
+def pipeline(tiny_pipeline: Path) -> Path:
+    """The session's tiny pipeline (tests/conftest.py), read only: tests that change a project use a copy."""
+    return tiny_pipeline
+
+
+def project_copy(pipeline: Path, tmp_path: Path) -> Path:
+    return shutil.copytree(pipeline, tmp_path / "project", symlinks=True)
 
 
 def build_pipeline(base: Path) -> Path:
@@ -196,15 +200,15 @@ def test_verify_passes_every_gate_and_registers_the_model(pipeline: Path) -> Non
         json.loads((pipeline / "metrics/evaluate_linf.json").read_text())["robust_acc"])
 
 
-def test_robustness_command_on_the_exported_artifacts(pipeline: Path) -> None:
+def test_robustness_command_on_the_exported_artifacts(pipeline: Path, tmp_path: Path) -> None:
     common = ["--data", "data/real/test", "--n", "10", "--eps", "8/255", "--seed", "3"]
     run([str(BIN_DIR / "dmat"), "robustness", "models/export/classifier.pt2", *common, "--version", "custom",
-         "--attacks", "apgd-ce", "--json", "pt2.json"], pipeline)
-    white_box = json.loads((pipeline / "pt2.json").read_text())
+         "--attacks", "apgd-ce", "--json", str(tmp_path / "pt2.json")], pipeline)
+    white_box = json.loads((tmp_path / "pt2.json").read_text())
     assert white_box["settings"]["model_kind"] == "torch.export" and not white_box["gradient_free_only"]
     run([str(BIN_DIR / "dmat"), "robustness", "models/export/classifier.onnx", *common, "--version", "custom",
-         "--attacks", "square", "--square-queries", "30", "--json", "onnx.json"], pipeline)
-    black_box = json.loads((pipeline / "onnx.json").read_text())
+         "--attacks", "square", "--square-queries", "30", "--json", str(tmp_path / "onnx.json")], pipeline)
+    black_box = json.loads((tmp_path / "onnx.json").read_text())
     assert black_box["gradient_free_only"] and black_box["attacks"] == ["square"]
     assert black_box["clean_accuracy"] == white_box["clean_accuracy"]
 
@@ -226,7 +230,7 @@ def test_a_code_change_marks_the_stage_that_runs_it_and_what_follows(pipeline: P
     import networkx as nx
     from dvc.repo import Repo
 
-    project = shutil.copytree(pipeline, tmp_path / "project", symlinks=True)
+    project = project_copy(pipeline, tmp_path)
     guidance = project / "src/dmat/core/guidance.py"
     guidance.write_text(guidance.read_text() + "\nGUIDANCE_EDITED = True\n")
     status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
@@ -267,11 +271,12 @@ def test_mlflow_has_one_run_per_stage_with_lineage(pipeline: Path) -> None:
     assert runs["evaluate@linf"].data.metrics["robust_acc"] <= runs["evaluate@linf"].data.metrics["clean_acc"]
 
 
-def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path) -> None:
-    run([str(BIN_DIR / "dvc"), "exp", "run", "--temp", "-n", "more-epochs", "-S", "train.epochs=2"], pipeline)
+def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path, tmp_path: Path) -> None:
+    project = project_copy(pipeline, tmp_path)
+    run([str(BIN_DIR / "dvc"), "exp", "run", "--temp", "-n", "more-epochs", "-S", "train.epochs=2"], project)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert "train@more-epochs" in runs and "verify@more-epochs" in runs
@@ -281,18 +286,17 @@ def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path) -> None:
     moved = float(version2.tags["dmat.robust_accuracy"]) >= float(
         client.get_model_version("e2e-model", "1").tags["dmat.robust_accuracy"])
     assert champion == ("2" if moved else "1")
-    assert not list((pipeline / ".dvc" / "tmp").rglob("mlflow.db"))
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
     artifacts = Path(runs["train@more-epochs"].info.artifact_uri.removeprefix("file://"))
-    assert artifacts.is_relative_to(pipeline.resolve() / "mlruns") and (artifacts / "train_curves.csv").is_file()
+    assert not artifacts.is_relative_to(project.resolve() / ".dvc") and (artifacts / "train_curves.csv").is_file()
 
 
 def test_failed_gate_exits_nonzero_naming_it(pipeline: Path, tmp_path: Path) -> None:
-    """Last: it leaves a failed `verify` run and its metrics in the copy."""
+    project = project_copy(pipeline, tmp_path)
     strict = tmp_path / "strict.yaml"
-    params = (pipeline / "params.yaml").read_text().replace("latency_runs: 5,", "latency_runs: 5, "
+    params = (project / "params.yaml").read_text().replace("latency_runs: 5,", "latency_runs: 5, "
                                                             "latency_budget_ms: 0.000001, register: false,")
     strict.write_text(params)
-    result = run([str(BIN_DIR / "dmat"), "verify", "--params", str(strict)], pipeline, expect=1)
+    result = run([str(BIN_DIR / "dmat"), "verify", "--params", str(strict)], project, expect=1)
     assert "latency_budget" in result.stderr
-    assert not (pipeline / "reports/verify.json").exists() or json.loads(
-        (pipeline / "reports/verify.json").read_text())["failed"] == ["latency_budget"]
+    assert json.loads((project / "reports/verify.json").read_text())["failed"] == ["latency_budget"]
