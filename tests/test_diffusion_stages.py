@@ -55,7 +55,7 @@ def test_train_diffusion_outputs_and_mlflow_record(trained: Path) -> None:
     assert state["step"] == 2 and state["adversarial"]["mode"] == "adversarial"
     assert {"model", "ema", "optimizer", "model_config", "classes"} <= set(state)
     metrics = json.loads((trained / "metrics/train_diffusion.json").read_text())
-    assert metrics["steps"] == 2 and metrics["regulariser"] > 0
+    assert metrics["diffusion_steps"] == 2 and metrics["diffusion_regulariser"] > 0
 
     from mlflow.tracking import MlflowClient
 
@@ -86,7 +86,7 @@ def test_generate_is_identical_for_any_batch_size_and_process_count(trained: Pat
     assert store.meta.source["guidance"] == 2.5 and store.meta.source["guidance_interval"] == [0.5, 10]
     assert (workdir / "plots/generate_grid.png").is_file()
     # 3 Heun steps evaluate at σ 80, 2.52, 0.002 and (corrections) 2.52, 0.002: 5, plus 2 guided at 2.52
-    assert json.loads((workdir / "metrics/generate.json").read_text())["nfe"] == 7
+    assert json.loads((workdir / "metrics/generate.json").read_text())["generate_nfe"] == 7
 
 
 def test_guidance_changes_the_images_and_needs_label_dropout(trained: Path, tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fr
         assert state["classes"] == list(TINY_CLASSES) and state["threat"]["norm"] == "Linf"
     assert "optimizer" in last and last["epoch"] == 2 and len(last["history"]) == 2
     metrics = json.loads((workdir / "metrics/train.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["steps"] == 2 * 5  # an epoch is ceil(72 real / 16) steps
+    assert metrics["train_epochs"] == 2 and metrics["train_steps"] == 2 * 5  # an epoch is ceil(72 real / 16) steps
     assert (workdir / "plots/train_curves.csv").read_text().count("\n") == 3
 
     from mlflow.tracking import MlflowClient
@@ -143,7 +143,7 @@ def test_train_resumes_after_sigkill(workspace) -> None:
     assert final["epoch"] == 4 and [r["epoch"] for r in final["history"]] == [1, 2, 3, 4]
     assert final["history"][0] == interrupted["history"][0]  # history kept, not recomputed
     assert final["mlflow_run_id"] == interrupted["mlflow_run_id"]
-    assert json.loads((workdir / "metrics/train.json").read_text())["steps"] == 4 * 5
+    assert json.loads((workdir / "metrics/train.json").read_text())["train_steps"] == 4 * 5
     assert not list(last.parent.glob(".*tmp*")), "no torn temporary checkpoint left behind"
 
 

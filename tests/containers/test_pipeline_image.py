@@ -55,7 +55,7 @@ def test_tiny_repro_in_the_image_writes_files_owned_by_the_caller(pipeline_image
 
     for stage in STAGES:
         assert f"Running stage '{stage}'" in result.stdout, f"{stage} did not run:\n{result.stdout[-3000:]}"
-    verify = json.loads((project / "metrics/verify.json").read_text())
+    verify = json.loads((project / "reports/verify.json").read_text())
     assert verify["passed"], verify["failed"]
     assert (project / "models/export/classifier.onnx").is_file() and (project / "dvc.lock").is_file()
     foreign = [str(p.relative_to(project)) for p in project.rglob("*") if p.lstat().st_uid != uid]

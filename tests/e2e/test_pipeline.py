@@ -126,7 +126,8 @@ def test_every_stage_wrote_its_declared_outputs(pipeline: Path) -> None:
                                                          "evaluate_diffusion"))):
         assert (pipeline / path).is_file(), path
     result = run([str(BIN_DIR / "dvc"), "metrics", "show", "--json"], pipeline)
-    for key in ("best_val_robust_acc", "images_per_s", "robust_acc", "sanity_passed", "fd_classifier"):
+    for key in ("best_val_robust_acc", "diffusion_images_per_s", "linf_robust_acc", "l2_sanity_passed",
+                "fd_classifier"):
         assert key in result.stdout, key
     plots = run([str(BIN_DIR / "dvc"), "plots", "show", "--json"], pipeline).stdout
     assert "evaluate_linf_sweep.csv" in plots and "generate_grid.png" in plots
@@ -197,7 +198,7 @@ def test_verify_passes_every_gate_and_registers_the_model(pipeline: Path) -> Non
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("e2e-model", "champion")
     assert champion.tags["dmat.norm"] == "Linf" and float(champion.tags["dmat.robust_accuracy"]) == pytest.approx(
-        json.loads((pipeline / "metrics/evaluate_linf.json").read_text())["robust_acc"])
+        json.loads((pipeline / "metrics/evaluate_linf.json").read_text())["linf_robust_acc"])
 
 
 def test_robustness_command_on_the_exported_artifacts(pipeline: Path, tmp_path: Path) -> None:
@@ -218,8 +219,13 @@ HEADLINE_BUDGET = 12  # numbers per metrics file
 
 
 def test_metrics_files_hold_headline_numbers_and_exp_show_stays_narrow(pipeline: Path) -> None:
+    seen: dict[str, str] = {}
     for path in sorted((pipeline / "metrics").glob("*.json")):
-        assert len(json.loads(path.read_text())) <= HEADLINE_BUDGET, f"{path.name}: details belong in a report file"
+        keys = json.loads(path.read_text())
+        assert len(keys) <= HEADLINE_BUDGET, f"{path.name}: details belong in a report file"
+        shared = {key: seen[key] for key in keys if key in seen}
+        assert not shared, f"{path.name} repeats keys of other metrics files (DVC then widens the columns): {shared}"
+        seen.update(dict.fromkeys(keys, path.name))
     table = run([str(BIN_DIR / "dvc"), "exp", "show", "--no-pager", "--md"], pipeline).stdout
     columns = table.splitlines()[0].count("|") - 1
     assert columns <= EXP_SHOW_COLUMN_BUDGET, f"`dvc exp show --md` has {columns} columns"
@@ -271,11 +277,18 @@ def test_mlflow_has_one_run_per_stage_with_lineage(pipeline: Path) -> None:
     assert runs["evaluate@linf"].data.metrics["robust_acc"] <= runs["evaluate@linf"].data.metrics["clean_acc"]
 
 
-def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path, tmp_path: Path) -> None:
-    project = project_copy(pipeline, tmp_path)
+@pytest.fixture(scope="module")
+def experimented(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the pipeline with one more experiment, run in DVC's temporary copy: `dvc exp run --temp`."""
+    project = project_copy(pipeline, tmp_path_factory.mktemp("experimented"))
     run([str(BIN_DIR / "dvc"), "exp", "run", "--temp", "-n", "more-epochs", "-S", "train.epochs=2"], project)
+    return project
+
+
+def test_dvc_exp_run_temp_lands_in_the_same_store(experimented: Path) -> None:
     from mlflow.tracking import MlflowClient
 
+    project = experimented
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
@@ -289,6 +302,29 @@ def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path, tmp_path: Path
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
     artifacts = Path(runs["train@more-epochs"].info.artifact_uri.removeprefix("file://"))
     assert not artifacts.is_relative_to(project.resolve() / ".dvc") and (artifacts / "train_curves.csv").is_file()
+
+
+def readme_comparison_command() -> list[str]:
+    """The `dvc exp show` command the README gives for comparing experiments."""
+    import shlex
+
+    lines = [line for line in (REPO_ROOT / "README.md").read_text().splitlines() if line.startswith("dvc exp show")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0].split("  #")[0])
+
+
+def test_readme_comparison_command_fits_a_160_column_terminal(experimented: Path) -> None:
+    command = readme_comparison_command()
+    env = {"COLUMNS": "160"}
+    result = subprocess.run([str(BIN_DIR / "dvc"), *command[1:], "--no-pager"], cwd=experimented, capture_output=True,
+                            text=True, env={**os.environ, **env, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ['PATH']}"},
+                            timeout=300, check=True)
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 160, result.stdout
+    header = next(line for line in lines if "Experiment" in line)
+    assert "…" not in header and "linf_robust_acc" in header and "mix.synthetic_fraction" in header, result.stdout
+    more_epochs = next(line for line in lines if "more-epochs" in line)
+    assert "!" not in more_epochs and "-" not in more_epochs.split("]", 1)[1], result.stdout  # every figure is there
 
 
 def test_failed_gate_exits_nonzero_naming_it(pipeline: Path, tmp_path: Path) -> None:

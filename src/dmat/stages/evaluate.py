@@ -149,10 +149,13 @@ def write_outputs(name: str, report: dict, record: dict, x_adv: torch.Tensor, y:
 
 def headline(report: dict) -> dict:
     """What metrics/evaluate_<threat>.json declares to DVC: the numbers people compare across experiments
-    (the full report, with per-attack and per-class accuracies, flags and sanity details, is in models/eval)."""
-    return {"n": report["n"], "eps": report["eps"], "clean_acc": report["clean_acc"],
-            "robust_acc": report["robust_acc"], "sanity_passed": report["sanity_passed"],
-            "seconds": report["seconds_total"]}
+    (the full report, with per-attack and per-class accuracies, flags and sanity details, is in models/eval).
+    Keys carry the threat's name (`linf_robust_acc`): unique across metrics files, `dvc exp show` keeps its
+    columns short."""
+    numbers = {"n": report["n"], "eps": report["eps"], "clean_acc": report["clean_acc"],
+               "robust_acc": report["robust_acc"], "sanity_passed": report["sanity_passed"],
+               "s": report["seconds_total"]}
+    return {f"{report['threat']}_{key}": value for key, value in numbers.items()}
 
 
 def write_examples(out: Path, x_adv: torch.Tensor, y: torch.Tensor, predictions: torch.Tensor, report: dict,

@@ -104,7 +104,7 @@ def headline(report: dict) -> dict:
                 for name in ("denoise_error", "random_change", "adversarial_change")}
     quality = ("conditional_accuracy", "real_test_accuracy", "fd_classifier", "class_colour_agreement",
                "class_layout_agreement", "fid")
-    return {**{k: report[k] for k in quality if k in report}, **denoiser, "seconds": report["seconds"]}
+    return {**{k: report[k] for k in quality if k in report}, **denoiser, "evaluate_diffusion_s": report["seconds"]}
 
 
 def load_inception(path: str, device: str) -> nn.Module:

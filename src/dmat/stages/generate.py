@@ -42,7 +42,7 @@ from dmat.tracking import stage_run
 STAGE = "generate"
 SECTIONS = ("base", "generate")
 GRID_PER_CLASS = 10
-HEADLINE = ("images", "nfe", "guidance", "seconds", "images_per_s")  # metrics/generate.json; the rest in the report
+HEADLINE = ("images", "nfe", "guidance", "seconds", "images_per_s")  # metrics/generate.json (as generate_<key>)
 
 
 class FixedBatchDenoiser(torch.nn.Module):
@@ -218,7 +218,7 @@ def run(params: Params) -> dict:
                        "seconds": seconds, "images_per_s": per_class * len(classes) / max(seconds, 1e-9),
                        "sha256": store.digest, "adversarial_mode": state["adversarial"]["mode"]}
             write_json(layout.report_file(STAGE), metrics)
-            write_json(layout.metrics_file(STAGE), {k: metrics[k] for k in HEADLINE})
+            write_json(layout.metrics_file(STAGE), {f"generate_{k}": metrics[k] for k in HEADLINE})
             grid = image_grid(store.read(_grid_rows(store, params.generate.per_class))[0], columns=GRID_PER_CLASS)
             save_png(layout.GENERATE_GRID, grid, scale=2)
             tracked.log_store(store, "synthetic", context="generated")

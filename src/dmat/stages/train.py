@@ -272,7 +272,8 @@ def _finish(trainer: Trainer, tracked) -> dict:
         "train_s": sum(r["epoch_s"] for r in trainer.history),
     }
     if trainer.world.is_main:
-        write_json(layout.metrics_file(STAGE), metrics)
+        write_json(layout.metrics_file(STAGE), {("train_" + k if k in ("epochs", "steps") else k): v
+                                                for k, v in metrics.items()})
         tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "steps")})
         tracked.log_artifact(layout.TRAIN_CURVES)
         best_model, _ = load_classifier(layout.CLASSIFIER_BEST)

@@ -221,7 +221,7 @@ def _finish(trainer: DiffusionTrainer, tracked) -> dict:
                "train_s": sum(entry.get("interval_s", 0.0) for entry in trainer.log),
                **{k: last[k] for k in ("loss", "denoise_loss", "regulariser", "images_per_s") if k in last}}
     if w.is_main:
-        write_json(layout.metrics_file(STAGE), metrics)
+        write_json(layout.metrics_file(STAGE), {f"diffusion_{key}": value for key, value in metrics.items()})
         write_json(layout.report_file(STAGE), {**metrics, "adversarial_mode": cfg.adversarial.mode,
                                                "last_interval": last, "log": trainer.log})
         grid = sample_grid(trainer.ema.module.eval(), len(trainer.real.classes), _chw(trainer.real.image_shape),

@@ -272,7 +272,7 @@ def headline(report: dict) -> dict:
     gates, onnx = report["gates"], report["latency"]["onnxruntime"]
     registry = report.get("registry") or {}
     return {
-        "passed": report["passed"], "gates_failed": len(report["failed"]),
+        "verify_passed": report["passed"], "verify_gates_failed": len(report["failed"]),
         "parity_max_abs_diff": max(b["max_abs_diff"] for b in gates["parity"]["batches"].values()),
         "robust_acc_onnx_minus_torch": (gates["robust_accuracy_preserved"]["onnxruntime_acc"]
                                         - gates["robust_accuracy_preserved"]["pytorch_acc"]),
