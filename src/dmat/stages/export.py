@@ -22,10 +22,11 @@ from torch import nn
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_denoiser, load_eval_report, load_mix_manifest
 from dmat.config import Params
+from dmat.execution import git_commit
 from dmat.files import atomic_path, project_root, sha256_file, write_json
 from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, OUTPUT_NAME, encode_metadata
 from dmat.stage_setup import apply_torch
-from dmat.tracking import git_commit, stage_run
+from dmat.tracking import stage_run
 
 STAGE = "export"
 SECTIONS = ("base", "evaluate")
