@@ -144,6 +144,7 @@ def test_stage_robust_accuracy_equals_a_direct_pyautoattack_call(pipeline: Path)
     import pyautoattack
     import torch
 
+    from dmat.core.robustness import batch_seed
     from dmat.stages.evaluate import first_points
     from dmat.stages.train import load_classifier
 
@@ -151,8 +152,9 @@ def test_stage_robust_accuracy_equals_a_direct_pyautoattack_call(pipeline: Path)
     model, _ = load_classifier(pipeline / "models/classifier/best.pt")
     x, y = first_points(ArrayStore.open(pipeline / "data/real/test"), report["n"])
     attacks = [a for a in report["attacks"] if not a.startswith("pgd-")]
+    assert report["n"] <= 250  # one batch of evaluate.batch_size: one AutoAttack run, seeded for global batch 0
     adversary = pyautoattack.AutoAttack(model, attacks=attacks, device="cpu", eps=report["eps"], norm="Linf",
-                                        seed=report["seed"], version="custom")
+                                        seed=batch_seed(report["seed"], 0), version="custom")
     adversary.apgd_targeted.n_target_classes = min(9, len(report["classes"]) - 1)
     adversary.square.n_queries = 100
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=250)
