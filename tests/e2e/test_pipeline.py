@@ -27,7 +27,7 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "dmat-test", "GIT_AUTHOR_EMAIL": "test@localhost",
 def tiny_params(data_path: Path) -> str:
     """Every stage doing its real job on a few images, in seconds."""
     return f"""
-base: {{seed: 1, experiment: e2e}}
+base: {{seed: 1, experiment: e2e, precision: auto, memory_format: auto, compile: false}}
 data:
   name: cifar10
   source: imagefolder
