@@ -111,10 +111,15 @@ def _stage_env() -> dict[str, str]:
     return env
 
 
-def run_torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N dmat ...` for real (gloo on the CPU)."""
-    command = [str(BIN_DIR / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(BIN_DIR / "dmat"), *args]
-    return subprocess.run(command, cwd=cwd, env=_stage_env(), capture_output=True, text=True, timeout=600)
+def run_torchrun(*args: str, cwd: Path, nproc: int = 2, module: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N dmat ...` for real (gloo on the CPU); with `module`,
+    `torchrun ... -m MODULE ...` with the repository root importable (test helpers run that way)."""
+    program = ["-m", module] if module else [str(BIN_DIR / "dmat")]
+    command = [str(BIN_DIR / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *program, *args]
+    env = _stage_env()
+    if module:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def kill_when_written(*args: str, cwd: Path, watch: Path, timeout: float = 300) -> None:

@@ -113,6 +113,9 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fr
     assert "optimizer" in last and last["epoch"] == 2 and len(last["history"]) == 2
     metrics = json.loads((workdir / "metrics/train.json").read_text())
     assert metrics["train_epochs"] == 2 and metrics["train_steps"] == 2 * 5  # an epoch is ceil(72 real / 16) steps
+    report = json.loads((workdir / "reports/train.json").read_text())
+    assert report["precision_source"] == "probe" and len(report["probe_ms"]) == 4  # base.precision auto
+    assert last["precision"]["precision"] == metrics["precision"] in ("fp32", "bf16")
     assert (workdir / "plots/train_curves.csv").read_text().count("\n") == 3
 
     from mlflow.tracking import MlflowClient
@@ -126,6 +129,7 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fr
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert inputs["synthetic"] == manifest["synthetic"]["sha256"][:36]
     assert "val_robust_acc" in run.data.metrics
+    assert run.data.params["precision"] == metrics["precision"] and "probe_ms.fp32_contiguous" in run.data.metrics
     assert client.search_logged_models([run.info.experiment_id]), "the model is logged to MLflow"
 
 
@@ -144,6 +148,10 @@ def test_train_resumes_after_sigkill(workspace) -> None:
     assert final["history"][0] == interrupted["history"][0]  # history kept, not recomputed
     assert final["mlflow_run_id"] == interrupted["mlflow_run_id"]
     assert json.loads((workdir / "metrics/train.json").read_text())["train_steps"] == 4 * 5
+    # base.precision auto: the resumed run kept the first run's probed choice instead of probing again
+    assert interrupted["precision"]["source"] == "probe" and final["precision"]["source"] == "checkpoint"
+    kept = ("precision", "memory_format", "probe_s")
+    assert {k: final["precision"][k] for k in kept} == {k: interrupted["precision"][k] for k in kept}
     assert not list(last.parent.glob(".*tmp*")), "no torn temporary checkpoint left behind"
 
 
@@ -165,10 +173,46 @@ def test_train_under_torchrun_with_two_processes(workspace) -> None:
 @pytest.mark.parametrize(("stage", "section", "message"), [
     ("train", "train: {model: wrn-99-1}", "train.model = 'wrn-99-1' is not allowed"),
     ("train-diffusion", "train_diffusion: {model: unet-huge}", "train_diffusion.model = 'unet-huge' is not allowed"),
-    ("train", "train: {amp: fp16}", "train.amp = 'fp16' is not allowed on the CPU"),
 ])
 def test_unknown_network_exits_2_before_writing(tmp_path: Path, stage: str, section: str, message: str) -> None:
     write_params(tmp_path / "params.yaml", f"base: {{device: cpu}}\n{section}\n")
     result = run_dmat(stage, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_validation_runs_in_float32_and_contiguous_whatever_the_training_setting(workspace, monkeypatch) -> None:
+    """The trained network runs in bf16 channels-last; the PGD-40 validation of the EMA model never does,
+    even inside a caller's autocast."""
+    import torch
+
+    from dmat.config import load_params
+    from dmat.core.losses import trades_loss
+    from dmat.core.precision import Decision, Setting
+    from dmat.distributed import World
+    from dmat.stages.train import Trainer
+
+    workdir = workspace(epochs=1)
+    _mix(workdir)
+    monkeypatch.chdir(workdir)
+    trainer = Trainer(load_params("params.yaml"), World(0, 1, "cpu"))
+    trainer.use(Decision(Setting("bf16", "channels_last"), "requested"))
+    seen = {"train": [], "validate": []}
+
+    def recorder(phase):
+        def record(module, args):
+            seen[phase].append((args[0].dtype, torch.is_autocast_enabled("cpu"),
+                                args[0].is_contiguous(), all(p.dtype == torch.float32 and p.is_contiguous()
+                                                             for p in module.parameters())))
+        return record
+
+    trainer.model.register_forward_pre_hook(recorder("train"))
+    trainer.ema.module.register_forward_pre_hook(recorder("validate"))
+    loss, _ = trades_loss(trainer.trained, torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]), steps=2)
+    loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer.validate()
+    # attack (1 clean target + 2 steps) and update (2) forwards: autocast on, channels-last input and weights
+    assert seen["train"] == [(torch.float32, True, False, False)] * 5
+    # one batch of 12: 3 PGD steps (val_attack_steps), then the clean and the adversarial forward
+    assert seen["validate"] == [(torch.float32, False, True, True)] * 5

@@ -28,7 +28,7 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "dmat-test", "GIT_AUTHOR_EMAIL": "test@localhost",
 def tiny_params(data_path: Path) -> str:
     """Every stage doing its real job on a few images, in seconds."""
     return f"""
-base: {{seed: 1, experiment: e2e}}
+base: {{seed: 1, experiment: e2e, precision: auto, memory_format: auto, compile: false}}
 data:
   name: cifar10
   source: imagefolder
@@ -154,14 +154,16 @@ def test_stage_robust_accuracy_equals_a_direct_pyautoattack_call(pipeline: Path)
     import torch
 
     from dmat.artifacts.loaders import load_classifier
+    from dmat.core.robustness import batch_seed
     from dmat.data.tensors import first_points
 
     report = json.loads((pipeline / "models/eval/linf/report.json").read_text())
     model, _ = load_classifier(pipeline / "models/classifier/best.pt")
     x, y = first_points(ArrayStore.open(pipeline / "data/real/test"), report["n"])
     attacks = [a for a in report["attacks"] if not a.startswith("pgd-")]
+    assert report["n"] <= 250  # one batch of evaluate.batch_size: one AutoAttack run, seeded for global batch 0
     adversary = pyautoattack.AutoAttack(model, attacks=attacks, device="cpu", eps=report["eps"], norm="Linf",
-                                        seed=report["seed"], version="custom")
+                                        seed=batch_seed(report["seed"], 0), version="custom")
     adversary.apgd_targeted.n_target_classes = min(9, len(report["classes"]) - 1)
     adversary.square.n_queries = 100
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=250)

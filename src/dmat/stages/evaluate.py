@@ -16,11 +16,16 @@ PGD-CE/CW on the points AutoAttack left, a PGD eps sweep, and the sanity checks 
 The MLflow run's params hold the whole upstream recipe (diffusion AT mode, generated images used,
 synthetic fraction, classifier recipe), read from the artifacts this stage depends on, so one
 table compares pipeline outcomes side by side.
+
+Always in float32 (never the training stages' bf16/fp16 or TF32). `torchrun --nproc_per_node=N dmat
+evaluate` spreads whole batches of test points over N processes (GPUs); each batch's attacks are
+seeded by its global index, so the outputs equal a single-process run's with the same batch size.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +36,11 @@ import torch
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_mix_manifest
 from dmat.config import Params, ParamsError, ThreatEvalConfig, flatten
-from dmat.core.robustness import ContractError, EvaluationSettings, evaluate_robustness, predict
+from dmat.core.precision import full_precision
+from dmat.core.robustness import ContractError, EvaluationSettings, Shard, evaluate_robustness, predict
 from dmat.data.store import ArrayStore
 from dmat.data.tensors import first_points
+from dmat.distributed import World, all_gather_object, world
 from dmat.errors import CheckpointError
 from dmat.files import atomic_path, sha256_file, write_json
 from dmat.plots import save_curve
@@ -72,26 +79,33 @@ def run(params: Params, threat: str | None = None) -> dict:
             raise ParamsError(f"--threat {name!r} is not allowed: expected one of {', '.join(cfg.threats)} "
                               "(the keys of evaluate.threats)")
     device = apply_torch(params.base)
-    model, checkpoint = load_classifier(layout.CLASSIFIER_BEST, device)
-    test = ArrayStore.open(layout.REAL_TEST)
-    x, y = first_points(test, cfg.n)
-    recipe = upstream_recipe(checkpoint)
-    return {name: evaluate_threat(params, name, model, checkpoint, test, x, y, recipe, device) for name in names}
+    with world(device) as w, full_precision():  # under torchrun each process attacks its share of the points
+        model, checkpoint = load_classifier(layout.CLASSIFIER_BEST, w.device)
+        test = ArrayStore.open(layout.REAL_TEST)
+        x, y = first_points(test, cfg.n)
+        recipe = upstream_recipe(checkpoint)
+        reports = {name: evaluate_threat(params, name, model, checkpoint, test, x, y, recipe, w) for name in names}
+    return reports if w.is_main else {}
 
 
 def evaluate_threat(params: Params, name: str, model, checkpoint: dict, test: ArrayStore, x: torch.Tensor,
-                    y: torch.Tensor, recipe: dict, device: str) -> dict:
-    threat = params.evaluate.threats[name]
-    with stage_run(f"{STAGE}@{name}", params, SECTIONS) as tracked:
+                    y: torch.Tensor, recipe: dict, w: World) -> dict:
+    """One threat model; every torchrun rank attacks its shard, rank 0 reports and writes."""
+    threat, device = params.evaluate.threats[name], w.device
+    with stage_run(f"{STAGE}@{name}", params, SECTIONS, enabled=w.is_main) as tracked:
         tracked.log_params({f"recipe.{k}": v for k, v in flatten(recipe).items()})
         tracked.set_tags({"dmat.threat": name, "dmat.train_run_id": checkpoint["mlflow_run_id"] or ""})
         tracked.log_store(test, "test", context="evaluation")
         started = time.perf_counter()
         try:
-            report, attacked = evaluate_robustness(model, x, y, test.classes, settings_for(params, threat, device),
-                                                   progress=lambda line: print(f"  {line}", flush=True))
+            report, attacked = evaluate_robustness(
+                model, x, y, test.classes, settings_for(params, threat, device),
+                progress=(lambda line: print(f"  {line}", flush=True)) if w.is_main else None,
+                shard=Shard(w.rank, w.size, functools.partial(all_gather_object, w)))
         except ContractError as err:
             raise CheckpointError(f"{layout.CLASSIFIER_BEST}: {err}") from None
+        if not w.is_main:
+            return report
         report.update(threat=name, classes=test.classes, model=checkpoint["model_config"]["name"],
                       checkpoint_sha256=sha256_file(layout.CLASSIFIER_BEST), test_sha256=test.digest,
                       train_run_id=checkpoint["mlflow_run_id"], mlflow_run_id=tracked.run_id,
