@@ -338,6 +338,8 @@ class VerifyConfig:
     denoiser_atol: float = allowed(1e-3, min=0)  # max |difference| of denoised outputs ([-1, 1] image units)
     registered_model: str = allowed("dmat-classifier", pattern=r"^[A-Za-z0-9][\w.\-]{0,99}$")
     register: bool = True  # register in MLflow after every gate passes
+    # `champion` moves to a new version only when it is significantly more robust on the champion's test points
+    champion_alpha: float = allowed(0.05, above=0, max=0.5)  # level of the exact McNemar test
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,55 @@ def find_runs(stage: str, *, tags: Mapping[str, str] | None = None, params: Mapp
     return [_run_summary(run) for run in runs]
 
 
+def search_runs(experiments: Sequence[str], conditions: Sequence[str], uri: str | None = None) -> list[dict[str, Any]]:
+    """Finished runs of the named experiments that match every condition (MLflow's search syntax), with their
+    metrics. An experiment the store does not have raises LookupError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    client = _read_client(uri)
+    try:
+        with _quiet_mlflow():
+            ids = []
+            for name in experiments:
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise LookupError(f"no MLflow experiment named {name!r} in {uri}")
+                ids.append(experiment.experiment_id)
+            query = " AND ".join(["attributes.status = 'FINISHED'", *conditions])
+            runs = client.search_runs(ids, query, max_results=5000)
+    except MlflowException as err:
+        raise TrackingError(f"cannot search MLflow tracking store {uri}: {err}") from None
+    return [_run_summary(run) for run in runs]
+
+
+def download_run_artifact(run_id: str, path: str, destination: Path, uri: str | None = None) -> Path:
+    """One artifact file of a run, downloaded into `destination`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                        dst_path=str(destination), tracking_uri=uri))
+    except (MlflowException, OSError) as err:
+        raise TrackingError(f"cannot download {path} of run {run_id} from {uri}: {err}") from None
+
+
+@contextlib.contextmanager
+def tool_run(name: str, experiment: str, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+    """An MLflow run for a command that is not a stage (e.g. `dmat compare`), in `experiment`."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    with _quiet_mlflow():
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        _use_experiment(mlflow, experiment)
+        with mlflow.start_run(run_name=name, tags={"dmat.stage": name, **(tags or {})}) as run:
+            yield StageRun(mlflow, run.info.run_id)
+
+
 def _read_client(uri: str) -> Any:
     """An MlflowClient for reading; a local sqlite store that does not exist is an error, not created."""
     check_reachable(uri)
@@ -130,7 +179,7 @@ def _run_summary(run: Any) -> dict[str, Any]:
         "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
         "start_time": run.info.start_time, "end_time": run.info.end_time,
         "tags": {k: v for k, v in run.data.tags.items() if k.startswith(prefixes)},
-        "params": dict(run.data.params),
+        "params": dict(run.data.params), "metrics": dict(run.data.metrics),
         "inputs": [{"name": d.dataset.name, "digest": d.dataset.digest,
                     **{t.key.removeprefix("mlflow.data."): t.value for t in d.tags}}
                    for d in run.inputs.dataset_inputs],
@@ -219,6 +268,11 @@ class StageRun:
             return None
         tags = {k.removeprefix("dmat."): v for k, v in version.tags.items() if k.startswith("dmat.")}
         return {**tags, "version": str(version.version)}
+
+    def set_model_version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
+        client = self._mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, f"dmat.{key}", "null" if value is None else str(value))
 
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
         self._mlflow.MlflowClient().set_registered_model_alias(name, alias, version)

@@ -102,7 +102,10 @@ def provenance(params: Params, checkpoint: dict) -> dict:
                   "range": [0, 1], "layout": "NCHW"},
         "threat": {"name": main, "norm": reports[main]["norm"], "eps": reports[main]["eps"]},
         "metrics": {"clean_accuracy": reports[main]["clean_acc"], "robust_accuracy": reports[main]["robust_acc"],
-                    "n": reports[main]["n"], "attack": f"autoattack-{reports[main]['version']}",
+                    "clean_accuracy_ci": reports[main]["clean_acc_ci"],
+                    "robust_accuracy_ci": reports[main]["robust_acc_ci"], "confidence": reports[main]["confidence"],
+                    "n": reports[main]["n"], "rows_id": reports[main]["rows"]["rows_id"],
+                    "attack": f"autoattack-{reports[main]['version']}",
                     "sanity_passed": reports[main]["sanity_passed"]},
         "evaluations": {name: {"norm": r["norm"], "eps": r["eps"], "clean_accuracy": r["clean_acc"],
                                "robust_accuracy": r["robust_acc"], "n": r["n"], "mlflow_run_id": r.get("mlflow_run_id")}
