@@ -184,7 +184,7 @@ def test_the_precision_changes_the_images_and_auto_records_its_probe(trained: Pa
         stores[precision] = ArrayStore.open(workdir / "data/synthetic")
     assert not np.array_equal(stores["fp32"].images, stores["bf16"].images)
     assert np.abs(stores["fp32"].images.astype(int) - stores["bf16"].images.astype(int)).mean() < 8  # same samples
-    metrics = json.loads((workdir / "metrics/generate.json").read_text())
-    assert metrics["precision_source"] == "probe" and len(metrics["probe_ms"]) == 4
-    chosen = (metrics["precision"], metrics["memory_format"])
+    report = json.loads((workdir / "reports/generate.json").read_text())
+    assert report["precision_source"] == "probe" and len(report["probe_ms"]) == 4
+    chosen = (report["precision"], report["memory_format"])
     assert (stores["auto"].meta.source["precision"], stores["auto"].meta.source["memory_format"]) == chosen

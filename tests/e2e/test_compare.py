@@ -8,8 +8,6 @@ and fraction 0. Only the stages up to `evaluate@linf` run; DVC's run cache share
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 from tests.conftest import BIN_DIR
 from tests.e2e.test_pipeline import project_copy, run
 from tests.e2e.test_variants import wait_for_queue
-from tests.test_team_tracking import _stop, _wait_for_health, free_port, key_values, rest
+from tests.test_team_tracking import key_values, mlflow_server, rest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -68,18 +66,9 @@ def test_unknown_names_exit_2_naming_them(variants: Path) -> None:
 @pytest.fixture(scope="module")
 def server(variants: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The MLflow UI's server on the project's store, as a user opens it."""
-    port, log = free_port(), tmp_path_factory.mktemp("ui") / "server.log"
-    command = [str(BIN_DIR / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{variants / 'mlflow.db'}",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log.open("w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"})
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for_health(uri, process, log)
+    log = tmp_path_factory.mktemp("ui") / "server.log"
+    with mlflow_server(f"sqlite:///{variants / 'mlflow.db'}", log) as uri:
         yield uri
-    finally:
-        _stop(process)
 
 
 def test_the_ui_sees_model_development_and_one_parent_per_pipeline_execution(server: str) -> None:
