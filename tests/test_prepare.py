@@ -19,7 +19,7 @@ def _prepare(workdir: Path, data_path: Path, extra: str = "") -> dict:
                  f"base: {{seed: 3}}\ndata:\n  name: tiny\n  path: {data_path}\n{extra}")
     result = run_dmat("prepare", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    return json.loads((workdir / "metrics" / "prepare.json").read_text())
+    return json.loads((workdir / "reports" / "prepare.json").read_text())
 
 
 def test_prepare_tiny_archive(tmp_path: Path, image_archive: Path) -> None:
@@ -105,7 +105,7 @@ def test_fetch_and_prepare_read_torchvision_files(tmp_path: Path, name: str) -> 
         for stage in ("fetch", "prepare"):
             result = run_dmat(stage, cwd=project, env=NO_NETWORK, dmat=launcher)
             assert result.returncode == 0, result.stderr
-        metrics.append(json.loads((project / "metrics" / "prepare.json").read_text()))
+        metrics.append(json.loads((project / "reports" / "prepare.json").read_text()))
     assert metrics[0] == metrics[1]  # same files, same params: same bytes
     stores = {n: ArrayStore.open(project / "data" / "real" / n, verify=True) for n in ("train", "val", "test")}
     assert {n: len(s) for n, s in stores.items()} == {"train": 2 * n_classes, "val": n_classes, "test": 2 * n_classes}

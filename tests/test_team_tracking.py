@@ -188,18 +188,20 @@ def test_stage_run_is_readable_through_the_rest_api(tracking_server: tuple[str, 
                       env={"MLFLOW_TRACKING_URI": uri, "DVC_STAGE": "prepare"})
     assert result.returncode == 0, result.stderr
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists(), "logged locally, not remotely"
-    written = json.loads((project / "metrics" / "prepare.json").read_text())
+    written = json.loads((project / "reports" / "prepare.json").read_text())
 
     experiment = rest(uri, "mlflow/experiments/get-by-name", experiment_name="dmat")["experiment"]
     assert experiment["artifact_location"].startswith("mlflow-artifacts:"), "artifacts must go through the server"
-    (found,) = rest(uri, "mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    (found,) = rest(uri, "mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                 "filter": "tags.`dmat.stage` = 'prepare'"})["runs"]
     run = rest(uri, "mlflow/runs/get", run_id=found["info"]["run_id"])["run"]
     assert run["info"]["run_name"] == "prepare" and run["info"]["status"] == "FINISHED"
 
     params, tags = key_values(run["data"]["params"]), key_values(run["data"]["tags"])
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert params["data.val_size"] == "3" and params["data.name"] == "tiny"
-    assert {n: metrics[f"{n}.images"] for n in written} == {n: written[n]["images"] for n in written}
+    splits = ("train", "val", "test")
+    assert {n: metrics[f"{n}.images"] for n in splits} == {n: written[n]["images"] for n in splits}
     assert tags["dmat.stage"] == "prepare" and tags["dvc.stage"] == "prepare"
     assert tags["dmat.output.train.sha256"] == written["train"]["sha256"]
 

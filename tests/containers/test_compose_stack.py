@@ -117,10 +117,11 @@ def check_prepare_run_is_readable_over_rest(uri: str, project: Path, image_archi
                       env={"MLFLOW_TRACKING_URI": uri, "DVC_STAGE": "prepare"})
     assert result.returncode == 0, result.stderr
     assert not (project / "mlflow.db").exists(), "logged to a local store, not to the server"
-    written = json.loads((project / "metrics" / "prepare.json").read_text())
+    written = json.loads((project / "reports" / "prepare.json").read_text())
 
     experiment = rest(uri, "mlflow/experiments/get-by-name", experiment_name="dmat")["experiment"]
-    (found,) = rest(uri, "mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    (found,) = rest(uri, "mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                 "filter": "tags.`dmat.stage` = 'prepare'"})["runs"]
     run = rest(uri, "mlflow/runs/get", run_id=found["info"]["run_id"])["run"]
     assert run["info"]["run_name"] == "prepare" and run["info"]["status"] == "FINISHED"
     assert key_values(run["data"]["params"])["data.val_size"] == "3"
