@@ -49,7 +49,7 @@ def test_prepare_logs_mlflow_run_with_digests(tmp_path: Path, image_archive: Pat
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("dmat")
-    (run,) = client.search_runs([experiment.experiment_id])
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`dmat.stage` = 'prepare'")
     assert run.info.run_name == "prepare" and run.info.status == "FINISHED"
     assert run.data.params["data.val_size"] == "3" and run.data.tags["dmat.stage"] == "prepare"
     assert run.data.metrics["train.images"] == 33

@@ -257,14 +257,23 @@ def test_second_repro_is_up_to_date(pipeline: Path) -> None:
     assert re.findall(r"Running stage '([^']+)'", result.stdout) == ["fetch"], result.stdout
 
 
+def stage_runs(client, experiment_id: str) -> dict:
+    """The stage runs of an experiment by name (without the parent runs of pipeline executions)."""
+    return {r.info.run_name: r for r in client.search_runs([experiment_id])
+            if r.data.tags.get("dmat.role") != "pipeline"}
+
+
 def test_mlflow_has_one_run_per_stage_with_lineage(pipeline: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    runs = stage_runs(client, experiment.experiment_id)
     assert set(runs) == set(STAGES)
     assert all(r.info.status == "FINISHED" for r in runs.values())
+    # one `dvc repro` of the committed params: one parent run, variant "baseline", the committed seed
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs.values()}) == 1
+    assert {(r.data.tags["dmat.variant"], r.data.tags["dmat.seed"]) for r in runs.values()} == {("baseline", "1")}
     commit = run(["git", "rev-parse", "HEAD"], pipeline).stdout.strip()
     for name, stage_run in runs.items():
         assert stage_run.data.tags["dvc.stage"] == name and stage_run.data.tags["git.commit"] == commit
@@ -293,7 +302,7 @@ def test_dvc_exp_run_temp_lands_in_the_same_store(experimented: Path) -> None:
     project = experimented
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    runs = stage_runs(client, experiment.experiment_id)
     assert "train@more-epochs" in runs and "verify@more-epochs" in runs
     version2 = client.get_model_version("e2e-model", "2")  # the experiment's model: a second registered version
     assert str(client.get_model_version_by_alias("e2e-model", "candidate").version) == "2"
