@@ -25,8 +25,8 @@ PARAMS = """
 base: {{seed: 0}}
 data: {{name: tiny, path: {folder}, val_size: 12}}
 mix: {{synthetic_fraction: {fraction}, synthetic_limit: {limit}}}
-train: {{model: wrn-16-1, epochs: {epochs}, batch_size: 16, lr: 0.05, val_limit: 12,
-        attack: {{steps: 2}}, val_attack_steps: 3}}
+train: {{model: wrn-16-1, loss: {loss}, epochs: {epochs}, batch_size: 16, lr: 0.05, val_limit: 12,
+        attack: {{norm: {norm}, eps: {eps}, steps: 2}}, val_attack_steps: 3}}
 """
 
 
@@ -41,7 +41,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/real from a tiny image folder, plus a generated-like store: prepared once per module."""
     workdir = tmp_path_factory.mktemp("prepared")
     folder = make_image_folder(workdir / "folder", {"train": 28, "test": 6}, size=16)
-    write_params(workdir / "params.yaml", PARAMS.format(folder=folder, fraction=0.5, limit="null", epochs=2))
+    write_params(workdir / "params.yaml", PARAMS.format(folder=folder, fraction=0.5, limit="null", epochs=2,
+                                                        loss="trades", norm="Linf", eps="8/255"))
     assert run_dmat("prepare", cwd=workdir).returncode == 0
     _synthetic_store(workdir / "data" / "synthetic")
     return workdir
@@ -51,11 +52,12 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def workspace(prepared: Path, tmp_path: Path):
     """A fresh copy of the prepared workspace with the given mix/train params."""
 
-    def make(*, fraction: float = 0.5, limit: str = "null", epochs: int = 2) -> Path:
+    def make(*, fraction: float = 0.5, limit: str = "null", epochs: int = 2, loss: str = "trades",
+             norm: str = "Linf", eps: str = "8/255") -> Path:
         workdir = tmp_path / "work"
         shutil.copytree(prepared, workdir)
         write_params(workdir / "params.yaml", PARAMS.format(folder=prepared / "folder", fraction=fraction,
-                                                            limit=limit, epochs=epochs))
+                                                            limit=limit, epochs=epochs, loss=loss, norm=norm, eps=eps))
         return workdir
 
     return make
@@ -99,9 +101,12 @@ def test_mix_refuses_incompatible_stores(workspace, broken: str, message: str) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fraction", [0.5, 0.0])
-def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fraction: float) -> None:
-    workdir = workspace(fraction=fraction)
+@pytest.mark.parametrize(("fraction", "loss", "norm", "eps", "step"), [
+    (0.5, "trades", "Linf", "8/255", 2.5 * (8 / 255) / 2), (0.0, "trades", "Linf", "8/255", 2.5 * (8 / 255) / 2),
+    (0.5, "pgd-at", "L2", "0.5", 2 * 0.5 / 2)])  # step_size null: derived per norm from eps and 2 steps
+def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fraction: float, loss: str, norm: str,
+                                                                   eps: str, step: float) -> None:
+    workdir = workspace(fraction=fraction, loss=loss, norm=norm, eps=eps)
     _mix(workdir)
     result = run_dmat("train", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -109,7 +114,7 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fr
     last = load_checkpoint(workdir / "models/classifier/last.pt")
     for state in (best, last):
         assert {"model", "ema", "model_config", "classes", "threat", "mlflow_run_id"} <= set(state)
-        assert state["classes"] == list(TINY_CLASSES) and state["threat"]["norm"] == "Linf"
+        assert state["classes"] == list(TINY_CLASSES) and state["threat"]["norm"] == norm
     assert "optimizer" in last and last["epoch"] == 2 and len(last["history"]) == 2
     metrics = json.loads((workdir / "metrics/train.json").read_text())
     assert metrics["train_epochs"] == 2 and metrics["train_steps"] == 2 * 5  # an epoch is ceil(72 real / 16) steps
@@ -124,6 +129,7 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fr
     run = client.get_run(last["mlflow_run_id"])
     assert run.info.run_name == "train" and run.info.status == "FINISHED"
     assert run.data.params["mix.synthetic_fraction"] == str(fraction)
+    assert float(run.data.params["attack.step_size_used"]) == pytest.approx(step)
     manifest = json.loads((workdir / "data/mixed/manifest.json").read_text())
     assert run.data.params["mix.synthetic_sha256"] == manifest["synthetic"]["sha256"]
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
