@@ -15,11 +15,15 @@
 #   docker build --target pipeline --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
 #       -t dmat-pipeline:cuda .
 #   docker run --rm --gpus all -v "$PWD:/workspace" dmat-pipeline:cuda dvc repro
-# PYTHON_IMAGE may name any other base with Python 3.11 as `python` (an in-house CUDA image, a mirror).
+# PYTHON_IMAGE may name any other Debian-based image with Python 3.11 as `python` and `pip` (an in-house CUDA
+# image, a mirror). Without a registry, containers/build-local-base.sh makes one from Debian's packages:
+#   --build-arg PYTHON_IMAGE=localhost/dmat-base-python:3.11-bookworm
+# Podman: build with --format docker, or HEALTHCHECK is dropped (the OCI image format has none).
 #
 # Pinned by exact tag (Python patch release + Debian release). For byte-identical rebuilds pin the digest too:
 #   docker buildx imagetools inspect python:3.11.14-slim-bookworm   ->   python:3.11.14-slim-bookworm@sha256:...
-# Images are linted with hadolint (`make lint`), not built, in CI: CI machines run no Docker engine.
+# CI lints this file with hadolint (`make lint`) and builds and runs the serve and tracking images with podman
+# (tests/containers/); `make container-pipeline-test` does the same for the pipeline image.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 INSTALLED := $(VENV)/.dmat-installed
 
-.PHONY: install repro test lint bench clean-venv
+.PHONY: install repro test lint bench container-base container-pipeline-test clean-venv
 
 # Create .venv if missing and install the pinned dependencies plus the package (editable).
 $(INSTALLED): requirements.txt requirements-dev.txt pyproject.toml
@@ -19,17 +19,26 @@ install: $(INSTALLED)
 repro: install
 	PATH="$(BIN):$$PATH" $(BIN)/dvc repro
 
-# Lint, then the whole test suite (slow end-to-end tests included).
+# Lint, then the whole test suite (slow end-to-end and container tests included; see the README for deselecting).
 test: install lint
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile containers/*.Containerfile
 
 # Speed and memory figures (not tests): see benchmarks/README.md.
 bench: install
 	PATH="$(BIN):$$PATH" $(BIN)/python -m benchmarks
+
+# Local stand-ins for the registry base images (root: debootstrap), for machines without a container registry.
+container-base:
+	containers/build-local-base.sh
+
+# The pipeline image (torch: gigabytes) built and a tiny `dvc repro` run inside it; not part of `make test`.
+# TORCH_INDEX_URL=https://pypi.org/simple where download.pytorch.org is unreachable (PyPI's torch is the CUDA build).
+container-pipeline-test: install
+	DMAT_TEST_PIPELINE_IMAGE=1 PATH="$(BIN):$$PATH" $(BIN)/python -m pytest tests/containers/test_pipeline_image.py
 
 clean-venv:
 	rm -rf $(VENV)

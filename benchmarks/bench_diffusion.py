@@ -10,6 +10,11 @@
   sampler on a tiny 8×8 model, so the store size dominates; one process); the ratio must stay near 1.
 - Parallel generation: wall time of the real `dmat generate` (unet-tiny, 32×32, 200 images, 6 Heun
   steps) with `generate.workers` 1 vs one per core, measured in one run.
+- Precision (issue 16): per setting (fp32/bf16 × contiguous/channels-last), images/s of the CPU
+  default's diffusion training step (unet-tiny, batch 32, adversarial mode at fraction 0.25, through
+  `dmat.stage_setup.training_network` as the stage runs it) and of Heun sampling as `generate` runs it
+  (network batch 16, 10 steps, one thread per process); interleaved rounds, baseline fp32
+  contiguous; and the setting `auto` picks for each.
 """
 
 from __future__ import annotations
@@ -24,11 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.measure import interleaved_seconds, machine, speed_table
+from dmat.config import BaseConfig
 from dmat.core.denoisers import DENOISERS, UNet, build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
 from dmat.core.edm import Precond
+from dmat.core.precision import Autocast, Decision, Setting, candidates, network_passes, to_memory_format
 from dmat.core.samplers import edm_sigma_steps, heun_sampler
-from dmat.stages.generate import available_cores
+from dmat.distributed import World
+from dmat.stage_setup import choose_setting, training_network
+from dmat.stages.generate import FixedBatchDenoiser, available_cores
 
 TRAINING_CASES = {name: DiffusionATConfig(mode=name) for name in ("none", "random", "adversarial", "invariance")}
 TRAINING_CASES["adversarial, fraction 0.25"] = DiffusionATConfig(mode="adversarial", fraction=0.25)
@@ -61,6 +71,71 @@ def sampling_images_per_s(name: str, batch: int) -> float:
     started = time.perf_counter()
     heun_sampler(model, noise, labels, edm_sigma_steps(18))
     return batch / (time.perf_counter() - started)
+
+
+PRECISION_ROUNDS = 3
+CPU_DEFAULT_AT = DiffusionATConfig(mode="adversarial", fraction=0.25)
+TRAIN_BATCH, NETWORK_BATCH, SAMPLER_STEPS = 32, 16, 10
+
+
+def unet_tiny(device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_denoiser("unet-tiny", img_resolution=32, in_channels=3, num_classes=10).to(device)
+
+
+def training_step(setting: Setting, device: str):
+    """One optimiser step of `train_diffusion` (CPU default) in `setting`, on a fresh network."""
+    model = unet_tiny(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    network, scaler = training_network(model, Decision(setting, "requested"), World(0, 1, device), compile=False)
+    generator = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(TRAIN_BATCH, 3, 32, 32, generator=generator) * 2 - 1).to(device)
+    labels = torch.randint(0, 10, (TRAIN_BATCH,), generator=generator).to(device)
+
+    def step() -> None:
+        loss, _ = diffusion_training_loss(network, x0, labels, CPU_DEFAULT_AT,
+                                          generator=torch.Generator(device).manual_seed(1))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss.mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def sampling_run(setting: Setting, device: str):
+    """Heun sampling of one network batch as `generate` runs it in `setting` (fixed-size chunks, eval mode)."""
+    model = unet_tiny(device).eval()
+    network = FixedBatchDenoiser(Autocast(to_memory_format(model, setting), setting, device), NETWORK_BATCH)
+    noise = torch.randn(NETWORK_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = (torch.arange(NETWORK_BATCH) % 10).to(device)
+    return lambda: heun_sampler(network, noise, labels, edm_sigma_steps(SAMPLER_STEPS))
+
+
+def precision_table(device: str = "cuda" if torch.cuda.is_available() else "cpu") -> dict:
+    """Training step and sampling images/s per setting (interleaved rounds), and what `auto` picks for each."""
+    settings = candidates(device)
+    train_runs = {s.name: training_step(s, device) for s in settings}
+    training = speed_table(interleaved_seconds(train_runs, PRECISION_ROUNDS), TRAIN_BATCH, settings[0].name)
+    x = (torch.rand(TRAIN_BATCH, 3, 32, 32) * 2 - 1).to(device)
+    sigma, labels = torch.ones(TRAIN_BATCH, device=device), torch.zeros(TRAIN_BATCH, dtype=torch.int64, device=device)
+    train_auto = choose_setting(BaseConfig(), World(0, 1, device),
+                                lambda: network_passes(unet_tiny(device), [x, sigma, labels], device, backward=True))
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # as each of generate's worker processes
+    try:
+        sample_runs = {s.name: sampling_run(s, device) for s in settings}
+        sampling = speed_table(interleaved_seconds(sample_runs, PRECISION_ROUNDS), NETWORK_BATCH, settings[0].name)
+        n = NETWORK_BATCH
+        sample_auto = choose_setting(BaseConfig(), World(0, 1, device), lambda: network_passes(
+            unet_tiny(device).eval(), [x[:n], sigma[:n], labels[:n]], device, backward=False))
+    finally:
+        torch.set_num_threads(threads)
+    return {"machine": machine(), "device": device, "baseline": settings[0].name,
+            "train_step_images_per_s": training, "train_auto_choice": train_auto.setting.name,
+            "sampling_images_per_s": sampling, "sampling_threads": 1 if device == "cpu" else threads,
+            "sampling_auto_choice": sample_auto.setting.name}
 
 
 PEAK_RSS = """
@@ -147,4 +222,5 @@ def run() -> dict:
         "generate_peak_rss_ratio": round(peaks[large] / peaks[small], 2),
         "generate_seconds": {k: round(v, 1) for k, v in by_workers.items()},
         "generate_speedup_from_workers": round(one / many, 2),
+        "precision": precision_table(),
     }

@@ -1,4 +1,11 @@
-"""Classifier training speed: one TRADES step (10 attack steps) per network, against this CPU's matmul peak.
+"""Classifier training speed: the TRADES step against the reference's, per precision and memory format; FLOPs vs peak.
+
+- Precision table (issue 16): for wrn-16-1 and wrn-16-4 at batch 128, images/s of one full training
+  step of the reference (`reference_trades.py`: DM-Improves-AT's step, float32 NCHW) and of DMAT's
+  `train` step (`dmat.core.losses.trades_loss` through `dmat.stage_setup.training_network`, as the stage
+  runs it) in every setting (fp32/bf16 × contiguous/channels-last), timed in interleaved rounds in
+  one process; the baseline is the reference step. Also the setting `auto` picks on this machine
+  (the stage's own probe) and its cost. On CUDA the same table runs on the GPU.
 
 For wrn-16-1, wrn-16-4 and wrn-28-10 at batch 128 (wrn-28-10 at batch 16: images/s is per image):
 images/s of a full TRADES training step, its FLOPs, and the achieved GFLOP/s as a fraction of the
@@ -6,7 +13,7 @@ measured float32 matmul peak (the baseline). FlopCounterMode cannot follow the a
 autograd.grad, so the step's FLOPs are composed from counted parts: a forward F and a full backward
 B (weights and inputs) per batch; the step is 1 clean-target forward + 10 attack iterations of a
 forward and an input-only backward (≈ B/2) + 2 training forwards and their backward:
-13·F + 7·B. Also bf16 autocast vs fp32 step speed, and the batch sampler's images/s.
+13·F + 7·B. Also the batch sampler's images/s.
 """
 
 from __future__ import annotations
@@ -19,12 +26,20 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.measure import interleaved_seconds, machine, speed_table
+from benchmarks.reference_trades import reference_trades_step
+from dmat.config import BaseConfig
 from dmat.core.classifiers import DATASET_STATS, build_classifier
 from dmat.core.losses import trades_loss
+from dmat.core.precision import Decision, Setting, candidates, network_passes
 from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import write_store
+from dmat.distributed import World
+from dmat.stage_setup import choose_setting, training_network
 
 NETWORKS = {"wrn-16-1": 128, "wrn-16-4": 128, "wrn-28-10": 16}  # batch measured (images/s is per image)
+PRECISION_NETWORKS = ("wrn-16-1", "wrn-16-4")
+PRECISION_BATCH, PRECISION_ROUNDS = 128, 3
 
 
 def matmul_peak_gflops(size: int = 4096, repeats: int = 5, trials: int = 3) -> float:
@@ -40,30 +55,83 @@ def matmul_peak_gflops(size: int = 4096, repeats: int = 5, trials: int = 3) -> f
     return best
 
 
-def trades_step(model, optimizer, x, y, autocast: bool) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, _ = trades_loss(model, x, y, steps=10)
+def classifier(name: str, device: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(0)
+    mean, std = DATASET_STATS["cifar10"]
+    return build_classifier(name, num_classes=10, mean=mean, std=std).train().to(device)
+
+
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+
+
+def trades_step(model, optimizer, x, y) -> None:
+    loss, _ = trades_loss(model, x, y, steps=10)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
-def time_step(name: str, batch: int, autocast: bool = False, repeats: int = 2) -> tuple[float, float]:
+def time_step(name: str, batch: int, repeats: int = 2) -> tuple[float, float]:
     """(seconds per step, FLOPs per step)."""
-    mean, std = DATASET_STATS["cifar10"]
-    model = build_classifier(name, num_classes=10, mean=mean, std=std).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    model = classifier(name)
+    optimizer = sgd(model)
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     with FlopCounterMode(display=False) as forward:
         loss = torch.nn.functional.cross_entropy(model(x), y)
     with FlopCounterMode(display=False) as backward:
         loss.backward()
     flops = 13 * forward.get_total_flops() + 7 * backward.get_total_flops()
-    trades_step(model, optimizer, x, y, autocast)  # warm-up
+    trades_step(model, optimizer, x, y)  # warm-up
     started = time.perf_counter()
     for _ in range(repeats):
-        trades_step(model, optimizer, x, y, autocast)
+        trades_step(model, optimizer, x, y)
     return (time.perf_counter() - started) / repeats, flops
+
+
+def dmat_step(name: str, setting: Setting, x: torch.Tensor, y: torch.Tensor, device: str):
+    """One training step of the `train` stage in `setting`, on a fresh copy of the network."""
+    model = classifier(name, device)
+    optimizer = sgd(model)
+    network, scaler = training_network(model, Decision(setting, "requested"), World(0, 1, device), compile=False)
+
+    def step() -> None:
+        loss, _ = trades_loss(network, x, y, steps=10)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def reference_step(name: str, x: torch.Tensor, y: torch.Tensor, device: str):
+    model = classifier(name, device)
+    optimizer = sgd(model)
+    return lambda: reference_trades_step(model, optimizer, x, y)
+
+
+def precision_table(device: str = "cuda" if torch.cuda.is_available() else "cpu") -> dict:
+    """The reference step and DMAT's step in every setting, interleaved; and what `auto` picks here."""
+    results: dict = {"machine": machine(), "device": device, "batch": PRECISION_BATCH, "baseline": "reference"}
+    for name in PRECISION_NETWORKS:
+        results[name] = precision_row(name, device)
+    return results
+
+
+def precision_row(name: str, device: str) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(PRECISION_BATCH, 3, 32, 32, generator=generator).to(device)
+    y = torch.randint(0, 10, (PRECISION_BATCH,), generator=generator).to(device)
+    runs = {"reference": reference_step(name, x, y, device)}
+    runs.update({f"dmat {s.name}": dmat_step(name, s, x, y, device) for s in candidates(device)})
+    table = speed_table(interleaved_seconds(runs, PRECISION_ROUNDS), PRECISION_BATCH, "reference")
+    started = time.perf_counter()
+    decision = choose_setting(BaseConfig(), World(0, 1, device),
+                              lambda: network_passes(classifier(name, device), [x], device, backward=True))
+    return {"images_per_s": table, "auto_choice": decision.setting.name,
+            "auto_probe_s": round(time.perf_counter() - started, 1),
+            "auto_speedup_vs_reference": table[f"dmat {decision.setting.name}"]["speedup"]}
 
 
 def sampler_images_per_s() -> float:
@@ -90,8 +158,6 @@ def run() -> dict:
         results[name] = {"batch": batch, "images_per_s": round(batch / seconds, 2),
                          "gflop_per_image_step": round(flops / batch / 1e9, 2), "gflops": round(gflops, 1),
                          "fraction_of_matmul_peak": round(gflops / peak, 3)}
-    fp32, _ = time_step("wrn-16-4", 64)
-    bf16, _ = time_step("wrn-16-4", 64, autocast=True)
-    results["wrn-16-4_bf16_over_fp32_step_time"] = round(bf16 / fp32, 2)
     results["sampler_images_per_s"] = round(sampler_images_per_s())
+    results["precision"] = precision_table()
     return results

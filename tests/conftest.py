@@ -1,4 +1,4 @@
-"""Shared fixtures: small generated image folders, the offline CIFAR-10 archive, running `dmat`."""
+"""Shared fixtures: small generated image folders, the offline CIFAR-10 archive, running `dmat`, the tiny pipeline."""
 
 from __future__ import annotations
 
@@ -74,6 +74,18 @@ def cifar_archive() -> Path:
     return SHARED_ARCHIVE
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository copy after one `dvc repro` with the e2e tests' tiny params (minutes), built once per session.
+
+    Shared by every test that asks for it: read it, never change it. A test that writes into the project
+    (runs a stage, `dvc exp run`, edits params) works on its own copy (`shutil.copytree`).
+    """
+    from tests.e2e.test_pipeline import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("tiny-pipeline"))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never write to the user's MLflow server: each uses the store of its own working dir."""
@@ -99,10 +111,15 @@ def _stage_env() -> dict[str, str]:
     return env
 
 
-def run_torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N dmat ...` for real (gloo on the CPU)."""
-    command = [str(BIN_DIR / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(BIN_DIR / "dmat"), *args]
-    return subprocess.run(command, cwd=cwd, env=_stage_env(), capture_output=True, text=True, timeout=600)
+def run_torchrun(*args: str, cwd: Path, nproc: int = 2, module: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N dmat ...` for real (gloo on the CPU); with `module`,
+    `torchrun ... -m MODULE ...` with the repository root importable (test helpers run that way)."""
+    program = ["-m", module] if module else [str(BIN_DIR / "dmat")]
+    command = [str(BIN_DIR / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *program, *args]
+    env = _stage_env()
+    if module:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def kill_when_written(*args: str, cwd: Path, watch: Path, timeout: float = 300) -> None:

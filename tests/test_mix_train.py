@@ -25,8 +25,8 @@ PARAMS = """
 base: {{seed: 0}}
 data: {{name: tiny, path: {folder}, val_size: 12}}
 mix: {{synthetic_fraction: {fraction}, synthetic_limit: {limit}}}
-train: {{model: wrn-16-1, epochs: {epochs}, batch_size: 16, lr: 0.05, val_limit: 12,
-        attack: {{steps: 2}}, val_attack_steps: 3}}
+train: {{model: wrn-16-1, loss: {loss}, epochs: {epochs}, batch_size: 16, lr: 0.05, val_limit: 12,
+        attack: {{norm: {norm}, eps: {eps}, steps: 2}}, val_attack_steps: 3}}
 """
 
 
@@ -41,7 +41,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/real from a tiny image folder, plus a generated-like store: prepared once per module."""
     workdir = tmp_path_factory.mktemp("prepared")
     folder = make_image_folder(workdir / "folder", {"train": 28, "test": 6}, size=16)
-    write_params(workdir / "params.yaml", PARAMS.format(folder=folder, fraction=0.5, limit="null", epochs=2))
+    write_params(workdir / "params.yaml", PARAMS.format(folder=folder, fraction=0.5, limit="null", epochs=2,
+                                                        loss="trades", norm="Linf", eps="8/255"))
     assert run_dmat("prepare", cwd=workdir).returncode == 0
     _synthetic_store(workdir / "data" / "synthetic")
     return workdir
@@ -51,11 +52,12 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def workspace(prepared: Path, tmp_path: Path):
     """A fresh copy of the prepared workspace with the given mix/train params."""
 
-    def make(*, fraction: float = 0.5, limit: str = "null", epochs: int = 2) -> Path:
+    def make(*, fraction: float = 0.5, limit: str = "null", epochs: int = 2, loss: str = "trades",
+             norm: str = "Linf", eps: str = "8/255") -> Path:
         workdir = tmp_path / "work"
         shutil.copytree(prepared, workdir)
         write_params(workdir / "params.yaml", PARAMS.format(folder=prepared / "folder", fraction=fraction,
-                                                            limit=limit, epochs=epochs))
+                                                            limit=limit, epochs=epochs, loss=loss, norm=norm, eps=eps))
         return workdir
 
     return make
@@ -99,9 +101,12 @@ def test_mix_refuses_incompatible_stores(workspace, broken: str, message: str) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fraction", [0.5, 0.0])
-def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fraction: float) -> None:
-    workdir = workspace(fraction=fraction)
+@pytest.mark.parametrize(("fraction", "loss", "norm", "eps", "step"), [
+    (0.5, "trades", "Linf", "8/255", 2.5 * (8 / 255) / 2), (0.0, "trades", "Linf", "8/255", 2.5 * (8 / 255) / 2),
+    (0.5, "pgd-at", "L2", "0.5", 2 * 0.5 / 2)])  # step_size null: derived per norm from eps and 2 steps
+def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fraction: float, loss: str, norm: str,
+                                                                   eps: str, step: float) -> None:
+    workdir = workspace(fraction=fraction, loss=loss, norm=norm, eps=eps)
     _mix(workdir)
     result = run_dmat("train", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -109,10 +114,13 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fr
     last = load_checkpoint(workdir / "models/classifier/last.pt")
     for state in (best, last):
         assert {"model", "ema", "model_config", "classes", "threat", "mlflow_run_id"} <= set(state)
-        assert state["classes"] == list(TINY_CLASSES) and state["threat"]["norm"] == "Linf"
+        assert state["classes"] == list(TINY_CLASSES) and state["threat"]["norm"] == norm
     assert "optimizer" in last and last["epoch"] == 2 and len(last["history"]) == 2
     metrics = json.loads((workdir / "metrics/train.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["steps"] == 2 * 5  # an epoch is ceil(72 real / 16) steps
+    assert metrics["train_epochs"] == 2 and metrics["train_steps"] == 2 * 5  # an epoch is ceil(72 real / 16) steps
+    report = json.loads((workdir / "reports/train.json").read_text())
+    assert report["precision_source"] == "probe" and len(report["probe_ms"]) == 4  # base.precision auto
+    assert last["precision"]["precision"] == metrics["precision"] in ("fp32", "bf16")
     assert (workdir / "plots/train_curves.csv").read_text().count("\n") == 3
 
     from mlflow.tracking import MlflowClient
@@ -121,11 +129,13 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fr
     run = client.get_run(last["mlflow_run_id"])
     assert run.info.run_name == "train" and run.info.status == "FINISHED"
     assert run.data.params["mix.synthetic_fraction"] == str(fraction)
+    assert float(run.data.params["attack.step_size_used"]) == pytest.approx(step)
     manifest = json.loads((workdir / "data/mixed/manifest.json").read_text())
     assert run.data.params["mix.synthetic_sha256"] == manifest["synthetic"]["sha256"]
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert inputs["synthetic"] == manifest["synthetic"]["sha256"][:36]
     assert "val_robust_acc" in run.data.metrics
+    assert run.data.params["precision"] == metrics["precision"] and "probe_ms.fp32_contiguous" in run.data.metrics
     assert client.search_logged_models([run.info.experiment_id]), "the model is logged to MLflow"
 
 
@@ -143,7 +153,11 @@ def test_train_resumes_after_sigkill(workspace) -> None:
     assert final["epoch"] == 4 and [r["epoch"] for r in final["history"]] == [1, 2, 3, 4]
     assert final["history"][0] == interrupted["history"][0]  # history kept, not recomputed
     assert final["mlflow_run_id"] == interrupted["mlflow_run_id"]
-    assert json.loads((workdir / "metrics/train.json").read_text())["steps"] == 4 * 5
+    assert json.loads((workdir / "metrics/train.json").read_text())["train_steps"] == 4 * 5
+    # base.precision auto: the resumed run kept the first run's probed choice instead of probing again
+    assert interrupted["precision"]["source"] == "probe" and final["precision"]["source"] == "checkpoint"
+    kept = ("precision", "memory_format", "probe_s")
+    assert {k: final["precision"][k] for k in kept} == {k: interrupted["precision"][k] for k in kept}
     assert not list(last.parent.glob(".*tmp*")), "no torn temporary checkpoint left behind"
 
 
@@ -165,7 +179,6 @@ def test_train_under_torchrun_with_two_processes(workspace) -> None:
 @pytest.mark.parametrize(("stage", "section", "message"), [
     ("train", "train: {model: wrn-99-1}", "train.model = 'wrn-99-1' is not allowed"),
     ("train-diffusion", "train_diffusion: {model: unet-huge}", "train_diffusion.model = 'unet-huge' is not allowed"),
-    ("train", "train: {amp: fp16}", "train.amp = 'fp16' is not allowed on the CPU"),
 ])
 def test_unknown_network_exits_2_before_writing(tmp_path: Path, stage: str, section: str, message: str) -> None:
     write_params(tmp_path / "params.yaml", f"base: {{device: cpu}}\n{section}\n")
@@ -217,3 +230,40 @@ def test_mix_source_heldout_real_without_heldout_images_says_which_key(prepared:
     workdir = _heldout_workspace(prepared, tmp_path, heldout=0)
     result = run_dmat("mix", cwd=workdir)
     assert result.returncode == 1 and "data.heldout_size = 0" in result.stderr
+
+
+def test_validation_runs_in_float32_and_contiguous_whatever_the_training_setting(workspace, monkeypatch) -> None:
+    """The trained network runs in bf16 channels-last; the PGD-40 validation of the EMA model never does,
+    even inside a caller's autocast."""
+    import torch
+
+    from dmat.config import load_params
+    from dmat.core.losses import trades_loss
+    from dmat.core.precision import Decision, Setting
+    from dmat.distributed import World
+    from dmat.stages.train import Trainer
+
+    workdir = workspace(epochs=1)
+    _mix(workdir)
+    monkeypatch.chdir(workdir)
+    trainer = Trainer(load_params("params.yaml"), World(0, 1, "cpu"))
+    trainer.use(Decision(Setting("bf16", "channels_last"), "requested"))
+    seen = {"train": [], "validate": []}
+
+    def recorder(phase):
+        def record(module, args):
+            seen[phase].append((args[0].dtype, torch.is_autocast_enabled("cpu"),
+                                args[0].is_contiguous(), all(p.dtype == torch.float32 and p.is_contiguous()
+                                                             for p in module.parameters())))
+        return record
+
+    trainer.model.register_forward_pre_hook(recorder("train"))
+    trainer.ema.module.register_forward_pre_hook(recorder("validate"))
+    loss, _ = trades_loss(trainer.trained, torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]), steps=2)
+    loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer.validate()
+    # attack (1 clean target + 2 steps) and update (2) forwards: autocast on, channels-last input and weights
+    assert seen["train"] == [(torch.float32, True, False, False)] * 5
+    # one batch of 12: 3 PGD steps (val_attack_steps), then the clean and the adversarial forward
+    assert seen["validate"] == [(torch.float32, False, True, True)] * 5

@@ -49,7 +49,7 @@ def test_prepare_logs_mlflow_run_with_digests(tmp_path: Path, image_archive: Pat
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("dmat")
-    (run,) = client.search_runs([experiment.experiment_id])
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`dmat.stage` = 'prepare'")
     assert run.info.run_name == "prepare" and run.info.status == "FINISHED"
     assert run.data.params["data.val_size"] == "3" and run.data.tags["dmat.stage"] == "prepare"
     assert run.data.metrics["train.images"] == 33
@@ -105,7 +105,7 @@ def test_fetch_and_prepare_read_torchvision_files(tmp_path: Path, name: str) -> 
         for stage in ("fetch", "prepare"):
             result = run_dmat(stage, cwd=project, env=NO_NETWORK, dmat=launcher)
             assert result.returncode == 0, result.stderr
-        metrics.append(json.loads((project / "metrics" / "prepare.json").read_text()))
+        metrics.append(json.loads((project / "reports" / "prepare.json").read_text()))
     assert metrics[0] == metrics[1]  # same files, same params: same bytes
     stores = {n: ArrayStore.open(project / "data" / "real" / n, verify=True) for n in ("train", "val", "test")}
     assert {n: len(s) for n, s in stores.items()} == {"train": 2 * n_classes, "val": n_classes, "test": 2 * n_classes}

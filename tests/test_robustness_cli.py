@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dmat.data.store import write_store
-from tests.conftest import run_dmat
+from tests.conftest import run_dmat, run_torchrun
 from tests.core.test_robustness import CLASSES, SoftmaxOutput, colour_data, train_colour_model
 
 
@@ -93,3 +93,22 @@ def test_missing_model_and_bad_store_exit_1(foreign_model, store, tmp_path) -> N
     model = export_program(foreign_model, tmp_path / "ok.pt2")
     result = run_dmat("robustness", str(model), "--data", str(tmp_path / "nowhere"), "--eps", "0.1", cwd=tmp_path)
     assert result.returncode == 1 and "nowhere" in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_reports_what_one_process_does(foreign_model, store, tmp_path) -> None:
+    """3 batches of 8 over 2 gloo processes vs one process (one thread each): the same report."""
+    model = export_program(foreign_model, tmp_path / "model.pt2")
+    args = ("robustness", str(model), "--data", str(store), "--points", "24", "--eps", "0.2", "--seed", "1",
+            "--batch-size", "8", "--version", "custom", "--attacks", "apgd-ce,apgd-t", "--json")
+    single = run_dmat(*args, str(tmp_path / "one.json"), cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr
+    sharded = run_torchrun(*args, str(tmp_path / "two.json"), cwd=tmp_path)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    reports = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json")]
+    assert [r["settings"].pop("processes") for r in reports] == [1, 2]
+    for report in reports:
+        for timing in ("seconds", "seconds_autoattack", "images_per_s"):
+            report.pop(timing)
+    assert reports[0] == reports[1]
+    assert reports[0]["robust_accuracy"] < reports[0]["clean_accuracy"]  # eps 0.2 breaks some points

@@ -112,11 +112,18 @@ def _pg(bin_dir: Path, account: dict[str, Any], program: str, *args: str) -> Non
 def tracking_server(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """`mlflow server` on PostgreSQL with proxied artifacts: (its URI, the artifact directory on disk)."""
     root = tmp_path_factory.mktemp("tracking")
-    artifacts, port = root / "artifacts", free_port()
-    command = [str(BIN_DIR / "mlflow"), "server", "--backend-store-uri", postgres_url,
-               "--artifacts-destination", str(artifacts), "--serve-artifacts", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1", "--allowed-hosts", compose_allowed_hosts()]
-    log = root / "server.log"
+    artifacts = root / "artifacts"
+    with mlflow_server(postgres_url, root / "server.log", "--artifacts-destination", str(artifacts),
+                       "--serve-artifacts", "--allowed-hosts", compose_allowed_hosts()) as uri:
+        yield uri, artifacts
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, log: Path, *options: str) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 and a free port, healthy when this yields its URI; stopped after."""
+    port = free_port()
+    command = [str(BIN_DIR / "mlflow"), "server", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1", *options]
     with log.open("w") as log_file:
         # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop at teardown.
         server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
@@ -124,7 +131,7 @@ def tracking_server(postgres_url: str, tmp_path_factory: pytest.TempPathFactory)
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_for_health(uri, server, log)
-        yield uri, artifacts
+        yield uri
     finally:
         _stop(server)
 
@@ -181,18 +188,20 @@ def test_stage_run_is_readable_through_the_rest_api(tracking_server: tuple[str, 
                       env={"MLFLOW_TRACKING_URI": uri, "DVC_STAGE": "prepare"})
     assert result.returncode == 0, result.stderr
     assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists(), "logged locally, not remotely"
-    written = json.loads((project / "metrics" / "prepare.json").read_text())
+    written = json.loads((project / "reports" / "prepare.json").read_text())
 
     experiment = rest(uri, "mlflow/experiments/get-by-name", experiment_name="dmat")["experiment"]
     assert experiment["artifact_location"].startswith("mlflow-artifacts:"), "artifacts must go through the server"
-    (found,) = rest(uri, "mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    (found,) = rest(uri, "mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                 "filter": "tags.`dmat.stage` = 'prepare'"})["runs"]
     run = rest(uri, "mlflow/runs/get", run_id=found["info"]["run_id"])["run"]
     assert run["info"]["run_name"] == "prepare" and run["info"]["status"] == "FINISHED"
 
     params, tags = key_values(run["data"]["params"]), key_values(run["data"]["tags"])
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert params["data.val_size"] == "3" and params["data.name"] == "tiny"
-    assert {n: metrics[f"{n}.images"] for n in written} == {n: written[n]["images"] for n in written}
+    splits = ("train", "val", "test")
+    assert {n: metrics[f"{n}.images"] for n in splits} == {n: written[n]["images"] for n in splits}
     assert tags["dmat.stage"] == "prepare" and tags["dvc.stage"] == "prepare"
     assert tags["dmat.output.train.sha256"] == written["train"]["sha256"]
 

@@ -59,8 +59,9 @@ def trained(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_headline_is_the_best_checkpoints_accuracy_on_all_test_images(trained: Path) -> None:
-    metrics = json.loads((trained / "metrics/train_reference.json").read_text())
-    assert len(metrics) <= 12
+    metrics = json.loads((trained / "reports/train_reference.json").read_text())
+    headline = json.loads((trained / "metrics/train_reference.json").read_text())
+    assert headline == {f"reference_{k}": metrics[k] for k in ("test_acc", "test_acc_low", "test_acc_high", "train_s")}
     test = ArrayStore.open(trained / "data/real/test")
     model, state = load_reference_classifier(trained / "models/reference/best.pt")
     images, labels = test.read(np.arange(len(test)))
@@ -101,7 +102,7 @@ def test_mlflow_run_records_real_data_only(trained: Path) -> None:
     assert run.info.run_name == "train_reference" and run.info.status == "FINISHED"
     assert run.data.params["train_reference.model"] == "wrn-16-1"
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"real/train", "real/val", "real/test"}
-    assert run.data.metrics["test_acc"] == json.loads((trained / "metrics/train_reference.json").read_text())[
+    assert run.data.metrics["test_acc"] == json.loads((trained / "reports/train_reference.json").read_text())[
         "test_acc"]
 
 
@@ -117,7 +118,7 @@ def test_resumes_after_sigkill(workspace) -> None:
     final = load_checkpoint(last)
     assert [r["epoch"] for r in final["history"]] == [1, 2, 3, 4]
     assert final["history"][0] == interrupted["history"][0] and final["mlflow_run_id"] == interrupted["mlflow_run_id"]
-    assert json.loads((workdir / "metrics/train_reference.json").read_text())["epochs"] == 4
+    assert json.loads((workdir / "reports/train_reference.json").read_text())["epochs"] == 4
 
 
 @pytest.mark.slow
@@ -126,7 +127,7 @@ def test_under_torchrun_with_two_processes(workspace) -> None:
     result = run_torchrun("train-reference", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_checkpoint(workdir / "models/reference/last.pt")["epoch"] == 1
-    assert json.loads((workdir / "metrics/train_reference.json").read_text())["n_test"] == 18  # all, once
+    assert json.loads((workdir / "reports/train_reference.json").read_text())["n_test"] == 18  # all, once
 
 
 def test_unknown_network_exits_2_before_writing(tmp_path: Path) -> None:

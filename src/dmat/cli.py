@@ -83,6 +83,10 @@ TOOLS: dict[str, tuple[str, str]] = {
               "Serve an ONNX classifier (a .onnx path or models:/name@alias) over HTTP on 127.0.0.1."),
     "lineage": ("dmat.tools.lineage",
                 "Print the chain of stages, runs and files that produced an artifact, each link checked."),
+    "compare": ("dmat.tools.compare",
+                "Pipeline variants side by side from MLflow: accuracy mean ± std over seeds, pooled 95% intervals, "
+                "the paired exact McNemar p-value against a baseline, generated-data metrics -> a Markdown/CSV/PNG "
+                "table."),
     "params": ("dmat.tools.params",
                "Validate a params file without running a stage: `dmat params check [FILE]` (exit 0 valid, 2 not)."),
 }

@@ -86,6 +86,11 @@ class BaseConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = allowed(0, min=0, max=1024)  # 0 = let torch decide
     experiment: str = allowed("dmat", pattern=r"^[\w.\- /]{1,200}$")  # MLflow experiment name
+    # Numerics of the networks that train and generate (train, train_diffusion, generate; never evaluation):
+    # auto = measured at stage start, see dmat.core.precision. fp16 needs CUDA.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    compile: bool = False  # torch.compile the training networks (train, train_diffusion)
 
 
 @dataclass(frozen=True)
@@ -255,7 +260,6 @@ class TrainConfig:
     attack: ThreatConfig = field(default_factory=ThreatConfig)
     val_attack_steps: int = allowed(40, min=1)  # PGD-CW steps for checkpoint selection on data/real/val
     val_limit: int | None = allowed(None, min=1)  # first n validation images; null = all
-    amp: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision of the training steps
 
 
 @dataclass(frozen=True)
@@ -369,6 +373,8 @@ class VerifyConfig:
     denoiser_atol: float = allowed(1e-3, min=0)  # max |difference| of denoised outputs ([-1, 1] image units)
     registered_model: str = allowed("dmat-classifier", pattern=r"^[A-Za-z0-9][\w.\-]{0,99}$")
     register: bool = True  # register in MLflow after every gate passes
+    # `champion` moves to a new version only when it is significantly more robust on the champion's test points
+    champion_alpha: float = allowed(0.05, above=0, max=0.5)  # level of the exact McNemar test
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,14 @@ def all_reduce_sum(w: World, values):
 
         dist.all_reduce(values)
     return values
+
+
+def all_gather_object(w: World, obj) -> list:
+    """Every rank's value of `obj` (picklable; tensors are best moved to the CPU first), in rank order."""
+    if w.size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * w.size
+    dist.all_gather_object(gathered, obj)
+    return gathered

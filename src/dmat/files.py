@@ -25,6 +25,8 @@ def atomic_path(target: str | Path, *, directory: bool = False) -> Iterator[Path
     prefix = f".{target.name}.tmp-"
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        # mkdtemp makes 0700: a container running as another user (the serving image) could not read the output.
+        os.chmod(tmp, 0o777 & ~_umask())
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
         os.close(fd)

@@ -1,12 +1,18 @@
-"""Process-wide settings a stage applies before it starts: threads, device, seeds."""
+"""Process-wide settings a stage applies before it starts: threads, device, seeds, precision and memory format."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dmat.config import BaseConfig, ParamsError
+from dmat.distributed import World, broadcast_object
+
+if TYPE_CHECKING:
+    from dmat.core.precision import Decision, PassFactory
 
 
 def apply_base(base: BaseConfig) -> None:
@@ -34,3 +40,73 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ParamsError("base.device = 'cuda' but no CUDA device is available: use 'auto' or 'cpu'")
     return device
+
+
+def check_precision(base: BaseConfig, device: str) -> None:
+    """A precision the device cannot run is a params error, raised before a stage writes anything."""
+    from dmat.core.precision import unsupported
+
+    reason = None if base.precision == "auto" else unsupported(device, base.precision)
+    if reason:
+        raise ParamsError(f"base.precision = {base.precision!r} is not allowed on {device}: {reason}")
+
+
+def choose_setting(base: BaseConfig, w: World, make_passes: Callable[[], PassFactory],
+                   recorded: Mapping[str, Any] | None = None) -> Decision:
+    """The precision and memory format a stage runs in (`base.precision`, `base.memory_format`), the
+    same on every torchrun rank: rank 0 decides and broadcasts (timings differ between processes)."""
+    return broadcast_object(w, _decide(base, w.device, make_passes, recorded) if w.is_main else None)
+
+
+def _decide(base: BaseConfig, device: str, make_passes: Callable[[], PassFactory],
+            recorded: Mapping[str, Any] | None) -> Decision:
+    """A resumed run keeps the choice its checkpoint `recorded` wherever the params still say `auto`.
+    Otherwise knobs set to `auto` are probed on passes from `make_passes()` (called only when
+    needed: it may copy the network), with torch's random state restored afterwards so that the
+    probe never shifts what the stage draws."""
+    import torch
+
+    from dmat.core.precision import Decision, Setting, candidates, choose, probe
+
+    check_precision(base, device)
+    if recorded is not None:
+        kept = Decision.from_record(recorded)
+        wanted = Setting(kept.setting.precision if base.precision == "auto" else base.precision,
+                         kept.setting.memory_format if base.memory_format == "auto" else base.memory_format)
+        return kept if wanted == kept.setting else Decision(wanted, "requested")
+    options = candidates(device, base.precision, base.memory_format)
+    if len(options) == 1:
+        return Decision(options[0], "requested")
+    on_cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if on_cuda else []):
+        timings = probe(make_passes(), options, synchronize=torch.cuda.synchronize if on_cuda else lambda: None)
+    return Decision(choose(timings, options[0]), "probe", {s.name: t for s, t in timings.items()})
+
+
+def training_network(model, decision: Decision, w: World, *, compile: bool, scaler_state: dict | None = None):
+    """(module to call, gradient scaler) for training `model` in the decided setting.
+
+    The weights are converted in place to the memory format (an optimiser built on them keeps
+    working), wrapped in DDP under torchrun, optionally compiled, and run under autocast; TF32 is
+    allowed on CUDA. The scaler scales the loss for fp16 (whose narrow range underflows small
+    gradients) and passes it through otherwise; `scaler_state` is a resumed run's."""
+    import torch
+
+    from dmat.core.precision import Autocast, allow_tf32, to_memory_format
+
+    to_memory_format(model, decision.setting)
+    allow_tf32(w.device)
+    network = torch.nn.parallel.DistributedDataParallel(model) if w.size > 1 else model
+    if compile:
+        network = torch.compile(network)
+    scaler = torch.amp.GradScaler(torch.device(w.device).type, enabled=decision.setting.precision == "fp16")
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
+    return Autocast(network, decision.setting, w.device), scaler
+
+
+def log_precision(tracked, decision: Decision) -> None:
+    """The choice as MLflow params, the probe's median milliseconds per pass as metrics."""
+    summary = decision.summary()
+    tracked.log_params({k: v for k, v in summary.items() if k != "probe_ms"})
+    tracked.log_metrics({f"probe_ms.{name}": ms for name, ms in summary["probe_ms"].items()})

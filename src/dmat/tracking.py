@@ -11,20 +11,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dmat.config import as_dict, flatten, to_yaml
 from dmat.data.store import ArrayStore
 from dmat.errors import TrackingError
+from dmat.execution import Execution, current_execution
 from dmat.files import project_root
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow stores a dataset digest in a 36-character column; the full sha256 goes into a tag.
 MLFLOW_DIGEST_LENGTH = 36
 PREFLIGHT_TIMEOUT_S = 5.0
@@ -47,14 +48,6 @@ def check_reachable(uri: str) -> None:
         reason = getattr(err, "reason", err)
         raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it or unset "
                             "MLFLOW_TRACKING_URI to use the local mlflow.db") from None
-
-
-def git_commit(root: Path) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 # --- read-only lookups (`dmat lineage`): never start, change or create anything -------------------------
@@ -121,6 +114,55 @@ def find_runs(stage: str, *, tags: Mapping[str, str] | None = None, params: Mapp
     return [_run_summary(run) for run in runs]
 
 
+def search_runs(experiments: Sequence[str], conditions: Sequence[str], uri: str | None = None) -> list[dict[str, Any]]:
+    """Finished runs of the named experiments that match every condition (MLflow's search syntax), with their
+    metrics. An experiment the store does not have raises LookupError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    client = _read_client(uri)
+    try:
+        with _quiet_mlflow():
+            ids = []
+            for name in experiments:
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise LookupError(f"no MLflow experiment named {name!r} in {uri}")
+                ids.append(experiment.experiment_id)
+            query = " AND ".join(["attributes.status = 'FINISHED'", *conditions])
+            runs = client.search_runs(ids, query, max_results=5000)
+    except MlflowException as err:
+        raise TrackingError(f"cannot search MLflow tracking store {uri}: {err}") from None
+    return [_run_summary(run) for run in runs]
+
+
+def download_run_artifact(run_id: str, path: str, destination: Path, uri: str | None = None) -> Path:
+    """One artifact file of a run, downloaded into `destination`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                        dst_path=str(destination), tracking_uri=uri))
+    except (MlflowException, OSError) as err:
+        raise TrackingError(f"cannot download {path} of run {run_id} from {uri}: {err}") from None
+
+
+@contextlib.contextmanager
+def tool_run(name: str, experiment: str, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+    """An MLflow run for a command that is not a stage (e.g. `dmat compare`), in `experiment`."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    with _quiet_mlflow():
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        _use_experiment(mlflow, experiment)
+        with mlflow.start_run(run_name=name, tags={"dmat.stage": name, **(tags or {})}) as run:
+            yield StageRun(mlflow, run.info.run_id)
+
+
 def _read_client(uri: str) -> Any:
     """An MlflowClient for reading; a local sqlite store that does not exist is an error, not created."""
     check_reachable(uri)
@@ -137,7 +179,7 @@ def _run_summary(run: Any) -> dict[str, Any]:
         "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
         "start_time": run.info.start_time, "end_time": run.info.end_time,
         "tags": {k: v for k, v in run.data.tags.items() if k.startswith(prefixes)},
-        "params": dict(run.data.params),
+        "params": dict(run.data.params), "metrics": dict(run.data.metrics),
         "inputs": [{"name": d.dataset.name, "digest": d.dataset.digest,
                     **{t.key.removeprefix("mlflow.data."): t.value for t in d.tags}}
                    for d in run.inputs.dataset_inputs],
@@ -227,6 +269,11 @@ class StageRun:
         tags = {k.removeprefix("dmat."): v for k, v in version.tags.items() if k.startswith("dmat.")}
         return {**tags, "version": str(version.version)}
 
+    def set_model_version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
+        client = self._mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, f"dmat.{key}", "null" if value is None else str(value))
+
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
         self._mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
 
@@ -254,23 +301,26 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
         return
     uri = tracking_uri()
     check_reachable(uri)
+    execution = current_execution(params, project_root())
     with _quiet_mlflow():
         import mlflow
 
         mlflow.set_tracking_uri(uri)
         try:
-            _use_experiment(mlflow, params.base.experiment, uri)
+            experiment_id = _use_experiment(mlflow, params.base.experiment)
+            parent_id = _pipeline_run(mlflow.MlflowClient(), experiment_id, execution)
         except Exception as err:  # the store itself is broken: say which one
             raise TrackingError(f"cannot use MLflow tracking store {uri}: {err}") from None
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     run_name = f"{stage}@{exp_name}" if exp_name else stage
-    commit = git_commit(project_root())
     tags = {"dmat.stage": stage, "dvc.stage": os.environ.get("DVC_STAGE", ""), "dvc.exp_name": exp_name,
-            "git.commit": commit, "mlflow.source.git.commit": commit}
+            "git.commit": execution.commit, "mlflow.source.git.commit": execution.commit,
+            "dmat.variant": execution.variant, "dmat.seed": execution.seed, "dmat.pipeline": execution.key,
+            "mlflow.parentRunId": parent_id}
     if resume_run_id:
         run_context = mlflow.start_run(run_id=resume_run_id)
     else:
-        run_context = mlflow.start_run(run_name=run_name, tags=tags)
+        run_context = mlflow.start_run(run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     with run_context as run:
         tracked = StageRun(mlflow, run.info.run_id)
         if not resume_run_id:
@@ -278,15 +328,34 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
         yield tracked
 
 
-def _use_experiment(mlflow_module: Any, name: str, uri: str) -> None:
-    """Select the experiment, creating it with its artifacts beside the project's default store.
+def _use_experiment(mlflow_module: Any, name: str) -> str:
+    """Select the experiment, creating it with its artifacts beside the project's default store, and mark it
+    as model development (the UI then opens on training runs, not on GenAI traces). Returns its id.
 
     MLflow would otherwise put artifacts under ./mlruns of the working directory, which for
     `dvc exp run --temp` is a temporary copy that DVC deletes afterwards.
     """
     if mlflow_module.get_experiment_by_name(name) is None and "MLFLOW_TRACKING_URI" not in os.environ:
         mlflow_module.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
-    mlflow_module.set_experiment(name)
+    experiment = mlflow_module.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow_module.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def _pipeline_run(client: Any, experiment_id: str, execution: Execution) -> str:
+    """The parent run of a pipeline execution, created (and marked finished) by its first stage; its stage runs
+    are children, so the UI groups one `dvc repro` or `dvc exp run` into one row."""
+    query = f"tags.`dmat.role` = 'pipeline' AND tags.`dmat.pipeline` = {_quoted(execution.key)}"
+    found = client.search_runs([experiment_id], query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=execution.name, tags={
+        "dmat.role": "pipeline", "dmat.pipeline": execution.key, "dmat.variant": execution.variant,
+        "dmat.seed": str(execution.seed), "git.commit": execution.commit,
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "")})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
 def _log_config(tracked: StageRun, params: Any, sections: tuple[str, ...]) -> None:

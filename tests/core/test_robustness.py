@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyautoattack
 import pytest
 import torch
@@ -11,11 +13,13 @@ from dmat.core.robustness import (
     ContractError,
     EvaluationSettings,
     autoattack_plan,
+    batch_seed,
     check_contract,
     evaluate_robustness,
     run_autoattack,
     run_pgd,
 )
+from tests.conftest import REPO_ROOT, run_torchrun
 
 CLASSES = ("red", "green", "blue", "grey")
 
@@ -89,13 +93,19 @@ def settings(**overrides) -> EvaluationSettings:
     return EvaluationSettings(**{**values, **overrides})
 
 
-def test_matches_a_bare_pyautoattack_call_with_the_same_seed_and_points(trained, points) -> None:
+def test_matches_bare_pyautoattack_calls_with_each_batchs_seed_and_points(trained, points) -> None:
+    """Each batch of 16 is one AutoAttack run seeded by (seed, its global batch index)."""
     x, y = points
     ours = run_autoattack(trained, x, y, norm="Linf", eps=0.1, version="custom", attacks=("apgd-ce", "apgd-dlr"),
                           seed=7, batch_size=16)
-    adversary = pyautoattack.AutoAttack(trained, attacks=["apgd-ce", "apgd-dlr"], device="cpu", eps=0.1, norm="Linf",
-                                        seed=7, version="custom")
-    x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=16)
+    x_adv, y_adv = [], []
+    for batch, start in enumerate(range(0, len(x), 16)):
+        adversary = pyautoattack.AutoAttack(trained, attacks=["apgd-ce", "apgd-dlr"], device="cpu", eps=0.1,
+                                            norm="Linf", seed=batch_seed(7, batch), version="custom")
+        adv, pred = adversary.run_standard_evaluation(x[start:start + 16], y[start:start + 16], batch_size=16)
+        x_adv.append(adv)
+        y_adv.append(pred)
+    x_adv, y_adv = torch.cat(x_adv), torch.cat(y_adv)
     assert ours.correct.double().mean().item() == (y_adv == y).double().mean().item()
     assert torch.equal(ours.x_adv, x_adv)
     assert list(ours.per_attack) == ["clean", "apgd-ce", "apgd-dlr"]
@@ -167,3 +177,39 @@ def test_pgd_restarts_only_break_more_points(trained, points) -> None:
 def test_dlr_attacks_are_dropped_below_four_classes() -> None:
     assert autoattack_plan("standard", None, 10) == (["apgd-ce", "apgd-t", "fab-t", "square"], [])
     assert autoattack_plan("standard", None, 3) == (["apgd-ce", "fab-t", "square"], ["reduced_attack_set"])
+
+
+def test_evaluation_runs_in_float32_even_inside_a_callers_autocast(trained, points) -> None:
+    """AutoAttack, the extra PGD and the sweep all see float32 inputs and weights with autocast off."""
+    x, y = points
+    seen = set()
+
+    def record(module, args):
+        seen.add((args[0].dtype, torch.is_autocast_enabled("cpu"),
+                  all(p.dtype == torch.float32 for p in module.parameters())))
+
+    hook = trained.register_forward_pre_hook(record)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            evaluate_robustness(trained, x, y, CLASSES, settings(pgd_steps=2))
+    finally:
+        hook.remove()
+    assert seen == {(torch.float32, False, True)}
+
+
+@pytest.mark.slow
+def test_sharded_over_two_processes_every_point_gets_the_single_process_outcome(tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes vs 1 (one thread each): same adversarial examples, bit for bit, same report."""
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"{nproc}.pt"
+        result = run_torchrun(str(out), cwd=REPO_ROOT, nproc=nproc, module="tests.core.sharded_evaluation")
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[nproc] = torch.load(out, weights_only=False)  # written by this test's own helper
+    one, two = results[1], results[2]
+    assert two["processes"] == 2
+    assert torch.equal(one["x_adv"], two["x_adv"])
+    timing = ("seconds_autoattack", "images_per_s")
+    assert {k: v for k, v in one["report"].items() if k not in timing} == {
+        k: v for k, v in two["report"].items() if k not in timing}
+    assert one["report"]["robust_acc"] < one["report"]["clean_acc"]  # the attacks did break points

@@ -1,4 +1,4 @@
-"""Registry aliases: `candidate` always moves; `champion` only to an at-least-as-robust model of the same threat."""
+"""Registry aliases: `candidate` always moves; `champion` only by evidence (verify's rule, core.stats)."""
 
 from __future__ import annotations
 
@@ -8,47 +8,56 @@ import numpy as np
 import pytest
 
 from dmat.config import parse_params
-from dmat.stages.verify import champion_decision
+from dmat.core.stats import EvaluationSummary, rows_identity
 from dmat.stages.verify import register as register_version
+from dmat.stages.verify import unpack_outcomes
 from dmat.tracking import stage_run
 from tests.deploy.helpers import save_tiny_classifier
 
+N = 200
+ROWS = rows_identity(range(N), "test-store-digest")
 LINF = {"norm": "Linf", "eps": 8 / 255}
 
 
-def register(tmp_path: Path, model: Path, robust: float, threat: dict = LINF) -> dict:
-    params = parse_params({"base": {"experiment": "registry-test"}})
+def outcomes(robust: int) -> np.ndarray:
+    """The first `robust` of N points withstand the attack: two such vectors differ only on the points between."""
+    return np.arange(N) < robust
+
+
+def register(model: Path, robust: int, threat: dict = LINF, rows_id: str = ROWS) -> dict:
+    params = parse_params({"base": {"experiment": "registry-test"}, "verify": {"registered_model": "tiny"}})
     example = np.zeros((1, 3, 8, 8), dtype=np.float32)
+    card = {**threat, "robust_accuracy": robust / N, "clean_accuracy": 0.9, "n": N}
+    candidate = EvaluationSummary(threat["norm"], threat["eps"], rows_id, outcomes(robust))
     with stage_run("verify", params, ("base",)) as tracked:
-        return register_version(tracked, model, "tiny", example, np.zeros((1, 3), dtype=np.float32),
-                                {**threat, "robust_accuracy": robust, "clean_accuracy": 0.9})
+        return register_version(tracked, model, params.verify, example, np.zeros((1, 3), dtype=np.float32), card,
+                                candidate)
 
 
 @pytest.mark.slow
-def test_champion_moves_only_to_a_model_at_least_as_robust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_champion_moves_only_by_a_significant_paired_improvement(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".dvc").mkdir()  # a project root: the store is tmp_path/mlflow.db
     model = save_tiny_classifier(tmp_path / "tiny.onnx")
-    first = register(tmp_path, model, 0.40)
+    first = register(model, 80)
     assert first["version"] == "1" and first["champion_moved"] and first["reason"] == "no champion yet"
-    weaker = register(tmp_path, model, 0.35)
-    assert weaker["aliases"] == ["candidate"] and "champion kept" in weaker["reason"]
-    other_threat = register(tmp_path, model, 0.90, {"norm": "L2", "eps": 0.5})
-    assert not other_threat["champion_moved"] and "not comparable" in other_threat["reason"]
-    equal = register(tmp_path, model, 0.40)
-    assert equal["champion_moved"]
+    slightly_better = register(model, 84)  # 4 discordant points, all for the candidate: p = 0.125
+    assert not slightly_better["champion_moved"] and "not significantly different" in slightly_better["reason"]
+    assert slightly_better["champion_rule"]["p_value"] == pytest.approx(0.125)
+    other_threat = register(model, 190, {"norm": "L2", "eps": 0.5})
+    assert not other_threat["champion_moved"] and other_threat["champion_rule"]["decision"] == "refused"
+    other_rows = register(model, 190, rows_id=rows_identity(range(1, N + 1), "test-store-digest"))
+    assert other_rows["champion_rule"]["decision"] == "refused" and "different test rows" in other_rows["reason"]
+    better = register(model, 100)  # 20 points only it withstands, none only the champion: p ≈ 2e-6
+    assert better["champion_moved"] and better["champion_rule"]["p_value"] < 0.05
 
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert str(client.get_model_version_by_alias("tiny", "champion").version) == equal["version"] == "4"
-    assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "4"
-    assert client.get_model_version("tiny", "2").tags["dmat.robust_accuracy"] == "0.35"
-
-
-def test_champion_decision_rules() -> None:
-    assert champion_decision({**LINF, "robust_accuracy": 0.3}, None) == (True, "no champion yet")
-    current = {"norm": "Linf", "eps": str(8 / 255), "robust_accuracy": "0.5", "version": "3"}
-    assert champion_decision({**LINF, "robust_accuracy": 0.5}, current)[0]
-    assert not champion_decision({**LINF, "robust_accuracy": 0.49}, current)[0]
-    assert not champion_decision({"norm": "Linf", "eps": 4 / 255, "robust_accuracy": 0.9}, current)[0]
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == better["version"] == "5"
+    assert str(client.get_model_version_by_alias("tiny", "candidate").version) == "5"
+    tags = client.get_model_version("tiny", "2").tags
+    assert tags["dmat.champion_rule.decision"] == "stays" and tags["dmat.champion_rule.compared_with_version"] == "1"
+    assert float(tags["dmat.champion_rule.p_value"]) == pytest.approx(0.125)
+    assert unpack_outcomes(tags["dmat.robust_outcomes"], N).tolist() == outcomes(84).tolist()

@@ -14,7 +14,7 @@ import pytest
 from dmat.artifacts.loaders import load_classifier
 from dmat.files import write_json
 from tests.conftest import BIN_DIR
-from tests.e2e.test_pipeline import build_pipeline, run
+from tests.e2e.test_pipeline import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -23,9 +23,9 @@ CHAIN = ["export", "evaluation", "evaluation", "classifier", "mixed", "synthetic
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Its own repository copy: tests/e2e/test_pipeline.py changes the one it builds."""
-    return build_pipeline(tmp_path_factory.mktemp("e2e-lineage"))
+def pipeline(tiny_pipeline: Path) -> Path:
+    """The session's tiny pipeline, read only (tests that change files use a copy)."""
+    return tiny_pipeline
 
 
 def lineage(project: Path, artifact: str, expect: int) -> dict:

@@ -28,7 +28,7 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "dmat-test", "GIT_AUTHOR_EMAIL": "test@localhost",
 def tiny_params(data_path: Path) -> str:
     """Every stage doing its real job on a few images, in seconds."""
     return f"""
-base: {{seed: 1, experiment: e2e}}
+base: {{seed: 1, experiment: e2e, precision: auto, memory_format: auto, compile: false}}
 data:
   name: cifar10
   source: imagefolder
@@ -85,9 +85,13 @@ def run(cmd: list[str], cwd: Path, expect: int = 0, env: dict[str, str] | None =
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository copy after one `dvc repro` with tiny params."""
-    return build_pipeline(tmp_path_factory.mktemp("e2e"))
+def pipeline(tiny_pipeline: Path) -> Path:
+    """The session's tiny pipeline (tests/conftest.py), read only: tests that change a project use a copy."""
+    return tiny_pipeline
+
+
+def project_copy(pipeline: Path, tmp_path: Path) -> Path:
+    return shutil.copytree(pipeline, tmp_path / "project", symlinks=True)
 
 
 def build_pipeline(base: Path) -> Path:
@@ -126,8 +130,8 @@ def test_every_stage_wrote_its_declared_outputs(pipeline: Path) -> None:
                                                          "evaluate_diffusion", "train_reference"))):
         assert (pipeline / path).is_file(), path
     result = run([str(BIN_DIR / "dvc"), "metrics", "show", "--json"], pipeline)
-    for key in ("best_val_robust_acc", "images_per_s", "robust_acc", "sanity_passed", "fd_reference",
-                "heldout_fd_reference", "test_acc"):
+    for key in ("best_val_robust_acc", "diffusion_images_per_s", "linf_robust_acc", "l2_sanity_passed",
+                "fd_reference", "heldout_fd_reference", "reference_test_acc"):
         assert key in result.stdout, key
     plots = run([str(BIN_DIR / "dvc"), "plots", "show", "--json"], pipeline).stdout
     assert "evaluate_linf_sweep.csv" in plots and "generate_grid.png" in plots
@@ -154,14 +158,16 @@ def test_stage_robust_accuracy_equals_a_direct_pyautoattack_call(pipeline: Path)
     import torch
 
     from dmat.artifacts.loaders import load_classifier
+    from dmat.core.robustness import batch_seed
     from dmat.data.tensors import first_points
 
     report = json.loads((pipeline / "models/eval/linf/report.json").read_text())
     model, _ = load_classifier(pipeline / "models/classifier/best.pt")
     x, y = first_points(ArrayStore.open(pipeline / "data/real/test"), report["n"])
     attacks = [a for a in report["attacks"] if not a.startswith("pgd-")]
+    assert report["n"] <= 250  # one batch of evaluate.batch_size: one AutoAttack run, seeded for global batch 0
     adversary = pyautoattack.AutoAttack(model, attacks=attacks, device="cpu", eps=report["eps"], norm="Linf",
-                                        seed=report["seed"], version="custom")
+                                        seed=batch_seed(report["seed"], 0), version="custom")
     adversary.apgd_targeted.n_target_classes = min(9, len(report["classes"]) - 1)
     adversary.square.n_queries = 100
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=250)
@@ -198,18 +204,18 @@ def test_verify_passes_every_gate_and_registers_the_model(pipeline: Path) -> Non
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("e2e-model", "champion")
     assert champion.tags["dmat.norm"] == "Linf" and float(champion.tags["dmat.robust_accuracy"]) == pytest.approx(
-        json.loads((pipeline / "metrics/evaluate_linf.json").read_text())["robust_acc"])
+        json.loads((pipeline / "metrics/evaluate_linf.json").read_text())["linf_robust_acc"])
 
 
-def test_robustness_command_on_the_exported_artifacts(pipeline: Path) -> None:
+def test_robustness_command_on_the_exported_artifacts(pipeline: Path, tmp_path: Path) -> None:
     common = ["--data", "data/real/test", "--n", "10", "--eps", "8/255", "--seed", "3"]
     run([str(BIN_DIR / "dmat"), "robustness", "models/export/classifier.pt2", *common, "--version", "custom",
-         "--attacks", "apgd-ce", "--json", "pt2.json"], pipeline)
-    white_box = json.loads((pipeline / "pt2.json").read_text())
+         "--attacks", "apgd-ce", "--json", str(tmp_path / "pt2.json")], pipeline)
+    white_box = json.loads((tmp_path / "pt2.json").read_text())
     assert white_box["settings"]["model_kind"] == "torch.export" and not white_box["gradient_free_only"]
     run([str(BIN_DIR / "dmat"), "robustness", "models/export/classifier.onnx", *common, "--version", "custom",
-         "--attacks", "square", "--square-queries", "30", "--json", "onnx.json"], pipeline)
-    black_box = json.loads((pipeline / "onnx.json").read_text())
+         "--attacks", "square", "--square-queries", "30", "--json", str(tmp_path / "onnx.json")], pipeline)
+    black_box = json.loads((tmp_path / "onnx.json").read_text())
     assert black_box["gradient_free_only"] and black_box["attacks"] == ["square"]
     assert black_box["clean_accuracy"] == white_box["clean_accuracy"]
 
@@ -219,8 +225,13 @@ HEADLINE_BUDGET = 12  # numbers per metrics file
 
 
 def test_metrics_files_hold_headline_numbers_and_exp_show_stays_narrow(pipeline: Path) -> None:
+    seen: dict[str, str] = {}
     for path in sorted((pipeline / "metrics").glob("*.json")):
-        assert len(json.loads(path.read_text())) <= HEADLINE_BUDGET, f"{path.name}: details belong in a report file"
+        keys = json.loads(path.read_text())
+        assert len(keys) <= HEADLINE_BUDGET, f"{path.name}: details belong in a report file"
+        shared = {key: seen[key] for key in keys if key in seen}
+        assert not shared, f"{path.name} repeats keys of other metrics files (DVC then widens the columns): {shared}"
+        seen.update(dict.fromkeys(keys, path.name))
     table = run([str(BIN_DIR / "dvc"), "exp", "show", "--no-pager", "--md"], pipeline).stdout
     columns = table.splitlines()[0].count("|") - 1
     assert columns <= EXP_SHOW_COLUMN_BUDGET, f"`dvc exp show --md` has {columns} columns"
@@ -231,7 +242,7 @@ def test_a_code_change_marks_the_stage_that_runs_it_and_what_follows(pipeline: P
     import networkx as nx
     from dvc.repo import Repo
 
-    project = shutil.copytree(pipeline, tmp_path / "project", symlinks=True)
+    project = project_copy(pipeline, tmp_path)
     guidance = project / "src/dmat/core/guidance.py"
     guidance.write_text(guidance.read_text() + "\nGUIDANCE_EDITED = True\n")
     status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
@@ -273,14 +284,23 @@ def test_second_repro_is_up_to_date(pipeline: Path) -> None:
     assert re.findall(r"Running stage '([^']+)'", result.stdout) == ["fetch"], result.stdout
 
 
+def stage_runs(client, experiment_id: str) -> dict:
+    """The stage runs of an experiment by name (without the parent runs of pipeline executions)."""
+    return {r.info.run_name: r for r in client.search_runs([experiment_id])
+            if r.data.tags.get("dmat.role") != "pipeline"}
+
+
 def test_mlflow_has_one_run_per_stage_with_lineage(pipeline: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    runs = stage_runs(client, experiment.experiment_id)
     assert set(runs) == set(STAGES)
     assert all(r.info.status == "FINISHED" for r in runs.values())
+    # one `dvc repro` of the committed params: one parent run, variant "baseline", the committed seed
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs.values()}) == 1
+    assert {(r.data.tags["dmat.variant"], r.data.tags["dmat.seed"]) for r in runs.values()} == {("baseline", "1")}
     commit = run(["git", "rev-parse", "HEAD"], pipeline).stdout.strip()
     for name, stage_run in runs.items():
         assert stage_run.data.tags["dvc.stage"] == name and stage_run.data.tags["git.commit"] == commit
@@ -295,13 +315,21 @@ def test_mlflow_has_one_run_per_stage_with_lineage(pipeline: Path) -> None:
     assert runs["evaluate@linf"].data.metrics["robust_acc"] <= runs["evaluate@linf"].data.metrics["clean_acc"]
 
 
-def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path) -> None:
-    run([str(BIN_DIR / "dvc"), "exp", "run", "--temp", "-n", "more-epochs", "-S", "train.epochs=2"], pipeline)
+@pytest.fixture(scope="module")
+def experimented(pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the pipeline with one more experiment, run in DVC's temporary copy: `dvc exp run --temp`."""
+    project = project_copy(pipeline, tmp_path_factory.mktemp("experimented"))
+    run([str(BIN_DIR / "dvc"), "exp", "run", "--temp", "-n", "more-epochs", "-S", "train.epochs=2"], project)
+    return project
+
+
+def test_dvc_exp_run_temp_lands_in_the_same_store(experimented: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    project = experimented
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("e2e")
-    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    runs = stage_runs(client, experiment.experiment_id)
     assert "train@more-epochs" in runs and "verify@more-epochs" in runs
     version2 = client.get_model_version("e2e-model", "2")  # the experiment's model: a second registered version
     assert str(client.get_model_version_by_alias("e2e-model", "candidate").version) == "2"
@@ -309,18 +337,40 @@ def test_dvc_exp_run_temp_lands_in_the_same_store(pipeline: Path) -> None:
     moved = float(version2.tags["dmat.robust_accuracy"]) >= float(
         client.get_model_version("e2e-model", "1").tags["dmat.robust_accuracy"])
     assert champion == ("2" if moved else "1")
-    assert not list((pipeline / ".dvc" / "tmp").rglob("mlflow.db"))
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
     artifacts = Path(runs["train@more-epochs"].info.artifact_uri.removeprefix("file://"))
-    assert artifacts.is_relative_to(pipeline.resolve() / "mlruns") and (artifacts / "train_curves.csv").is_file()
+    assert not artifacts.is_relative_to(project.resolve() / ".dvc") and (artifacts / "train_curves.csv").is_file()
+
+
+def readme_comparison_command() -> list[str]:
+    """The `dvc exp show` command the README gives for comparing experiments."""
+    import shlex
+
+    lines = [line for line in (REPO_ROOT / "README.md").read_text().splitlines() if line.startswith("dvc exp show")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0].split("  #")[0])
+
+
+def test_readme_comparison_command_fits_a_160_column_terminal(experimented: Path) -> None:
+    command = readme_comparison_command()
+    env = {"COLUMNS": "160"}
+    result = subprocess.run([str(BIN_DIR / "dvc"), *command[1:], "--no-pager"], cwd=experimented, capture_output=True,
+                            text=True, env={**os.environ, **env, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ['PATH']}"},
+                            timeout=300, check=True)
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 160, result.stdout
+    header = next(line for line in lines if "Experiment" in line)
+    assert "…" not in header and "linf_robust_acc" in header and "mix.synthetic_fraction" in header, result.stdout
+    more_epochs = next(line for line in lines if "more-epochs" in line)
+    assert "!" not in more_epochs and "-" not in more_epochs.split("]", 1)[1], result.stdout  # every figure is there
 
 
 def test_failed_gate_exits_nonzero_naming_it(pipeline: Path, tmp_path: Path) -> None:
-    """Last: it leaves a failed `verify` run and its metrics in the copy."""
+    project = project_copy(pipeline, tmp_path)
     strict = tmp_path / "strict.yaml"
-    params = (pipeline / "params.yaml").read_text().replace("latency_runs: 5,", "latency_runs: 5, "
+    params = (project / "params.yaml").read_text().replace("latency_runs: 5,", "latency_runs: 5, "
                                                             "latency_budget_ms: 0.000001, register: false,")
     strict.write_text(params)
-    result = run([str(BIN_DIR / "dmat"), "verify", "--params", str(strict)], pipeline, expect=1)
+    result = run([str(BIN_DIR / "dmat"), "verify", "--params", str(strict)], project, expect=1)
     assert "latency_budget" in result.stderr
-    assert not (pipeline / "reports/verify.json").exists() or json.loads(
-        (pipeline / "reports/verify.json").read_text())["failed"] == ["latency_budget"]
+    assert json.loads((project / "reports/verify.json").read_text())["failed"] == ["latency_budget"]

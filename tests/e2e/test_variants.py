@@ -82,5 +82,5 @@ def test_readme_variant_commands_run_on_the_committed_params(project: Path) -> N
     assert found["no-diffusion-at"]["params"]["train_diffusion"]["adversarial"]["mode"] == "none"
     assert sorted(e["params"]["base"]["seed"] for name, e in found.items()
                   if name not in ("real-only", "no-diffusion-at")) == [0, 1, 2]
-    for experiment in found.values():  # what DVC wrote back: a YAML 1.1 reader would see False here
-        assert experiment["params"]["train"]["amp"] == "fp32"
+    for experiment in found.values():  # what DVC wrote back is what the stages read
+        assert experiment["params"]["base"]["precision"] == "auto"

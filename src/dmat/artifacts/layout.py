@@ -51,6 +51,7 @@ EVAL_REPORT_FILE = "report.json"
 ROBUSTBENCH_FILE = "robustbench.json"
 EXAMPLES_FORMAT = "dmat-adversarial-examples-1"
 EXAMPLE_ARRAYS = ("images.npy", "labels.npy", "predictions.npy")
+OUTCOMES_FILE = "outcomes.npz"  # per test point: its row, clean correct, robust correct (for paired tests)
 
 # Deployable models (export).
 EXPORT_DIR = Path("models/export")

@@ -117,6 +117,24 @@ def load_adversarial_examples(threat: str) -> AdversarialExamples:
     return AdversarialExamples(images, labels, predictions)
 
 
+@dataclass(frozen=True)
+class PointOutcomes:
+    """Which test rows an evaluation used and, per row, whether the model was correct clean and under attack."""
+
+    rows: np.ndarray
+    clean_correct: np.ndarray
+    robust_correct: np.ndarray
+
+
+def load_outcomes(path: Path) -> PointOutcomes:
+    """An evaluation's per-point outcomes (models/eval/<threat>/outcomes.npz, or a copy from its MLflow run)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return PointOutcomes(data["rows"], data["clean_correct"], data["robust_correct"])
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{path}: unreadable per-point outcomes ({err})") from None
+
+
 def generated_source(directory: Path = layout.SYNTHETIC_DIR) -> dict[str, Any]:
     """What the generated store recorded about how it was made (sampler, guidance, the diffusion model)."""
     path = directory / META_FILE

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dmat.core.attacks import pgd
+from dmat.core.precision import full_precision
 
 # Attack order of each AutoAttack version (pyautoattack 0.2.0, AutoAttack._set_version).
 AUTOATTACK_VERSIONS = {
@@ -70,6 +74,19 @@ class AttackResult:
     flags: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    attacks: list[str] = field(default_factory=list)  # AutoAttack's attacks, in the order run
+    broken: dict[str, int] = field(default_factory=dict)  # points each AutoAttack attack broke
+
+
+def batch_seed(seed: int, batch: int, *stream: int) -> int:
+    """The seed of global batch `batch` (and of a stream within it, e.g. a PGD restart).
+
+    A point's attacks depend only on its batch, never on which process ran it or which batches ran
+    before, so an evaluation spread over torchrun processes gives every point the outcome of a
+    single-process run with the same batch size. (numpy's SeedSequence hashes the key: neighbouring
+    seeds and batches give unrelated streams.)
+    """
+    return int(np.random.SeedSequence([seed, batch, *stream]).generate_state(1)[0])
 
 
 def predict(model: nn.Module | Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
@@ -145,18 +162,49 @@ def run_autoattack(
     device: str = "cpu",
     square_queries: int | None = None,
     progress: Callable[[str], None] | None = None,
+    first_batch: int = 0,
 ) -> AttackResult:
-    """AutoAttack through pyautoattack with an explicit device and seed.
+    """AutoAttack through pyautoattack with an explicit device and seed, one batch at a time.
 
-    With ten or more classes and the default Square budget this is exactly
-    `AutoAttack(model, device=, eps=, norm=, seed=, version=).run_standard_evaluation(x, y, batch_size=)`.
-    With fewer classes the targeted attacks use every wrong class (AutoAttack's 9 do not exist) and
-    the DLR-based attacks are dropped below four classes (flag `reduced_attack_set`).
+    Batch i of `x` is global batch `first_batch + i` and gets its own AutoAttack run, seeded with
+    `batch_seed(seed, first_batch + i)`. With ten or more classes and the default Square budget each
+    is exactly `AutoAttack(model, device=, eps=, norm=, seed=batch_seed(...), version=)
+    .run_standard_evaluation(x_batch, y_batch, batch_size=)`. With fewer classes the targeted attacks
+    use every wrong class (AutoAttack's 9 do not exist) and the DLR-based attacks are dropped below
+    four classes (flag `reduced_attack_set`).
     """
-    import pyautoattack
-
+    if len(x) == 0:  # a torchrun rank left without a batch
+        return AttackResult(correct=torch.zeros(0, dtype=torch.bool), x_adv=x.cpu().clone())
     num_classes = _num_classes(model, x[:1].to(device))
     planned, flags = autoattack_plan(version, attacks, num_classes)
+    started = time.perf_counter()
+    batches = []
+    with _captured_autoattack_log(progress) as log:
+        for index, start in enumerate(range(0, len(x), batch_size)):
+            adversary = _autoattack(model, planned, version, num_classes, norm=norm, eps=eps, device=device,
+                                    seed=batch_seed(seed, first_batch + index), square_queries=square_queries)
+            # AutoAttack's L2 and L1 attacks fail on non-contiguous input (DESIGN.md §6).
+            rows = slice(start, start + batch_size)
+            x_adv, _ = adversary.run_standard_evaluation(x[rows].contiguous(), y[rows].contiguous(),
+                                                         batch_size=batch_size)
+            batches.append(x_adv.cpu())
+    x_adv = torch.cat(batches)
+    correct = predict(model, x_adv.to(device), batch_size).cpu() == y.cpu()
+    clean = predict(model, x.to(device), batch_size).cpu() == y.cpu()
+    result = AttackResult(correct=correct & clean, x_adv=x_adv, seconds=time.perf_counter() - started,
+                          attacks=planned, broken=dict(log.broken))
+    result.per_attack = _cumulative_accuracy(clean, planned, log.broken, len(x))
+    result.warnings = list(dict.fromkeys(log.warnings))  # each batch's run repeats AutoAttack's checks
+    result.flags = flags + log.flags
+    if result.per_attack and abs(list(result.per_attack.values())[-1] - _fraction(result.correct)) > 1e-9:
+        result.flags.append("autoattack_log_mismatch")  # its own bookkeeping disagrees with a re-check
+    return result
+
+
+def _autoattack(model: nn.Module, planned: list[str], version: str, num_classes: int, *, norm: str, eps: float,
+                device: str, seed: int, square_queries: int | None):
+    import pyautoattack
+
     if version == "custom":
         adversary = pyautoattack.AutoAttack(model, attacks=planned, device=device, eps=eps, norm=norm, seed=seed,
                                             version="custom")
@@ -167,19 +215,7 @@ def run_autoattack(
     adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, num_classes - 1)
     if square_queries is not None:
         adversary.square.n_queries = square_queries
-    started = time.perf_counter()
-    with _captured_autoattack_log(progress) as log:
-        # AutoAttack's L2 and L1 attacks fail on non-contiguous input (DESIGN.md §6).
-        x_adv, _ = adversary.run_standard_evaluation(x.contiguous(), y.contiguous(), batch_size=batch_size)
-    correct = predict(model, x_adv.to(device), batch_size).cpu() == y.cpu()
-    clean = predict(model, x.to(device), batch_size).cpu() == y.cpu()
-    result = AttackResult(correct=correct & clean, x_adv=x_adv.cpu(), seconds=time.perf_counter() - started)
-    result.per_attack = _cumulative_accuracy(clean, planned, log.broken, len(x))
-    result.warnings = log.warnings
-    result.flags = flags + log.flags
-    if result.per_attack and abs(list(result.per_attack.values())[-1] - _fraction(result.correct)) > 1e-9:
-        result.flags.append("autoattack_log_mismatch")  # its own bookkeeping disagrees with a re-check
-    return result
+    return adversary
 
 
 def _num_classes(model: nn.Module, probe: Tensor) -> int:
@@ -251,17 +287,20 @@ def run_pgd(
     seed: int = 0,
     batch_size: int = 250,
     device: str = "cpu",
+    first_batch: int = 0,
 ) -> AttackResult:
     """PGD with `restarts` random starts; a point counts as broken if any restart breaks it.
 
-    Step size 2.5·eps/steps (Madry et al. 2018). Each restart's random start comes from a CPU
-    generator seeded with (seed, restart), so results do not depend on the device.
+    Step size 2.5·eps/steps (Madry et al. 2018). Batch i of `x` is global batch `first_batch + i`;
+    each (batch, restart) draws its random start from a CPU generator seeded with
+    `batch_seed(seed, batch, restart)`, so results depend neither on the device nor on how batches
+    are spread over processes.
     """
     started = time.perf_counter()
     x_adv, correct = x.clone(), torch.ones(len(x), dtype=torch.bool)
     for restart in range(restarts):
-        generator = torch.Generator().manual_seed(seed * 1000 + restart)
-        for start in range(0, len(x), batch_size):
+        for index, start in enumerate(range(0, len(x), batch_size)):
+            generator = torch.Generator().manual_seed(batch_seed(seed, first_batch + index, restart))
             rows = slice(start, start + batch_size)
             xb, yb = x[rows].to(device), y[rows].to(device)
             candidate = pgd(model, xb, yb, norm=norm, eps=eps, step_size=2.5 * eps / max(steps, 1), steps=steps,
@@ -273,16 +312,6 @@ def run_pgd(
             correct[rows] = still
     return AttackResult(correct=correct, x_adv=x_adv, seconds=time.perf_counter() - started,
                         per_attack={f"pgd-{loss}": _fraction(correct)})
-
-
-def eps_sweep(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps_values: Sequence[float], steps: int,
-              seed: int = 0, batch_size: int = 250, device: str = "cpu") -> list[dict[str, float]]:
-    """Robust accuracy under PGD-CE at every eps in `eps_values` (a cheap robust-accuracy-vs-eps curve)."""
-    rows = []
-    for eps in eps_values:
-        result = run_pgd(model, x, y, norm=norm, eps=eps, steps=steps, seed=seed, batch_size=batch_size, device=device)
-        rows.append({"eps": float(eps), "robust_acc": _fraction(result.correct)})
-    return rows
 
 
 def perturbation_norms(x: Tensor, x_adv: Tensor, norm: str) -> Tensor:
@@ -356,58 +385,136 @@ class EvaluationSettings:
     gradient_free: bool = False  # a black-box model (e.g. an onnxruntime session): Square only, no sweep
 
 
+def _single_process(value: Any) -> list[Any]:
+    return [value]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One process's share of an evaluation under torchrun.
+
+    Each rank takes a contiguous block of whole batches, so the ranks' per-point results,
+    concatenated in rank order, are in the points' order. `gather` returns every rank's value of
+    an object, in rank order (an all-gather; a world of one just wraps its own).
+    """
+
+    rank: int = 0
+    size: int = 1
+    gather: Callable[[Any], list[Any]] = _single_process
+
+    def block(self, n: int, batch_size: int) -> tuple[slice, int]:
+        """This rank's rows of n points and the global index of its first batch."""
+        batches = np.array_split(np.arange(math.ceil(n / batch_size)), self.size)[self.rank]
+        if len(batches) == 0:
+            return slice(n, n), 0
+        return slice(int(batches[0]) * batch_size, min((int(batches[-1]) + 1) * batch_size, n)), int(batches[0])
+
+
 def evaluate_robustness(model, x: Tensor, y: Tensor, classes: Sequence[str], settings: EvaluationSettings,
-                        progress: Callable[[str], None] | None = None) -> tuple[dict, Tensor]:
+                        progress: Callable[[str], None] | None = None, shard: Shard = Shard()) -> tuple[dict, Tensor]:
     """Clean accuracy, AutoAttack (+ optional PGD), the eps sweep and the sanity checks on (x, y).
+
+    Always in full precision (autocast and TF32 off, whatever the caller enabled): attacks on a
+    low-precision network can see masked gradients. Under torchrun each process attacks its
+    `shard` of whole batches and the per-point results are gathered; every batch's attacks are
+    seeded by its global index, so the report equals a single-process run's with the same batch size.
 
     Returns the report (plain data, ready for JSON) and the adversarial examples (the input where
     no attack succeeded). Raises ContractError when the model cannot be evaluated at all.
     """
     s = settings
-    flags = check_contract(model, x[:s.batch_size].to(s.device), len(classes))
-    clean = predict(model, x.to(s.device), s.batch_size).cpu() == y
-    version, attacks = ("custom", GRADIENT_FREE_ATTACKS) if s.gradient_free else (s.version, s.attacks)
-    result = run_autoattack(model, x, y, norm=s.norm, eps=s.eps, version=version, attacks=attacks, seed=s.seed,
-                            batch_size=s.batch_size, device=s.device, square_queries=s.square_queries,
-                            progress=progress)
-    correct, x_adv, per_attack = result.correct.clone(), result.x_adv.clone(), dict(result.per_attack)
-    for loss in ("ce", "cw") if s.pgd_steps and not s.gradient_free else ():
-        survivors = correct.nonzero().squeeze(1)
-        extra = run_pgd(model, x[survivors], y[survivors], norm=s.norm, eps=s.eps, steps=s.pgd_steps, loss=loss,
-                        restarts=s.pgd_restarts, seed=s.seed, batch_size=s.batch_size, device=s.device)
-        correct[survivors[~extra.correct]] = False
-        x_adv[survivors[~extra.correct]] = extra.x_adv[~extra.correct]
-        per_attack[f"pgd-{loss}"] = _fraction(correct)
-    flags += result.flags
-    sweep, checks = _sweep_and_checks(model, x, y, clean, correct, x_adv, flags, len(classes), s)
+    with full_precision():
+        flags = check_contract(model, x[:s.batch_size].to(s.device), len(classes))
+        rows, first_batch = shard.block(len(x), s.batch_size)
+        mine = _evaluate_points(model, x[rows], y[rows], first_batch, s, progress)
+    points = _merge(shard.gather(mine))
+    clean, correct = points["clean"], points["correct"]
+    per_attack = _cumulative_accuracy(clean, points["attacks"], points["broken"], len(x))
+    per_attack.update({name: _fraction(after) for name, after in points["pgd"].items()})
+    flags += [flag for flag in points["flags"] if flag not in flags]
+    sweep, checks = _sweep_and_checks(x, clean, correct, points, flags, len(classes), s)
+    version = "custom" if s.gradient_free else s.version
     report = {
         "n": len(x), "norm": s.norm, "eps": s.eps, "version": version, "attacks": list(per_attack)[1:],
         "seed": s.seed, "clean_acc": _fraction(clean), "robust_acc": _fraction(correct), "per_attack": per_attack,
         "per_class": {"clean": per_class_accuracy(clean, y, classes),
                       "robust": per_class_accuracy(correct, y, classes)},
-        "flags": flags, "autoattack_warnings": result.warnings, "gradient_free_only": s.gradient_free,
+        "flags": flags, "autoattack_warnings": points["warnings"], "gradient_free_only": s.gradient_free,
         "sweep": sweep, "sanity": checks, "sanity_passed": all(check["passed"] for check in checks.values()),
-        "seconds_autoattack": result.seconds, "images_per_s": len(x) / max(result.seconds, 1e-9),
+        "seconds_autoattack": points["seconds"], "images_per_s": len(x) / max(points["seconds"], 1e-9),
     }
-    return report, x_adv
+    return report, points["x_adv"]
 
 
-def _sweep_and_checks(model, x: Tensor, y: Tensor, clean: Tensor, correct: Tensor, x_adv: Tensor, flags: list[str],
+def _evaluate_points(model, x: Tensor, y: Tensor, first_batch: int, s: EvaluationSettings,
+                     progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """Per-point outcomes of every attack on a block of whole batches (global batch `first_batch` first)."""
+    clean = predict(model, x.to(s.device), s.batch_size).cpu() == y if len(x) else torch.zeros(0, dtype=torch.bool)
+    version, attacks = ("custom", GRADIENT_FREE_ATTACKS) if s.gradient_free else (s.version, s.attacks)
+    result = run_autoattack(model, x, y, norm=s.norm, eps=s.eps, version=version, attacks=attacks, seed=s.seed,
+                            batch_size=s.batch_size, device=s.device, square_queries=s.square_queries,
+                            progress=progress, first_batch=first_batch)
+    correct, x_adv, after = result.correct.clone(), result.x_adv.clone(), {}
+    for loss in ("ce", "cw") if s.pgd_steps and not s.gradient_free else ():
+        for index, start in enumerate(range(0, len(x), s.batch_size)):  # each batch's survivors: its own seeds
+            survivors = start + correct[start:start + s.batch_size].nonzero().squeeze(1)
+            extra = run_pgd(model, x[survivors], y[survivors], norm=s.norm, eps=s.eps, steps=s.pgd_steps, loss=loss,
+                            restarts=s.pgd_restarts, seed=s.seed, batch_size=s.batch_size, device=s.device,
+                            first_batch=first_batch + index)
+            correct[survivors[~extra.correct]] = False
+            x_adv[survivors[~extra.correct]] = extra.x_adv[~extra.correct]
+        after[f"pgd-{loss}"] = correct.clone()
+    points = {"clean": clean, "correct": correct, "x_adv": x_adv, "pgd": after, "attacks": result.attacks,
+              "broken": result.broken, "flags": result.flags, "warnings": result.warnings, "seconds": result.seconds,
+              "sweep": {}, "large_eps": None}
+    if _has_sweep(s):
+        points["sweep"], points["large_eps"] = _sweep_points(model, x, y, first_batch, s)
+    return points
+
+
+def _has_sweep(s: EvaluationSettings) -> bool:
+    return not s.gradient_free and s.large_eps is not None and s.norm in ("Linf", "L2")  # PGD needs gradients
+
+
+def _sweep_points(model, x: Tensor, y: Tensor, first_batch: int, s: EvaluationSettings) -> tuple[dict, Tensor]:
+    """Per point of the sweep's share of the block: correct under PGD-CE at each eps, and at large_eps."""
+    n = len(x) if s.sweep_n is None else max(0, min(len(x), s.sweep_n - first_batch * s.batch_size))
+    xs, ys = x[:n], y[:n]
+
+    def survives(eps: float) -> Tensor:
+        return run_pgd(model, xs, ys, norm=s.norm, eps=eps, steps=s.sweep_steps, seed=s.seed, batch_size=s.batch_size,
+                       device=s.device, first_batch=first_batch).correct
+
+    return {eps: survives(eps) for eps in sorted({0.0, s.eps, *s.sweep})}, survives(s.large_eps)
+
+
+def _merge(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' per-point outcomes (in rank order) as one evaluation."""
+    first = shards[0]
+    merged = {key: torch.cat([part[key] for part in shards]) for key in ("clean", "correct", "x_adv")}
+    merged["pgd"] = {name: torch.cat([part["pgd"][name] for part in shards]) for name in first["pgd"]}
+    merged["sweep"] = {eps: torch.cat([part["sweep"][eps] for part in shards]) for eps in first["sweep"]}
+    merged["large_eps"] = None if first["large_eps"] is None else torch.cat([part["large_eps"] for part in shards])
+    merged["attacks"] = next((part["attacks"] for part in shards if part["attacks"]), [])
+    merged["broken"] = {attack: sum(part["broken"].get(attack, 0) for part in shards) for attack in merged["attacks"]}
+    merged["flags"] = list(dict.fromkeys(flag for part in shards for flag in part["flags"]))
+    merged["warnings"] = list(dict.fromkeys(warning for part in shards for warning in part["warnings"]))
+    merged["seconds"] = max(part["seconds"] for part in shards)  # the ranks attack side by side
+    return merged
+
+
+def _sweep_and_checks(x: Tensor, clean: Tensor, correct: Tensor, points: dict[str, Any], flags: list[str],
                       num_classes: int, s: EvaluationSettings) -> tuple[list[dict], dict]:
-    if s.gradient_free or s.large_eps is None or s.norm not in ("Linf", "L2"):
-        sweep, large, pgd_at_eps = [], None, None  # PGD needs gradients and a norm it supports
+    if not _has_sweep(s):
+        sweep, large, pgd_at_eps = [], None, None
     else:
-        n = len(x) if s.sweep_n is None else min(s.sweep_n, len(x))
-        xs, ys = x[:n], y[:n]
-        eps_values = sorted({0.0, s.eps, *s.sweep})
-        sweep = eps_sweep(model, xs, ys, norm=s.norm, eps_values=eps_values, steps=s.sweep_steps, seed=s.seed,
-                          batch_size=s.batch_size, device=s.device)
-        large = _fraction(run_pgd(model, xs, ys, norm=s.norm, eps=s.large_eps, steps=s.sweep_steps, seed=s.seed,
-                                  batch_size=s.batch_size, device=s.device).correct)
+        sweep = [{"eps": float(eps), "robust_acc": _fraction(survived)} for eps, survived in points["sweep"].items()]
+        large = _fraction(points["large_eps"])
         pgd_at_eps = next(row["robust_acc"] for row in sweep if row["eps"] == s.eps)
+        n = len(points["large_eps"])
         clean, correct = clean[:n], correct[:n]
     checks = sanity_checks(clean_acc_sweep_points=_fraction(clean), sweep=sweep, large_eps_acc=large, x=x,
-                           x_adv=x_adv, norm=s.norm, eps=s.eps, num_classes=num_classes, model_flags=flags,
+                           x_adv=points["x_adv"], norm=s.norm, eps=s.eps, num_classes=num_classes, model_flags=flags,
                            robust_acc=_fraction(correct), pgd_acc_at_eps=pgd_at_eps, tolerance=s.tolerance)
     return sweep, checks
 

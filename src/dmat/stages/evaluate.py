@@ -16,11 +16,16 @@ PGD-CE/CW on the points AutoAttack left, a PGD eps sweep, and the sanity checks 
 The MLflow run's params hold the whole upstream recipe (diffusion AT mode, generated images used,
 synthetic fraction, classifier recipe), read from the artifacts this stage depends on, so one
 table compares pipeline outcomes side by side.
+
+Always in float32 (never the training stages' bf16/fp16 or TF32). `torchrun --nproc_per_node=N dmat
+evaluate` spreads whole batches of test points over N processes (GPUs); each batch's attacks are
+seeded by its global index, so the outputs equal a single-process run's with the same batch size.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +36,12 @@ import torch
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_mix_manifest
 from dmat.config import Params, ParamsError, ThreatEvalConfig, flatten
-from dmat.core.robustness import ContractError, EvaluationSettings, evaluate_robustness, predict
+from dmat.core.precision import full_precision
+from dmat.core.robustness import ContractError, EvaluationSettings, Shard, evaluate_robustness, predict
+from dmat.core.stats import rows_identity, wilson_interval
 from dmat.data.store import ArrayStore
 from dmat.data.tensors import first_points
+from dmat.distributed import World, all_gather_object, world
 from dmat.errors import CheckpointError
 from dmat.files import atomic_path, sha256_file, write_json
 from dmat.plots import save_curve
@@ -41,6 +49,7 @@ from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
 STAGE = "evaluate"
+CONFIDENCE = 0.95
 SECTIONS = ("base", "evaluate")
 
 
@@ -75,36 +84,66 @@ def run(params: Params, threat: str | None = None) -> dict:
             raise ParamsError(f"--threat {name!r} is not allowed: expected one of {', '.join(cfg.threats)} "
                               "(the keys of evaluate.threats)")
     device = apply_torch(params.base)
-    model, checkpoint = load_classifier(layout.CLASSIFIER_BEST, device)
-    test = ArrayStore.open(layout.REAL_TEST)
-    x, y = first_points(test, cfg.n)
-    recipe = upstream_recipe(checkpoint)
-    return {name: evaluate_threat(params, name, model, checkpoint, test, x, y, recipe, device) for name in names}
+    with world(device) as w, full_precision():  # under torchrun each process attacks its share of the points
+        model, checkpoint = load_classifier(layout.CLASSIFIER_BEST, w.device)
+        test = ArrayStore.open(layout.REAL_TEST)
+        x, y = first_points(test, cfg.n)
+        recipe = upstream_recipe(checkpoint)
+        reports = {name: evaluate_threat(params, name, model, checkpoint, test, x, y, recipe, w) for name in names}
+    return reports if w.is_main else {}
 
 
 def evaluate_threat(params: Params, name: str, model, checkpoint: dict, test: ArrayStore, x: torch.Tensor,
-                    y: torch.Tensor, recipe: dict, device: str) -> dict:
-    threat = params.evaluate.threats[name]
-    with stage_run(f"{STAGE}@{name}", params, SECTIONS) as tracked:
+                    y: torch.Tensor, recipe: dict, w: World) -> dict:
+    """One threat model; every torchrun rank attacks its shard, rank 0 reports and writes."""
+    threat, device = params.evaluate.threats[name], w.device
+    with stage_run(f"{STAGE}@{name}", params, SECTIONS, enabled=w.is_main) as tracked:
         tracked.log_params({f"recipe.{k}": v for k, v in flatten(recipe).items()})
         tracked.set_tags({"dmat.threat": name, "dmat.train_run_id": checkpoint["mlflow_run_id"] or ""})
         tracked.log_store(test, "test", context="evaluation")
         started = time.perf_counter()
         try:
-            report, attacked = evaluate_robustness(model, x, y, test.classes, settings_for(params, threat, device),
-                                                   progress=lambda line: print(f"  {line}", flush=True))
+            report, attacked = evaluate_robustness(
+                model, x, y, test.classes, settings_for(params, threat, device),
+                progress=(lambda line: print(f"  {line}", flush=True)) if w.is_main else None,
+                shard=Shard(w.rank, w.size, functools.partial(all_gather_object, w)))
         except ContractError as err:
             raise CheckpointError(f"{layout.CLASSIFIER_BEST}: {err}") from None
+        if not w.is_main:
+            return report
         report.update(threat=name, classes=test.classes, model=checkpoint["model_config"]["name"],
                       checkpoint_sha256=sha256_file(layout.CLASSIFIER_BEST), test_sha256=test.digest,
                       train_run_id=checkpoint["mlflow_run_id"], mlflow_run_id=tracked.run_id,
                       seconds_total=time.perf_counter() - started)
-        record = robustbench_record(report, checkpoint, recipe, test)
         predictions = predict(model, attacked.to(device), params.evaluate.batch_size).cpu()
-        write_outputs(name, report, record, attacked, y, predictions)
+        clean_correct = (predict(model, x.to(device), params.evaluate.batch_size).cpu() == y).numpy()
+        add_intervals(report, y.numpy(), test)
+        record = robustbench_record(report, checkpoint, recipe, test)
+        write_outputs(name, report, record, attacked, y, predictions, clean_correct)
         log_results(tracked, name, report, record)
     _print_summary(name, report)
     return report
+
+
+def add_intervals(report: dict, labels: np.ndarray, test: ArrayStore) -> None:
+    """95% Wilson intervals for every accuracy of the report (overall, per attack, per class), with the n each
+    rests on, and the identity of the test rows (what a paired comparison must share)."""
+    n = report["n"]
+    report["confidence"] = CONFIDENCE
+    report["rows"] = {"first": n, "rows_id": rows_identity(range(n), test.digest)}
+    for key in ("clean_acc", "robust_acc"):
+        report[f"{key}_ci"] = _interval(report[key], n)
+    report["per_attack_ci"] = {name: _interval(acc, n) for name, acc in report["per_attack"].items()}
+    class_n = dict(zip(report["classes"], np.bincount(labels, minlength=len(report["classes"])).tolist(),
+                       strict=True))
+    report["per_class_n"] = class_n
+    report["per_class_ci"] = {kind: {name: None if acc is None else _interval(acc, class_n[name])
+                                     for name, acc in accuracies.items()}
+                              for kind, accuracies in report["per_class"].items()}
+
+
+def _interval(accuracy: float, n: int) -> list[float]:
+    return list(wilson_interval(round(accuracy * n), n, CONFIDENCE))
 
 
 def settings_for(params: Params, threat: ThreatEvalConfig, device: str) -> EvaluationSettings:
@@ -133,8 +172,16 @@ def robustbench_record(report: dict, checkpoint: dict, recipe: dict, test: Array
         "footnote": (f"{used} held-out real images in place of generated ones"
                      if recipe["mix"]["source"] == "heldout_real" else
                      f"{used} generated images (diffusion AT mode {recipe['diffusion']['adversarial_mode']})") + ", "
-                    f"synthetic fraction {recipe['mix']['synthetic_fraction']}, {recipe['train']['loss']} training.",
+                    f"synthetic fraction {recipe['mix']['synthetic_fraction']}, {recipe['train']['loss']} training. "
+                    f"95% Wilson intervals on the first {report['n']} test points: clean "
+                    f"{_percent_range(report['clean_acc_ci'])}, AutoAttack {_percent_range(report['robust_acc_ci'])}.",
+        "clean_acc_ci": [f"{100 * bound:.2f}" for bound in report["clean_acc_ci"]],
+        "autoattack_acc_ci": [f"{100 * bound:.2f}" for bound in report["robust_acc_ci"]],
     }
+
+
+def _percent_range(bounds: list[float]) -> str:
+    return f"[{100 * bounds[0]:.2f}, {100 * bounds[1]:.2f}]%"
 
 
 def _eps_text(eps: float, norm: str) -> str:
@@ -143,8 +190,8 @@ def _eps_text(eps: float, norm: str) -> str:
 
 
 def write_outputs(name: str, report: dict, record: dict, x_adv: torch.Tensor, y: torch.Tensor,
-                  predictions: torch.Tensor) -> None:
-    write_examples(layout.eval_dir(name), x_adv, y, predictions, report, record)
+                  predictions: torch.Tensor, clean_correct: np.ndarray) -> None:
+    write_examples(layout.eval_dir(name), x_adv, y, predictions, clean_correct, report, record)
     with atomic_path(layout.sweep_file(name)) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["eps", "robust_acc"])
         writer.writeheader()
@@ -154,16 +201,24 @@ def write_outputs(name: str, report: dict, record: dict, x_adv: torch.Tensor, y:
 
 def headline(report: dict) -> dict:
     """What metrics/evaluate_<threat>.json declares to DVC: the numbers people compare across experiments
-    (the full report, with per-attack and per-class accuracies, flags and sanity details, is in models/eval)."""
-    return {"n": report["n"], "eps": report["eps"], "clean_acc": report["clean_acc"],
-            "robust_acc": report["robust_acc"], "sanity_passed": report["sanity_passed"],
-            "seconds": report["seconds_total"]}
+    (the full report, with per-attack and per-class accuracies, flags and sanity details, is in models/eval).
+    Keys carry the threat's name (`linf_robust_acc`): unique across metrics files, `dvc exp show` keeps its
+    columns short."""
+    numbers = {"n": report["n"], "eps": report["eps"], "clean_acc": report["clean_acc"],
+               "clean_acc_ci_low": report["clean_acc_ci"][0], "clean_acc_ci_high": report["clean_acc_ci"][1],
+               "robust_acc": report["robust_acc"], "robust_acc_ci_low": report["robust_acc_ci"][0],
+               "robust_acc_ci_high": report["robust_acc_ci"][1], "sanity_passed": report["sanity_passed"],
+               "s": report["seconds_total"]}
+    return {f"{report['threat']}_{key}": value for key, value in numbers.items()}
 
 
-def write_examples(out: Path, x_adv: torch.Tensor, y: torch.Tensor, predictions: torch.Tensor, report: dict,
-                   record: dict) -> None:
-    """images.npy (float32 N×H×W×C), labels.npy, predictions.npy and meta.json, published in one rename."""
+def write_examples(out: Path, x_adv: torch.Tensor, y: torch.Tensor, predictions: torch.Tensor,
+                   clean_correct: np.ndarray, report: dict, record: dict) -> None:
+    """images.npy (float32 N×H×W×C), labels.npy, predictions.npy, the per-point outcomes, the reports and
+    meta.json, published in one rename."""
     with atomic_path(out, directory=True) as staging:
+        np.savez(staging / layout.OUTCOMES_FILE, rows=np.arange(len(y), dtype=np.int64), clean_correct=clean_correct,
+                 robust_correct=(predictions == y).numpy())
         arrays = (x_adv.permute(0, 2, 3, 1).contiguous().numpy().astype(np.float32), y.numpy().astype(np.int64),
                   predictions.numpy().astype(np.int64))
         for name, array in zip(layout.EXAMPLE_ARRAYS, arrays, strict=True):
@@ -178,7 +233,9 @@ def write_examples(out: Path, x_adv: torch.Tensor, y: torch.Tensor, predictions:
 
 
 def log_results(tracked, name: str, report: dict, record: dict) -> None:
-    metrics = {"clean_acc": report["clean_acc"], "robust_acc": report["robust_acc"],
+    metrics = {"n": report["n"], "clean_acc": report["clean_acc"], "robust_acc": report["robust_acc"],
+               **{f"{key}_ci_{side}": report[f"{key}_ci"][i] for key in ("clean_acc", "robust_acc")
+                  for i, side in enumerate(("low", "high"))},
                "sanity_passed": float(report["sanity_passed"]), "seconds_autoattack": report["seconds_autoattack"],
                "images_per_s": report["images_per_s"]}
     metrics.update({f"per_attack.{k}": v for k, v in report["per_attack"].items()})
@@ -187,6 +244,8 @@ def log_results(tracked, name: str, report: dict, record: dict) -> None:
     tracked.log_metrics(metrics)
     tracked.set_tags({"dmat.flags": ",".join(report["flags"]) or "none"})
     tracked.log_artifact(layout.eval_dir(name) / layout.EVAL_REPORT_FILE)
+    tracked.log_artifact(layout.eval_dir(name) / layout.OUTCOMES_FILE)  # what `dmat compare` pairs runs on
+    tracked.set_tags({"dmat.rows_id": report["rows"]["rows_id"]})
     tracked.log_dict(record, "robustbench.json")
     with tempfile.TemporaryDirectory() as tmp:  # the picture is for MLflow; `dvc plots` draws the CSV
         curve = Path(tmp) / f"evaluate_{name}_sweep.png"
@@ -196,9 +255,14 @@ def log_results(tracked, name: str, report: dict, record: dict) -> None:
         tracked.log_artifact(curve)
 
 
+def _range(bounds: list[float]) -> str:
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
+
+
 def _print_summary(name: str, report: dict) -> None:
     failed = [k for k, v in report["sanity"].items() if not v["passed"]]
-    print(f"evaluate {name}: n={report['n']} clean {report['clean_acc']:.4f} robust {report['robust_acc']:.4f} "
+    print(f"evaluate {name}: n={report['n']} clean {report['clean_acc']:.4f} {_range(report['clean_acc_ci'])} "
+          f"robust {report['robust_acc']:.4f} {_range(report['robust_acc_ci'])} "
           f"({report['version']} AutoAttack, {report['norm']} eps={report['eps']:.5g}, "
           f"{report['seconds_autoattack']:.0f}s); flags: {', '.join(report['flags']) or 'none'}; "
           f"sanity: {'passed' if not failed else 'FAILED ' + ', '.join(failed)}", flush=True)

@@ -86,7 +86,9 @@ SECTIONS = ("base", "evaluate_diffusion")
 INCEPTION_BATCH = 32  # images per Inception-v3 call: 299×299 activations are large
 PIXEL_CHUNK = 4096  # training images per block of the nearest-neighbour search
 # metrics/evaluate_diffusion.json: each sample-quality number of the generated images next to the control's
-HEADLINE_QUALITY = ("conditional_accuracy", "fd_reference", "precision", "recall", "memorisation_rate")
+# report name -> headline key (headline keys are unique across metrics files: `dvc exp show` columns)
+HEADLINE_QUALITY = {"conditional_accuracy": "conditional_accuracy", "fd_reference": "fd_reference",
+                    "precision": "knn_precision", "recall": "knn_recall", "memorisation_rate": "memorisation_rate"}
 
 
 @dataclass(frozen=True)
@@ -148,10 +150,10 @@ def headline(report: dict) -> dict:
     denoiser = {f"denoiser_{name}": float(np.mean([row[name] for row in per_sigma]))
                 for name in ("denoise_error", "adversarial_change")}
     quality = {}
-    for name in HEADLINE_QUALITY:
-        quality[name] = report["generated"][name]
+    for name, key in HEADLINE_QUALITY.items():
+        quality[key] = report["generated"][name]
         if report["heldout_real"] is not None:
-            quality[f"heldout_{name}"] = report["heldout_real"][name]
+            quality[f"heldout_{key}"] = report["heldout_real"][name]
     return {**quality, **denoiser}
 
 

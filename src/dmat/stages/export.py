@@ -22,10 +22,11 @@ from torch import nn
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_denoiser, load_eval_report, load_mix_manifest
 from dmat.config import Params
+from dmat.execution import git_commit
 from dmat.files import atomic_path, project_root, sha256_file, write_json
 from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, OUTPUT_NAME, encode_metadata
 from dmat.stage_setup import apply_torch
-from dmat.tracking import git_commit, stage_run
+from dmat.tracking import stage_run
 
 STAGE = "export"
 SECTIONS = ("base", "evaluate")
@@ -101,7 +102,10 @@ def provenance(params: Params, checkpoint: dict) -> dict:
                   "range": [0, 1], "layout": "NCHW"},
         "threat": {"name": main, "norm": reports[main]["norm"], "eps": reports[main]["eps"]},
         "metrics": {"clean_accuracy": reports[main]["clean_acc"], "robust_accuracy": reports[main]["robust_acc"],
-                    "n": reports[main]["n"], "attack": f"autoattack-{reports[main]['version']}",
+                    "clean_accuracy_ci": reports[main]["clean_acc_ci"],
+                    "robust_accuracy_ci": reports[main]["robust_acc_ci"], "confidence": reports[main]["confidence"],
+                    "n": reports[main]["n"], "rows_id": reports[main]["rows"]["rows_id"],
+                    "attack": f"autoattack-{reports[main]['version']}",
                     "sanity_passed": reports[main]["sanity_passed"]},
         "evaluations": {name: {"norm": r["norm"], "eps": r["eps"], "clean_accuracy": r["clean_acc"],
                                "robust_accuracy": r["robust_acc"], "n": r["n"], "mlflow_run_id": r.get("mlflow_run_id")}

@@ -33,6 +33,7 @@ from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_denoiser, load_reference_classifier, load_scoring_classifier
 from dmat.config import Params, ParamsError
 from dmat.core.guidance import GuidedDenoiser
+from dmat.core.precision import Autocast, Decision, Setting, network_passes, to_memory_format
 from dmat.core.samplers import SAMPLERS, Churn, edm_sigma_steps, image_noise, per_image_randn_like, to_uint8
 from dmat.data.store import ArrayStore, StoreWriter, allocate_store, seal_store, write_block
 from dmat.data.tensors import to_unit_tensor
@@ -40,13 +41,14 @@ from dmat.distributed import World, barrier, broadcast_object, world
 from dmat.errors import DataError
 from dmat.files import atomic_path, sha256_file, write_json
 from dmat.plots import image_grid, save_png
-from dmat.stage_setup import apply_torch
+from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision
 from dmat.tracking import stage_run
 
 STAGE = "generate"
 SECTIONS = ("base", "generate")
 GRID_PER_CLASS = 10
-HEADLINE = ("images", "nfe", "guidance", "seconds", "images_per_s")  # metrics/generate.json; the rest in the report
+# metrics/generate.json (each as generate_<key>); the rest of the metrics go to the report
+HEADLINE = ("images", "nfe", "guidance", "seconds", "images_per_s", "precision", "memory_format")
 
 
 class FixedBatchDenoiser(torch.nn.Module):
@@ -74,10 +76,12 @@ class FixedBatchDenoiser(torch.nn.Module):
         return torch.cat(outputs)
 
 
-def sampling_network(denoiser: torch.nn.Module, state: dict, params: Params) -> torch.nn.Module:
-    """The denoiser as the sampler calls it: in fixed-size chunks, with classifier-free guidance if asked."""
+def sampling_network(denoiser: torch.nn.Module, state: dict, params: Params, setting: Setting,
+                     device: str) -> torch.nn.Module:
+    """The denoiser as the sampler calls it: in `setting` (precision and memory format), in fixed-size
+    chunks, with classifier-free guidance if asked. The sampler's own arithmetic stays float64."""
     cfg = params.generate
-    network = FixedBatchDenoiser(denoiser, cfg.network_batch)
+    network = FixedBatchDenoiser(Autocast(to_memory_format(denoiser, setting), setting, device), cfg.network_batch)
     if cfg.guidance == 1:
         return network
     config = state["model_config"]
@@ -149,27 +153,37 @@ def available_cores() -> int:
 
 
 def fill_store_locally(store_dir: Path, network: torch.nn.Module, params: Params, w: World, per_class: int,
-                       num_classes: int, shape: tuple[int, int, int]) -> None:
+                       num_classes: int, shape: tuple[int, int, int], setting: Setting) -> None:
     """This rank's rows; on a CPU outside torchrun, shared with spawned worker processes (the shards
-    are those of torchrun ranks, so the store is the same either way)."""
+    are those of torchrun ranks, and every worker uses the parent's `setting`, so the store is the
+    same either way)."""
     workers = local_workers(params, w, per_class * num_classes)
     if workers == 1:
         fill_store(store_dir, network, params, w, per_class, num_classes, shape)
         return
     with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
         shards = [pool.submit(_fill_shard, store_dir, params, World(rank, workers, w.device), per_class,
-                              num_classes, shape) for rank in range(1, workers)]
+                              num_classes, shape, setting) for rank in range(1, workers)]
         fill_store(store_dir, network, params, World(0, workers, w.device), per_class, num_classes, shape)
         for shard in shards:
             shard.result()
 
 
 def _fill_shard(store_dir: Path, params: Params, w: World, per_class: int, num_classes: int,
-                shape: tuple[int, int, int]) -> None:
-    """A spawned worker's share of the store (its own denoiser, one thread)."""
+                shape: tuple[int, int, int], setting: Setting) -> None:
+    """A spawned worker's share of the store (its own denoiser, one thread, the parent's setting)."""
     _configure_torch(params)
     denoiser, state = load_denoiser(device=w.device)
-    fill_store(store_dir, sampling_network(denoiser, state, params), params, w, per_class, num_classes, shape)
+    network = sampling_network(denoiser, state, params, setting, w.device)
+    fill_store(store_dir, network, params, w, per_class, num_classes, shape)
+
+
+def probe_passes(denoiser: torch.nn.Module, params: Params, shape: tuple[int, int, int], device: str):
+    """Forward passes (no gradients) of the denoiser at the network batch, for the `auto` probe."""
+    n = params.generate.network_batch
+    inputs = (torch.randn(n, *shape, generator=torch.Generator().manual_seed(0)), torch.ones(n),
+              torch.zeros(n, dtype=torch.int64))
+    return network_passes(denoiser, [t.to(device) for t in inputs], device, backward=False)
 
 
 def _configure_torch(params: Params) -> str:
@@ -213,11 +227,14 @@ def top_per_class(confidence: np.ndarray, labels: np.ndarray, keep: int) -> np.n
 
 def run(params: Params) -> dict:
     device = _configure_torch(params)
+    check_precision(params.base, device)
     with world(device) as w:
         denoiser, state = load_denoiser(device=w.device)
-        network = sampling_network(denoiser, state, params)
         classes, config = state["classes"], state["model_config"]
         shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
+        # Decided once (rank 0, in the parent of any workers): the setting changes the images' last bits.
+        decision = choose_setting(params.base, w, lambda: probe_passes(denoiser, params, shape, w.device))
+        network = sampling_network(denoiser, state, params, decision.setting, w.device)
         per_class = candidates_per_class(params)
         scorer = load_scorer(params, w.device) if w.is_main and params.generate.filter_keep < 1 else None
         if scorer is not None and list(scorer[1]["classes"]) != list(classes):  # before hours of sampling
@@ -226,8 +243,10 @@ def run(params: Params) -> dict:
         with stage_run(STAGE, params, SECTIONS, enabled=w.is_main) as tracked:
             tracked.set_tags({"dmat.diffusion_run_id": state["mlflow_run_id"] or "",
                               "dmat.adversarial_mode": state["adversarial"]["mode"]})
+            log_precision(tracked, decision)
             started = time.perf_counter()
-            filtered = _generate(network, params, w, classes, per_class, shape, diffusion_recipe(state), scorer)
+            filtered = _generate(network, params, w, classes, per_class, shape, diffusion_recipe(state), scorer,
+                                 decision)
             seconds = time.perf_counter() - started
             if not w.is_main:
                 return {}
@@ -238,9 +257,9 @@ def run(params: Params) -> dict:
                        "nfe": network_evaluations(cfg), "guidance": cfg.guidance,
                        "seconds": seconds, "images_per_s": per_class * len(classes) / max(seconds, 1e-9),
                        "sha256": store.digest, "adversarial_mode": state["adversarial"]["mode"],
-                       "filter": filtered}
+                       "filter": filtered, **decision.summary()}
             write_json(layout.report_file(STAGE), metrics)
-            write_json(layout.metrics_file(STAGE), {k: metrics[k] for k in HEADLINE})
+            write_json(layout.metrics_file(STAGE), {f"generate_{k}": metrics[k] for k in HEADLINE})
             grid = image_grid(store.read(_grid_rows(store, params.generate.per_class))[0], columns=GRID_PER_CLASS)
             save_png(layout.GENERATE_GRID, grid, scale=2)
             tracked.log_store(store, "synthetic", context="generated")
@@ -259,7 +278,7 @@ def diffusion_recipe(state: dict) -> dict:
 
 
 def _generate(denoiser, params: Params, w: World, classes: list[str], per_class: int,
-              shape: tuple[int, int, int], diffusion: dict, scorer: tuple | None) -> dict | None:
+              shape: tuple[int, int, int], diffusion: dict, scorer: tuple | None, decision: Decision) -> dict | None:
     """All ranks fill one pre-allocated store in place; rank 0 seals it (after filtering, when asked)
     and publishes it at data/synthetic in one rename. Returns what the filter did (rank 0, when filtering)."""
     hwc = (shape[1], shape[2], shape[0])
@@ -267,6 +286,7 @@ def _generate(denoiser, params: Params, w: World, classes: list[str], per_class:
     filtering = cfg.filter_keep < 1
     source = {"kind": "generated", "sampler": cfg.sampler, "steps": cfg.steps, "seed": params.base.seed,
               "filter_keep": cfg.filter_keep, "guidance": cfg.guidance, "guidance_interval": cfg.guidance_interval,
+              "precision": decision.setting.precision, "memory_format": decision.setting.memory_format,
               "diffusion": diffusion}
     with atomic_path(layout.SYNTHETIC_DIR, directory=True) if w.is_main else contextlib.nullcontext() as staging:
         fill_dir = broadcast_object(w, str(staging / "candidates" if filtering else staging) if w.is_main else None)
@@ -275,7 +295,7 @@ def _generate(denoiser, params: Params, w: World, classes: list[str], per_class:
             fill_dir.mkdir(exist_ok=True)
             allocate_store(fill_dir, per_class * len(classes), hwc)
         barrier(w)
-        fill_store_locally(fill_dir, denoiser, params, w, per_class, len(classes), shape)
+        fill_store_locally(fill_dir, denoiser, params, w, per_class, len(classes), shape, decision.setting)
         barrier(w)
         if not w.is_main:
             return None

@@ -12,7 +12,6 @@ and inputs. Under torchrun each process trains on its share of every global batc
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import time
@@ -21,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from dmat.artifacts import layout
@@ -32,6 +30,7 @@ from dmat.core.attacks import default_step_size, pgd
 from dmat.core.classifiers import CLASSIFIERS, build_classifier
 from dmat.core.ema import WeightAverage, trades_ema_decay
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay, pgd_at_loss, trades_loss
+from dmat.core.precision import Decision, full_precision, network_passes
 from dmat.core.rng import seeded_generator
 from dmat.data.augment import augmentation_for
 from dmat.data.normalisation import normalisation
@@ -40,7 +39,7 @@ from dmat.data.store import ArrayStore
 from dmat.data.tensors import to_unit_tensor
 from dmat.distributed import World, all_reduce_sum, broadcast_object, world
 from dmat.files import atomic_path, write_json
-from dmat.stage_setup import apply_torch
+from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision, training_network
 from dmat.tracking import stage_run
 
 STAGE = "train"
@@ -53,8 +52,7 @@ def check_config(params: Params, device: str) -> None:
     cfg = params.train
     if cfg.model not in CLASSIFIERS:
         raise ParamsError(f"train.model = {cfg.model!r} is not allowed: expected one of {', '.join(CLASSIFIERS)}")
-    if cfg.amp == "fp16" and not device.startswith("cuda"):
-        raise ParamsError("train.amp = 'fp16' is not allowed on the CPU: expected fp32 or bf16")
+    check_precision(params.base, device)
 
 
 class Trainer:
@@ -80,9 +78,9 @@ class Trainer:
         self.ema = WeightAverage(self.model)
         self.optimizer = torch.optim.SGD(param_groups_without_bn_decay(self.model, cfg.weight_decay), lr=cfg.lr,
                                          momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-        self.trained = self.model
-        if w.size > 1:
-            self.trained = nn.parallel.DistributedDataParallel(self.model)
+        # Set by use(), once the precision is chosen; a resumed run brings its recorded choice and loss scale.
+        self.trained, self.scaler, self.precision = None, None, None
+        self.recorded_precision, self.recorded_scaler = None, None
         self.augment = augmentation_for(self.dataset) if cfg.augment else None
         self.fingerprint = fingerprint(as_dict(cfg), params.base.seed, self.real.digest, self.val.digest,
                                        self.manifest["synthetic"]["sha256"], self.manifest["indices_sha256"],
@@ -99,7 +97,20 @@ class Trainer:
             return False
         restore_training(state, model=self.model, ema=self.ema, optimizer=self.optimizer)
         self.epoch, self.history, self.run_id = state["epoch"], state["history"], state["mlflow_run_id"]
+        self.recorded_precision, self.recorded_scaler = state.get("precision"), state.get("grad_scaler")
         return True
+
+    def probe_passes(self):
+        """Forward and backward passes of this network at this rank's batch size, for the `auto` probe."""
+        shape = (max(1, self.cfg.batch_size // self.world.size), *[self.real.image_shape[i] for i in (2, 0, 1)])
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(self.world.device)
+        return network_passes(self.model, [x], self.world.device, backward=True)
+
+    def use(self, decision: Decision) -> None:
+        """Train from now on in `decision`'s setting (the EMA copy stays float32 and contiguous)."""
+        self.precision = decision
+        self.trained, self.scaler = training_network(self.model, decision, self.world, compile=self.params.base.compile,
+                                                     scaler_state=self.recorded_scaler)
 
     def checkpoint_state(self, *, with_optimizer: bool) -> dict[str, Any]:
         state = {
@@ -107,9 +118,11 @@ class Trainer:
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "model_config": self.model_config,
             "classes": list(self.real.classes), "threat": {"norm": self.cfg.attack.norm, "eps": self.cfg.attack.eps},
             "mlflow_run_id": self.run_id, "history": self.history, "train_config": as_dict(self.cfg),
+            "precision": self.precision.record(),
         }
         if with_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
+            state["grad_scaler"] = self.scaler.state_dict()
         return state
 
     # --- one epoch ---------------------------------------------------------------------------------------
@@ -136,13 +149,12 @@ class Trainer:
                 x = self.augment(x, generator=generator)
             for group in self.optimizer.param_groups:
                 group["lr"] = one_cycle_lr(global_step, self.total_steps, cfg.lr, cfg.warmup_fraction)
-            with self._autocast():
-                loss, stats = loss_fn(self.trained, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps,
-                                      step_size=cfg.attack.step_size, steps=cfg.attack.steps, generator=generator,
-                                      **extra)
+            loss, stats = loss_fn(self.trained, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps,
+                                  step_size=cfg.attack.step_size, steps=cfg.attack.steps, generator=generator, **extra)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.ema.update(self.model, trades_ema_decay(global_step + 1, self.total_steps, cfg.ema_tau,
                                                          cfg.warmup_fraction))
             n = len(y)
@@ -155,16 +167,12 @@ class Trainer:
         return {"train_loss": loss_sum / n, "train_clean_acc": clean / n, "train_adv_acc": adv / n,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def _autocast(self):
-        if self.cfg.amp == "fp32":
-            return contextlib.nullcontext()
-        device_type = "cuda" if self.world.device.startswith("cuda") else "cpu"
-        return torch.autocast(device_type, dtype=torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16)
-
+    @full_precision()
     def validate(self) -> dict[str, float]:
         """Clean and PGD-CW accuracy of the EMA model (eval mode) on this rank's share of data/real/val.
 
-        PGD step size 2.5·eps/steps (Madry et al.'s rule), uniform random start.
+        PGD step size 2.5·eps/steps (Madry et al.'s rule), uniform random start. Always float32 and
+        contiguous, whatever the training setting: a low-precision attack can mask gradients.
         """
         cfg, w = self.cfg, self.world
         n = len(self.val) if cfg.val_limit is None else min(cfg.val_limit, len(self.val))
@@ -191,10 +199,12 @@ def run(params: Params) -> dict:
     with world(device) as w:
         trainer = Trainer(params, w)
         resumed = trainer.resume()
+        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
             if not resumed:
                 _log_inputs(tracked, trainer)
+                log_precision(tracked, trainer.precision)
             _train(trainer, tracked)
             metrics = _finish(trainer, tracked)
     return metrics
@@ -253,11 +263,14 @@ def _finish(trainer: Trainer, tracked) -> dict:
         "epochs": trainer.epoch, "steps": trainer.total_steps, "best_epoch": best["epoch"],
         "best_val_clean_acc": best["val_clean_acc"], "best_val_robust_acc": best["val_robust_acc"],
         "last_val_clean_acc": last["val_clean_acc"], "last_val_robust_acc": last["val_robust_acc"],
-        "train_s": sum(r["epoch_s"] for r in trainer.history),
+        "train_s": sum(r["epoch_s"] for r in trainer.history), **trainer.precision.headline(),
     }
     if trainer.world.is_main:
-        write_json(layout.metrics_file(STAGE), metrics)
-        tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "steps")})
+        write_json(layout.metrics_file(STAGE), {("train_" + k if k in ("epochs", "steps") else k): v
+                                                for k, v in metrics.items()})
+        write_json(layout.report_file(STAGE), {**metrics, **trainer.precision.summary()})
+        tracked.log_metrics({k: v for k, v in metrics.items()
+                             if isinstance(v, int | float) and k not in ("epochs", "steps")})
         tracked.log_artifact(layout.TRAIN_CURVES)
         best_model, _ = load_classifier(layout.CLASSIFIER_BEST)
         example = np.zeros((2, *[trainer.real.image_shape[i] for i in (2, 0, 1)]), dtype=np.float32)

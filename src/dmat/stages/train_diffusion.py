@@ -25,7 +25,9 @@ from dmat.checkpoint import fingerprint, load_resumable, restore_training, save_
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.denoisers import DENOISERS, build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
+from dmat.core.edm import sample_training_sigma
 from dmat.core.ema import WeightAverage, half_life_decay
+from dmat.core.precision import Decision, network_passes
 from dmat.core.rng import seeded_generator
 from dmat.core.samplers import edm_sigma_steps, heun_sampler, image_noise, to_uint8
 from dmat.data.sampler import MixedBatchSampler
@@ -34,7 +36,7 @@ from dmat.data.tensors import to_model_space
 from dmat.distributed import World, barrier, broadcast_object, world
 from dmat.files import write_json
 from dmat.plots import image_grid
-from dmat.stage_setup import apply_torch
+from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision, training_network
 from dmat.tracking import stage_run
 
 STAGE = "train_diffusion"
@@ -84,7 +86,9 @@ class DiffusionTrainer:
         self.model.to(w.device)
         self.ema = WeightAverage(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.trained = nn.parallel.DistributedDataParallel(self.model) if w.size > 1 else self.model
+        # Set by use(), once the precision is chosen; a resumed run brings its recorded choice and loss scale.
+        self.trained, self.scaler, self.precision = None, None, None
+        self.recorded_precision, self.recorded_scaler = None, None
         self.sampler = MixedBatchSampler(len(self.real), np.empty(0, np.int64), batch_size=cfg.batch_size,
                                          fraction=0.0, seed=params.base.seed)
         self.at = at_config(params)
@@ -99,7 +103,24 @@ class DiffusionTrainer:
             return False
         restore_training(state, model=self.model, ema=self.ema, optimizer=self.optimizer)
         self.step, self.run_id, self.log = state["step"], state["mlflow_run_id"], state["log"]
+        self.recorded_precision, self.recorded_scaler = state.get("precision"), state.get("grad_scaler")
         return True
+
+    def probe_passes(self):
+        """Forward and backward passes of the denoiser at this rank's batch size, for the `auto` probe."""
+        h, w_, c = self.real.image_shape
+        n, generator = max(1, self.cfg.batch_size // self.world.size), torch.Generator().manual_seed(0)
+        inputs = (torch.rand(n, c, h, w_, generator=generator) * 2 - 1,
+                  sample_training_sigma(n, p_mean=self.cfg.p_mean, p_std=self.cfg.p_std, generator=generator),
+                  torch.zeros(n, dtype=torch.int64))
+        return network_passes(self.model, [t.to(self.world.device) for t in inputs], self.world.device,
+                              backward=True)
+
+    def use(self, decision: Decision) -> None:
+        """Train from now on in `decision`'s setting (the EMA copy stays float32 and contiguous)."""
+        self.precision = decision
+        self.trained, self.scaler = training_network(self.model, decision, self.world, compile=self.params.base.compile,
+                                                     scaler_state=self.recorded_scaler)
 
     def save(self) -> None:
         save_checkpoint(layout.DIFFUSION_CHECKPOINT, {
@@ -107,7 +128,8 @@ class DiffusionTrainer:
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "model_config": self.model_config, "classes": list(self.real.classes),
             "adversarial": as_dict(self.cfg.adversarial), "train_config": as_dict(self.cfg),
-            "mlflow_run_id": self.run_id, "log": self.log,
+            "mlflow_run_id": self.run_id, "log": self.log, "precision": self.precision.record(),
+            "grad_scaler": self.scaler.state_dict(),
         })
 
     def plan(self, step: int):
@@ -131,11 +153,13 @@ class DiffusionTrainer:
         loss, stats = diffusion_training_loss(self.trained, x0, torch.from_numpy(labels).to(w.device), self.at,
                                               generator=generator)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.mean().backward()
+        self.scaler.scale(loss.mean()).backward()
+        self.scaler.unscale_(self.optimizer)  # fp16: true gradients below; an overflow still skips the step
         for param in self.model.parameters():  # EDM: a NaN or inf gradient must not poison the weights
             if param.grad is not None:
                 torch.nan_to_num_(param.grad, nan=0, posinf=1e5, neginf=-1e5)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step += 1
         images_seen = self.step * cfg.batch_size
         half_life = cfg.ema_half_life_images
@@ -172,14 +196,17 @@ def run(params: Params) -> dict:
     if params.train_diffusion.model not in DENOISERS:
         raise ParamsError(f"train_diffusion.model = {params.train_diffusion.model!r} is not allowed: expected one "
                           f"of {', '.join(DENOISERS)}")
+    check_precision(params.base, device)
     with world(device) as w:
         trainer = DiffusionTrainer(params, w)
         resumed = trainer.resume()
+        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
             if not resumed:
                 tracked.log_store(trainer.real, "real/train", context="training")
                 tracked.log_params({"model.parameters": sum(p.numel() for p in trainer.model.parameters())})
+                log_precision(tracked, trainer.precision)
             _train(trainer, tracked)
             return _finish(trainer, tracked)
 
@@ -219,10 +246,12 @@ def _finish(trainer: DiffusionTrainer, tracked) -> dict:
     last = trainer.log[-1] if trainer.log else {}
     metrics = {"steps": trainer.step, "images_seen": trainer.step * cfg.batch_size,
                "train_s": sum(entry.get("interval_s", 0.0) for entry in trainer.log),
-               **{k: last[k] for k in ("loss", "denoise_loss", "regulariser", "images_per_s") if k in last}}
+               **{k: last[k] for k in ("loss", "denoise_loss", "regulariser", "images_per_s") if k in last},
+               **trainer.precision.headline()}
     if w.is_main:
-        write_json(layout.metrics_file(STAGE), metrics)
-        write_json(layout.report_file(STAGE), {**metrics, "adversarial_mode": cfg.adversarial.mode,
+        write_json(layout.metrics_file(STAGE), {f"diffusion_{key}": value for key, value in metrics.items()})
+        write_json(layout.report_file(STAGE), {**metrics, **trainer.precision.summary(),
+                                               "adversarial_mode": cfg.adversarial.mode,
                                                "last_interval": last, "log": trainer.log})
         grid = sample_grid(trainer.ema.module.eval(), len(trainer.real.classes), _chw(trainer.real.image_shape),
                            cfg.grid_steps, trainer.params.base.seed, w.device)

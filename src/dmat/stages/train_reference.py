@@ -51,6 +51,8 @@ from dmat.tracking import stage_run
 STAGE = "train_reference"
 SECTIONS = ("base", "train_reference")
 EVAL_BATCH = 256
+# metrics/train_reference.json, prefixed `reference_` (keys are unique across metrics files); the rest: report
+HEADLINE = ("test_acc", "test_acc_low", "test_acc_high", "train_s")
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor, *,
@@ -221,7 +223,7 @@ def _finish(trainer: ReferenceTrainer, tracked) -> dict:
                "train_s": sum(r["epoch_s"] for r in trainer.history)}
     if w.is_main:
         per_class = (correct / count.clamp(min=1)).tolist()
-        write_json(layout.metrics_file(STAGE), metrics)
+        write_json(layout.metrics_file(STAGE), {f"reference_{k}": metrics[k] for k in HEADLINE})
         write_json(layout.report_file(STAGE), {
             **metrics, "model": trainer.cfg.model, "test_sha256": test.digest,
             "test_acc_per_class": dict(zip(test.classes, per_class, strict=True)), "history": trainer.history})

@@ -14,13 +14,18 @@ reports/verify.json (metrics/verify.json holds the headline numbers):
   AutoAttack robust accuracy <= Square robust accuracy <= clean accuracy on the same points;
 - latency_budget (only with `latency_budget_ms`): onnxruntime p95 at batch 1;
 - denoiser_parity: denoiser.onnx vs the PyTorch EMA denoiser at several σ.
-When every gate passes the ONNX classifier is registered (alias `candidate`; `champion` when it is
-at least as robust as the current champion under the same threat model). A failed gate exits 1 and
+When every gate passes the ONNX classifier is registered (alias `candidate`). `champion` moves to it only
+by evidence: when there is no champion, or when it was evaluated under the same threat model on the same
+test points as the champion and withstands attacks on significantly more of them (exact McNemar test on
+the points where the two disagree, level `champion_alpha`); different points or threat models are refused
+as not comparable. The test, its p-value and the decision are in the report and the version's tags. A
+failed gate exits 1 and
 names the gate; nothing is registered.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import statistics
 import time
@@ -30,10 +35,17 @@ import numpy as np
 import torch
 
 from dmat.artifacts import layout
-from dmat.artifacts.loaders import load_adversarial_examples, load_classifier, load_denoiser, load_eval_report
+from dmat.artifacts.loaders import (
+    load_adversarial_examples,
+    load_classifier,
+    load_denoiser,
+    load_eval_report,
+    load_outcomes,
+)
 from dmat.artifacts.onnx_classifier import OnnxClassifier
 from dmat.config import Params
 from dmat.core.robustness import run_autoattack
+from dmat.core.stats import ChampionDecision, EvaluationSummary, champion_decision
 from dmat.data.store import ArrayStore
 from dmat.data.tensors import first_points
 from dmat.errors import GateFailed
@@ -223,14 +235,17 @@ def run(params: Params) -> dict:
                   "onnx_vs_torch_throughput_ratio_batch64": timings["onnxruntime"]["images_per_s_batch64"]
                   / timings["pytorch_eager"]["images_per_s_batch64"]}
         if not failed and cfg.register:
+            metrics = manifest["metrics"]
             card = {"norm": manifest["threat"]["norm"], "eps": manifest["threat"]["eps"],
-                    "robust_accuracy": manifest["metrics"]["robust_accuracy"],
-                    "clean_accuracy": manifest["metrics"]["clean_accuracy"], "n": manifest["metrics"]["n"],
-                    "train_run_id": manifest["lineage"]["train_run_id"],
+                    "robust_accuracy": metrics["robust_accuracy"], "robust_accuracy_ci": metrics["robust_accuracy_ci"],
+                    "clean_accuracy": metrics["clean_accuracy"], "clean_accuracy_ci": metrics["clean_accuracy_ci"],
+                    "n": metrics["n"], "train_run_id": manifest["lineage"]["train_run_id"],
                     "onnx_sha256": manifest["files"][onnx_path.name]}
+            outcomes = load_outcomes(layout.eval_dir(threat) / layout.OUTCOMES_FILE)
+            candidate = EvaluationSummary(norm=card["norm"], eps=float(card["eps"]), rows_id=metrics["rows_id"],
+                                          robust_correct=outcomes.robust_correct)
             example = x[:1].numpy()
-            report["registry"] = register(tracked, onnx_path, cfg.registered_model, example, onnx_model.run(example),
-                                          card)
+            report["registry"] = register(tracked, onnx_path, cfg, example, onnx_model.run(example), card, candidate)
         write_json(layout.report_file(STAGE), report)
         write_json(layout.metrics_file(STAGE), headline(report))
         tracked.log_metrics(_flat_numbers(report))
@@ -242,28 +257,47 @@ def run(params: Params) -> dict:
     return report
 
 
-def register(tracked, onnx_path: Path, name: str, example: np.ndarray, output: np.ndarray, card: dict) -> dict:
-    """A new registered version (alias `candidate`); `champion` moves to it when `champion_decision` says so."""
-    version = tracked.register_onnx_model(onnx_path, name, example, output, card)
-    move, reason = champion_decision(card, tracked.model_version_tags(name, "champion"))
-    if move:
+def register(tracked, onnx_path: Path, cfg, example: np.ndarray, output: np.ndarray, card: dict,
+             candidate: EvaluationSummary) -> dict:
+    """A new registered version (alias `candidate`, tagged with its threat model, accuracies, test rows and
+    per-point robust outcomes); `champion` moves to it only by the evidence rule of `core.stats`."""
+    name = cfg.registered_model
+    version = tracked.register_onnx_model(onnx_path, name, example, output, {**card, **outcome_tags(candidate)})
+    current = tracked.model_version_tags(name, "champion")
+    decision = champion_by_evidence(candidate, current, cfg.champion_alpha)
+    if decision.decision == "moves":
         tracked.set_model_alias(name, "champion", version)
-    return {"name": name, "version": version, "aliases": ["candidate", "champion"] if move else ["candidate"],
-            "champion_moved": move, "reason": reason, "model_uri": f"models:/{name}/{version}"}
+    record = {"test": "exact McNemar on the discordant test points", "alpha": cfg.champion_alpha,
+              "decision": decision.decision, "reason": decision.reason, "p_value": decision.p_value,
+              "candidate_only": decision.candidate_only, "champion_only": decision.champion_only,
+              "compared_with_version": current["version"] if current else None}
+    tracked.set_model_version_tags(name, version, {f"champion_rule.{key}": value for key, value in record.items()})
+    moved = decision.decision == "moves"
+    return {"name": name, "version": version, "aliases": ["candidate", "champion"] if moved else ["candidate"],
+            "champion_moved": moved, "champion_rule": record, "reason": decision.reason,
+            "model_uri": f"models:/{name}/{version}"}
 
 
-def champion_decision(new: dict, current: dict | None) -> tuple[bool, str]:
-    """Whether a new version becomes champion: only against the same threat model and eps, and only
-    when its robust accuracy is at least the champion's."""
+def champion_by_evidence(candidate: EvaluationSummary, current: dict | None, alpha: float) -> ChampionDecision:
+    """The champion rule against the version `champion` points at, read from its registry tags."""
     if current is None:
-        return True, "no champion yet"
-    if (str(current.get("norm")), float(current.get("eps", -1))) != (str(new["norm"]), float(new["eps"])):
-        return False, (f"champion v{current.get('version')} was evaluated under {current.get('norm')} eps "
-                       f"{current.get('eps')}, not {new['norm']} eps {new['eps']}: not comparable, champion kept")
-    old, fresh = float(current.get("robust_accuracy", "nan")), float(new["robust_accuracy"])
-    if fresh >= old:
-        return True, f"robust accuracy {fresh:.4f} >= champion v{current.get('version')}'s {old:.4f}"
-    return False, f"robust accuracy {fresh:.4f} < champion v{current.get('version')}'s {old:.4f}: champion kept"
+        return champion_decision(candidate, None, alpha)
+    if "robust_outcomes" not in current:
+        return ChampionDecision("refused", f"not comparable: champion v{current['version']} was registered without "
+                                           "per-point outcomes")
+    champion = EvaluationSummary(norm=current["norm"], eps=float(current["eps"]), rows_id=current["rows_id"],
+                                 robust_correct=unpack_outcomes(current["robust_outcomes"], int(current["n"])))
+    return champion_decision(candidate, champion, alpha)
+
+
+def outcome_tags(summary: EvaluationSummary) -> dict[str, str]:
+    """Registry tags that let a later version be compared with this one point by point."""
+    packed = np.packbits(np.asarray(summary.robust_correct, dtype=bool))
+    return {"rows_id": summary.rows_id, "robust_outcomes": base64.b64encode(packed.tobytes()).decode()}
+
+
+def unpack_outcomes(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
 
 
 def headline(report: dict) -> dict:
@@ -272,7 +306,7 @@ def headline(report: dict) -> dict:
     gates, onnx = report["gates"], report["latency"]["onnxruntime"]
     registry = report.get("registry") or {}
     return {
-        "passed": report["passed"], "gates_failed": len(report["failed"]),
+        "verify_passed": report["passed"], "verify_gates_failed": len(report["failed"]),
         "parity_max_abs_diff": max(b["max_abs_diff"] for b in gates["parity"]["batches"].values()),
         "robust_acc_onnx_minus_torch": (gates["robust_accuracy_preserved"]["onnxruntime_acc"]
                                         - gates["robust_accuracy_preserved"]["pytorch_acc"]),
@@ -282,6 +316,7 @@ def headline(report: dict) -> dict:
         "onnx_vs_torch_throughput_ratio_batch64": report["onnx_vs_torch_throughput_ratio_batch64"],
         "registered_version": int(registry["version"]) if registry else None,
         "champion_moved": registry.get("champion_moved"),
+        "champion_p_value": (registry.get("champion_rule") or {}).get("p_value"),
     }
 
 

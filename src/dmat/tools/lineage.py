@@ -428,7 +428,7 @@ def build_classifier(ws: Workspace, node: Node) -> None:
         "recipe": f"{cfg.get('loss')} beta={cfg.get('beta')}, {state.get('epoch')}/{cfg.get('epochs')} epochs, "
                   f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, EMA tau {cfg.get('ema_tau')}",
         "attack": f"{attack.get('norm')} eps={_num(attack.get('eps'))}, {attack.get('steps')} steps of "
-                  f"{_num(attack.get('step_size'))}",
+                  + (_num(attack["step_size"]) if attack.get("step_size") is not None else "the size derived from eps"),
         "best_epoch": f"{best.get('epoch')}: val clean {_num(best.get('val_clean_acc'))}, "
                       f"robust {_num(best.get('val_robust_acc'))}",
     })

@@ -5,6 +5,10 @@ that maps float32 NCHW images in [0, 1] to logits, or an ONNX file. An ONNX mode
 onnxruntime session, which has no gradients: only the gradient-free Square attack runs, and the
 JSON says so (`gradient_free_only: true`).
 
+Under `torchrun --nproc_per_node=N dmat robustness ...` the points are spread over N processes in
+whole batches, each batch seeded by its global index: the report equals a single-process run's with
+the same batch size (and threads per process); rank 0 writes it. Evaluation is always float32.
+
 Exit codes: 0 success (the JSON's `sanity_passed` and `flags` say how much to trust the number),
 1 a model or data file that cannot be used, 2 bad arguments.
 """
@@ -12,6 +16,7 @@ Exit codes: 0 success (the JSON's `sanity_passed` and `flags` say how much to tr
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -25,7 +30,9 @@ LARGE_EPS = {"Linf": 0.5, "L2": 20.0}  # where any honest evaluation falls to ch
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="DMAT checkpoint (.pt), torch.export program (.pt2) or .onnx")
     parser.add_argument("--data", required=True, metavar="DIR", help="canonical store (e.g. data/real/test)")
-    parser.add_argument("--n", type=_positive_int, default=None, help="evaluate the first N points (default: all)")
+    # --points: the same under torchrun, whose own argument parser mistakes --n for an abbreviation of its options.
+    parser.add_argument("--n", "--points", dest="n", type=_positive_int, default=None,
+                        help="evaluate the first N points (default: all)")
     parser.add_argument("--norm", choices=NORMS, default="Linf")
     parser.add_argument("--eps", type=_eps, required=True, help="radius of the threat model; fractions like 8/255")
     parser.add_argument("--version", choices=VERSIONS, default="standard", help="AutoAttack version")
@@ -45,9 +52,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--attacks goes with --version custom, and only with it", 2)
     import torch
 
-    from dmat.core.robustness import ContractError, EvaluationSettings, evaluate_robustness
+    from dmat.core.robustness import ContractError, EvaluationSettings, Shard, evaluate_robustness
     from dmat.data.store import ArrayStore
     from dmat.data.tensors import first_points
+    from dmat.distributed import all_gather_object, world
     from dmat.errors import CheckpointError, StoreError
     from dmat.files import write_json
     from dmat.stage_setup import resolve_device
@@ -57,20 +65,24 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         store = ArrayStore.open(args.data)
         x, y = first_points(store, args.n)
-        model, kind = load_model(Path(args.model), device)
-        settings = EvaluationSettings(
-            norm=args.norm, eps=args.eps, version=args.version, attacks=args.attacks, seed=args.seed,
-            batch_size=args.batch_size, device=device, square_queries=args.square_queries,
-            sweep=(args.eps / 2, args.eps * 2), large_eps=LARGE_EPS.get(args.norm), gradient_free=kind == "onnx")
-        torch.manual_seed(args.seed)
-        report, _ = evaluate_robustness(model, x, y, store.classes, settings,
-                                        progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+        with world(device) as w:
+            model, kind = load_model(Path(args.model), w.device)
+            settings = EvaluationSettings(
+                norm=args.norm, eps=args.eps, version=args.version, attacks=args.attacks, seed=args.seed,
+                batch_size=args.batch_size, device=w.device, square_queries=args.square_queries,
+                sweep=(args.eps / 2, args.eps * 2), large_eps=LARGE_EPS.get(args.norm), gradient_free=kind == "onnx")
+            torch.manual_seed(args.seed)
+            progress = (lambda line: print(f"  {line}", file=sys.stderr, flush=True)) if w.is_main else None
+            report, _ = evaluate_robustness(model, x, y, store.classes, settings, progress=progress,
+                                            shard=Shard(w.rank, w.size, functools.partial(all_gather_object, w)))
     except (StoreError, CheckpointError, ContractError, ModelFileError) as err:
         return _fail(str(err), 1)
     except ValueError as err:  # e.g. --device cuda without a GPU
         return _fail(str(err), 2)
+    if not w.is_main:
+        return 0
     report = {"clean_accuracy": report.pop("clean_acc"), "robust_accuracy": report.pop("robust_acc"), **report,
-              "settings": {"model": str(args.model), "model_kind": kind, "data": str(args.data),
+              "settings": {"model": str(args.model), "model_kind": kind, "data": str(args.data), "processes": w.size,
                            "data_sha256": store.digest, "norm": args.norm, "eps": args.eps, "version": args.version,
                            "attacks": args.attacks, "seed": args.seed, "batch_size": args.batch_size,
                            "square_queries": args.square_queries, "device": device},

@@ -1,0 +1,83 @@
+"""Which pipeline execution, and which variant, a stage run belongs to.
+
+A *variant* is what a run's params change with respect to the committed `params.yaml` (HEAD), the
+seed excluded: runs of one variant over several seeds carry the same label, so they group together.
+A *pipeline execution* is one `dvc exp run` (its DVC experiment name) or one `dvc repro` of a commit
+with given params: every stage run of it becomes a child of one MLflow parent run, so the UI shows one
+row per pipeline outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmat.config import ParamsError, as_dict, flatten, parse_params, read_yaml
+
+SEED_KEY = "base.seed"
+BASELINE = "baseline"  # the variant label of runs with the committed params
+UNKNOWN = "unknown"  # no committed params.yaml to compare with (not a git checkout, or no HEAD)
+MAX_LABEL = 4000  # MLflow tag values hold up to 8000 characters
+
+
+@dataclass(frozen=True)
+class Execution:
+    key: str  # identifies the pipeline execution (the parent run's `dmat.pipeline` tag)
+    name: str  # the parent run's name: the DVC experiment, or repro@<commit>
+    variant: str  # "baseline", "key=value key=value" (sorted), or "unknown"
+    seed: int
+    commit: str
+
+
+def git_commit(root: Path) -> str:
+    out = _git(root, "rev-parse", "HEAD")
+    return out.strip() if out is not None else "unknown"
+
+
+def committed_params(root: Path) -> dict[str, Any] | None:
+    """HEAD's params.yaml, resolved (defaults filled in) and flattened; None when there is none or it is invalid."""
+    text = _git(root, "show", "HEAD:params.yaml")
+    if text is None:
+        return None
+    try:
+        return flatten(as_dict(parse_params(read_yaml(text))))
+    except (ValueError, ParamsError):
+        return None
+
+
+def variant_label(params: Any, committed: dict[str, Any] | None) -> str:
+    """The params that differ from the committed ones (seed excluded), as a sorted `key=value` list."""
+    if committed is None:
+        return UNKNOWN
+    current = flatten(as_dict(params))
+    changed = sorted(f"{key}={json.dumps(value)}" for key, value in current.items()
+                     if key != SEED_KEY and committed.get(key) != value)
+    label = " ".join(changed) or BASELINE
+    return label if len(label) <= MAX_LABEL else label[:MAX_LABEL - 3] + "..."
+
+
+def current_execution(params: Any, root: Path) -> Execution:
+    """The execution a stage started now belongs to: DVC's experiment (DVC_EXP_NAME) when under `dvc exp run`,
+    else the commit together with a digest of the whole resolved params."""
+    commit = git_commit(root)
+    experiment = os.environ.get("DVC_EXP_NAME", "")
+    if experiment:
+        key, name = f"exp:{experiment}", experiment
+    else:
+        digest = hashlib.sha256(json.dumps(as_dict(params), sort_keys=True).encode()).hexdigest()[:12]
+        key, name = f"repro:{commit[:12]}:{digest}", f"repro@{commit[:8]}"
+    return Execution(key=key, name=name, variant=variant_label(params, committed_params(root)),
+                     seed=params.base.seed, commit=commit)
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None

@@ -1,0 +1,89 @@
+"""Variants as evidence, end to end: two variants × two seeds through `dvc exp run --queue`, then `dmat compare`,
+and the MLflow structure users compare them in (one parent run per pipeline execution, read through the REST API).
+
+The copy of the session's tiny pipeline has seed 1 and synthetic fraction 0.5 committed; the grid adds seed 2
+and fraction 0. Only the stages up to `evaluate@linf` run; DVC's run cache shares what the grid's points share.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN_DIR
+from tests.e2e.test_pipeline import project_copy, run
+from tests.e2e.test_variants import wait_for_queue
+from tests.test_team_tracking import key_values, mlflow_server, rest
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REAL_ONLY = "mix.synthetic_fraction=0"
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = project_copy(tiny_pipeline, tmp_path_factory.mktemp("variants"))
+    run([str(BIN_DIR / "dvc"), "exp", "run", "--queue", "-S", "base.seed=1,2", "-S", "mix.synthetic_fraction=0,0.5",
+         "evaluate@linf"], project)
+    run([str(BIN_DIR / "dvc"), "queue", "start"], project)
+    wait_for_queue(project, timeout=1800)
+    return project
+
+
+def test_compare_groups_the_seeds_of_each_variant_and_tests_them_paired(variants: Path, tmp_path: Path) -> None:
+    out = tmp_path / "compare"
+    result = run([str(BIN_DIR / "dmat"), "compare", "--experiment", "e2e", "--format", "json", "--out", str(out)],
+                 variants)
+    rows = {row["variant"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {"baseline", REAL_ONLY}, rows
+    assert rows["baseline"]["seeds"] == rows[REAL_ONLY]["seeds"] == [1, 2]
+    assert rows["baseline"]["n"] == rows[REAL_ONLY]["n"] == 30
+    paired = rows[REAL_ONLY]
+    assert paired["paired_seeds"] == 2 and 0 < paired["p_value"] <= 1
+    for row in rows.values():
+        low, high = row["robust_pooled_ci"]
+        assert low <= row["robust_mean"] <= high and row["robust_std"] is not None
+    assert {path.name for path in out.iterdir()} == {"compare.md", "compare.csv", "compare.png"}
+    assert f"`{REAL_ONLY}`" in (out / "compare.md").read_text()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{variants / 'mlflow.db'}")
+    logged = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.`dmat.stage` = 'compare'")
+    assert logged and {a.path for a in client.list_artifacts(logged[0].info.run_id)} >= {"compare.md", "compare.png"}
+
+
+def test_unknown_names_exit_2_naming_them(variants: Path) -> None:
+    for option, name in (("--experiment", "no-such-experiment"), ("--dvc-exp", "no-such-exp"),
+                         ("--run", "0123456789abcdef")):
+        result = run([str(BIN_DIR / "dmat"), "compare", option, name, "--no-log"], variants, expect=2)
+        assert name in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def server(variants: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The MLflow UI's server on the project's store, as a user opens it."""
+    log = tmp_path_factory.mktemp("ui") / "server.log"
+    with mlflow_server(f"sqlite:///{variants / 'mlflow.db'}", log) as uri:
+        yield uri
+
+
+def test_the_ui_sees_model_development_and_one_parent_per_pipeline_execution(server: str) -> None:
+    experiment = rest(server, "mlflow/experiments/get-by-name", experiment_name="e2e")["experiment"]
+    assert key_values(experiment["tags"])["mlflow.experimentKind"] == "custom_model_development"
+    found = rest(server, "mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})
+    runs = [{"id": r["info"]["run_id"], "name": r["info"]["run_name"], **key_values(r["data"]["tags"])}
+            for r in found["runs"]]
+    parents = {r["id"]: r for r in runs if r.get("dmat.role") == "pipeline"}
+    stages = [r for r in runs if r.get("dmat.stage", "").startswith(("prepare", "train", "evaluate"))]
+    assert stages and all(r.get("mlflow.parentRunId") in parents for r in stages), "a stage run without its parent"
+    for parent_id, parent in parents.items():  # the children of one parent share its execution and variant
+        children = [r for r in stages if r["mlflow.parentRunId"] == parent_id]
+        assert children and {c["dmat.pipeline"] for c in children} == {parent["dmat.pipeline"]}
+        assert {c["dmat.variant"] for c in children} == {parent["dmat.variant"]}
+    queued = {p["name"] for p in parents.values() if p["dmat.pipeline"].startswith("exp:")}
+    assert len(queued) >= 3 and all(p["dvc.exp_name"] == p["name"] for p in parents.values() if p["name"] in queued)
+    assert {p["dmat.variant"] for p in parents.values()} == {"baseline", REAL_ONLY}
