@@ -78,7 +78,7 @@ def test_the_ui_sees_model_development_and_one_parent_per_pipeline_execution(ser
     runs = [{"id": r["info"]["run_id"], "name": r["info"]["run_name"], **key_values(r["data"]["tags"])}
             for r in found["runs"]]
     parents = {r["id"]: r for r in runs if r.get("dmat.role") == "pipeline"}
-    stages = [r for r in runs if "dmat.stage" in r and r.get("dmat.role") != "pipeline" and r["dmat.stage"] != "compare"]
+    stages = [r for r in runs if r.get("dmat.stage", "compare") != "compare" and r.get("dmat.role") != "pipeline"]
     assert stages and all(r.get("mlflow.parentRunId") in parents for r in stages), "a stage run without its parent"
     for parent_id, parent in parents.items():  # the children of one parent share its execution and variant
         children = [r for r in stages if r["mlflow.parentRunId"] == parent_id]
