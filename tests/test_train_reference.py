@@ -119,6 +119,14 @@ def test_resumes_after_sigkill(workspace) -> None:
     assert [r["epoch"] for r in final["history"]] == [1, 2, 3, 4]
     assert final["history"][0] == interrupted["history"][0] and final["mlflow_run_id"] == interrupted["mlflow_run_id"]
     assert json.loads((workdir / "reports/train_reference.json").read_text())["epochs"] == 4
+    # DVC removes a stage's non-persistent outputs before rerunning it: a run resumed after its last epoch
+    # (`dvc exp run --temp` does that) still writes every one of them
+    for path in ("plots/train_reference_curves.csv", "metrics/train_reference.json", "reports/train_reference.json"):
+        (workdir / path).unlink()
+    result = run_dmat("train-reference", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert (workdir / "plots/train_reference_curves.csv").read_text().count("\n") == 1 + 4
+    assert json.loads((workdir / "reports/train_reference.json").read_text())["epochs"] == 4
 
 
 @pytest.mark.slow

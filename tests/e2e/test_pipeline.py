@@ -268,7 +268,7 @@ def test_a_diffusion_variant_reruns_the_diffusion_chain_but_not_the_reference(pi
     apply_overrides(str(project / "params.yaml"), ["train_diffusion.adversarial.mode=none"])  # what `-S` does
     status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
     status.pop("fetch", None)
-    assert set(status) == {"train_diffusion"} and "train_diffusion.adversarial.mode" in json.dumps(status)
+    assert status == {"train_diffusion": [{"changed deps": {"params.yaml": {"train_diffusion": "modified"}}}]}
     with Repo(str(project)) as repo:
         graph = repo.index.graph
         stage = {s.name: s for s in graph if hasattr(s, "name")}  # names: addressing is cwd-relative

@@ -198,11 +198,11 @@ def run(params: Params) -> dict:
     check_config(params, device)
     with world(device) as w:
         trainer = Trainer(params, w)
-        resumed = trainer.resume()
+        trainer.resume()
         trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
-            if not resumed:
+            if not tracked.continued:
                 _log_inputs(tracked, trainer)
                 log_precision(tracked, trainer.precision)
             _train(trainer, tracked)

@@ -165,10 +165,10 @@ def run(params: Params) -> dict:
                           f"of {', '.join(CLASSIFIERS)}")
     with world(device) as w:
         trainer = ReferenceTrainer(params, w)
-        resumed = trainer.resume()
+        trainer.resume()
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
-            if not resumed:
+            if not tracked.continued:
                 tracked.log_store(trainer.real, "real/train", context="training")
                 tracked.log_store(trainer.val, "real/val", context="validation")
                 tracked.log_params({"model.parameters": sum(p.numel() for p in trainer.model.parameters()),
@@ -194,7 +194,6 @@ def _train(trainer: ReferenceTrainer, tracked) -> None:
                 if row["val_acc"] > best:  # best before last: a kill in between redoes the epoch
                     save_checkpoint(layout.REFERENCE_BEST, trainer.checkpoint_state(with_optimizer=False))
                 save_checkpoint(layout.REFERENCE_LAST, trainer.checkpoint_state(with_optimizer=True))
-                _write_curves(trainer.history)
                 tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=trainer.epoch)
                 progress.write(f"epoch {trainer.epoch}/{cfg.epochs}: train acc {row['train_acc']:.3f}, "
                                f"val acc {row['val_acc']:.3f} ({row['epoch_s']:.0f}s)")
@@ -223,6 +222,7 @@ def _finish(trainer: ReferenceTrainer, tracked) -> dict:
                "train_s": sum(r["epoch_s"] for r in trainer.history)}
     if w.is_main:
         per_class = (correct / count.clamp(min=1)).tolist()
+        _write_curves(trainer.history)  # here, not per epoch: a run resumed after its last epoch writes it too
         write_json(layout.metrics_file(STAGE), {f"reference_{k}": metrics[k] for k in HEADLINE})
         write_json(layout.report_file(STAGE), {
             **metrics, "model": trainer.cfg.model, "test_sha256": test.digest,
