@@ -90,7 +90,12 @@ def test_cli_exits_2_before_writing_anything(tmp_path: Path, image_archive: Path
 def test_paper_profile_is_the_reference_recipe() -> None:
     params = load_params(REPO_ROOT / "profiles" / "paper-cifar10.yaml")
     assert params.train_diffusion.model == "ddpmpp-cifar" and params.train_diffusion.adversarial.mode == "adversarial"
-    assert params.generate.steps == 20 and params.generate.per_class * 10 == 5_000_000
+    assert params.generate.steps == 20
+    # select_1M: 5M candidates, the 20% per class the standard (non-robust) WRN-28-10 is most sure of
+    g, r = params.generate, params.train_reference
+    assert (g.per_class * 10, g.filter_keep, g.filter_scorer) == (1_000_000, 0.2, "reference")
+    assert round(g.per_class / g.filter_keep) * 10 == 5_000_000 and params.mix.synthetic_limit is None
+    assert r.model == "wrn-28-10" and params.data.heldout_size == 0
     assert params.generate.guidance == 1  # the paper samples without guidance
     t = params.train
     assert (t.model, t.loss, t.beta, t.batch_size, t.lr, t.epochs, t.label_smoothing, t.ema_tau) == (
@@ -117,6 +122,12 @@ def test_new_sections_reject_bad_values() -> None:
                      ({"train_diffusion": {"adversarial": {"fraction": 1.5}}}, "train_diffusion.adversarial.fraction"),
                      ({"generate": {"sigma_min": 100}}, "generate.sigma_min"),
                      ({"generate": {"filter_keep": 0.5}}, "generate.filter_keep"),
+                     ({"generate": {"filter_keep": 0, "filter_scorer": "reference"}}, "generate.filter_keep"),
+                     ({"mix": {"source": "synthetic"}}, "mix.source"),
+                     ({"data": {"heldout_size": -1}}, "data.heldout_size"),
+                     ({"train_reference": {"epochs": 0}}, "train_reference.epochs"),
+                     ({"evaluate_diffusion": {"knn_k": 0}}, "evaluate_diffusion.knn_k"),
+                     ({"evaluate_diffusion": {"memorisation_quantile": 0}}, "evaluate_diffusion.memorisation_quantile"),
                      ({"generate": {"guidance": 0.5}}, "generate.guidance"),
                      ({"generate": {"guidance_interval": [5, 0.3]}}, "generate.guidance_interval"),
                      ({"generate": {"guidance_interval": [0.3]}}, "generate.guidance_interval"),

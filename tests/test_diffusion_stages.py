@@ -142,22 +142,29 @@ def test_train_diffusion_underrun_torchrun(trained: Path, tmp_path: Path) -> Non
     assert load_checkpoint(workdir / "models/diffusion/checkpoint.pt")["step"] == 2
 
 
-def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_path: Path) -> None:
-    """filter_keep 0.5: 10 candidates per class are generated; the 5 the scorer trusts most are kept."""
+@pytest.mark.parametrize(("scorer", "fmt", "weights"), [("reference", "REFERENCE_FORMAT", "model"),
+                                                       ("robust.pt", "CLASSIFIER_FORMAT", "ema")])
+def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_path: Path, scorer: str, fmt: str,
+                                                          weights: str) -> None:
+    """filter_keep 0.5: 10 candidates per class are generated; exactly the 5 of each class with the highest
+    probability of their class under the scorer are kept (brute force over the candidates), whether the scorer is
+    the reference classifier or a robust checkpoint named by its path."""
     import torch
 
-    from dmat.artifacts.layout import CLASSIFIER_FORMAT
+    from dmat.artifacts import layout
     from dmat.checkpoint import save_checkpoint
     from dmat.core.classifiers import build_classifier
 
     config = {"name": "wrn-16-1", "num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
     torch.manual_seed(0)
-    scorer = build_classifier("wrn-16-1", num_classes=3, mean=config["mean"], std=config["std"]).eval()
+    model = build_classifier("wrn-16-1", num_classes=3, mean=config["mean"], std=config["std"]).eval()
+    path = layout.REFERENCE_BEST if scorer == "reference" else Path(scorer)
     stores = {}
-    for name, generate in (("all", "per_class: 10"), ("kept", "per_class: 5, filter_keep: 0.5, filter_scorer: s.pt")):
+    for name, generate in (("all", "per_class: 10"), ("kept", f"per_class: 5, filter_keep: 0.5, filter_scorer: "
+                                                              f"{scorer}")):
         workdir = _copy(trained, tmp_path / name)
-        save_checkpoint(workdir / "s.pt", {"format": CLASSIFIER_FORMAT, "model_config": config,
-                                           "ema": scorer.state_dict()})
+        save_checkpoint(workdir / path, {"format": getattr(layout, fmt), "model_config": config,
+                                         "classes": ["apple", "banana", "cherry"], weights: model.state_dict()})
         params = (workdir / "params.yaml").read_text().split("generate:")[0]
         (workdir / "params.yaml").write_text(params + f"generate: {{{generate}, network_batch: 4, steps: 2}}\n")
         result = run_dmat("generate", cwd=workdir)
@@ -165,15 +172,30 @@ def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_pat
         stores[name] = ArrayStore.open(workdir / "data/synthetic", verify=True)
     candidates, kept = stores["all"], stores["kept"]
     x = torch.from_numpy(np.array(candidates.images)).permute(0, 3, 1, 2).float() / 255
+    labels = np.array(candidates.labels)
     with torch.no_grad():
-        confidence = scorer(x).softmax(1)[torch.arange(30), torch.from_numpy(np.array(candidates.labels))].numpy()
-    expected = np.concatenate([c * 10 + np.sort(np.argsort(-confidence[c * 10:(c + 1) * 10], kind="stable")[:5])
-                               for c in range(3)])
-    np.testing.assert_array_equal(kept.images, candidates.images[expected])
-    assert np.array_equal(kept.labels, np.repeat(np.arange(3), 5))
+        confidence = model(x).double().softmax(1)[torch.arange(30), torch.from_numpy(labels)].numpy()
+    kept_rows = [next(i for i in range(30) if np.array_equal(candidates.images[i], image)) for image in kept.images]
+    assert np.array_equal(kept.labels, np.repeat(np.arange(3), 5)) and np.array_equal(labels[kept_rows], kept.labels)
+    for c in range(3):  # brute force: every kept candidate of a class beats every dropped one
+        mine = set(np.flatnonzero(labels == c)) & set(kept_rows)
+        dropped = set(np.flatnonzero(labels == c)) - mine
+        assert len(mine) == 5 and min(confidence[list(mine)]) >= max(confidence[list(dropped)])
+    assert kept_rows == sorted(kept_rows)  # in candidate order: still sorted by class
+    summary = kept.meta.source["filter"]
+    assert summary["scorer"] == scorer and summary["candidates"] == 30 and summary["kept"] == 15
+    assert summary["mean_confidence_kept"] >= summary["mean_confidence_candidates"]
     assert not (kept.path / "candidates").exists()
 
 
+def test_generate_with_a_missing_reference_scorer_fails_before_sampling(trained: Path, tmp_path: Path) -> None:
+    workdir = _copy(trained, tmp_path)
+    params = (workdir / "params.yaml").read_text().split("generate:")[0]
+    (workdir / "params.yaml").write_text(params + "generate: {per_class: 2, filter_keep: 0.5, filter_scorer: "
+                                                  "reference}\n")
+    result = run_dmat("generate", cwd=workdir)
+    assert result.returncode == 1 and "models/reference/best.pt: checkpoint not found" in result.stderr
+    assert not (workdir / "data/synthetic").exists()
 def test_the_precision_changes_the_images_and_auto_records_its_probe(trained: Path, tmp_path: Path) -> None:
     stores = {}
     for precision, memory_format in (("fp32", "contiguous"), ("bf16", "channels_last"), ("auto", "auto")):

@@ -86,7 +86,7 @@ def test_mix_fraction_zero_uses_no_generated_images(workspace) -> None:
 
 
 @pytest.mark.parametrize(("broken", "message"), [
-    ("shape", "cannot share a batch"), ("classes", "differ from"), ("empty", "generated store is empty")])
+    ("shape", "cannot share a batch"), ("classes", "differ from"), ("empty", "the store is empty")])
 def test_mix_refuses_incompatible_stores(workspace, broken: str, message: str) -> None:
     workdir = workspace()
     path = workdir / "data" / "synthetic"
@@ -185,6 +185,51 @@ def test_unknown_network_exits_2_before_writing(tmp_path: Path, stage: str, sect
     result = run_dmat(stage, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+HELDOUT_PARAMS = """
+base: {{seed: 0}}
+data: {{name: tiny, path: {folder}, val_size: 12, train_limit: 48, heldout_size: {heldout}}}
+mix: {{synthetic_fraction: 0.5, source: heldout_real}}
+train: {{epochs: 1, batch_size: 16, lr: 0.05, val_limit: 12, attack: {{steps: 1}}, val_attack_steps: 1}}
+"""
+
+
+def _heldout_workspace(prepared: Path, tmp_path: Path, heldout: int) -> Path:
+    workdir = tmp_path / "heldout"
+    workdir.mkdir()
+    write_params(workdir / "params.yaml", HELDOUT_PARAMS.format(folder=prepared / "folder", heldout=heldout))
+    assert run_dmat("prepare", cwd=workdir).returncode == 0
+    return workdir
+
+
+@pytest.mark.slow
+def test_mix_source_heldout_real_trains_on_the_store_the_manifest_names(prepared: Path, tmp_path: Path) -> None:
+    """The held-out-real control: train reads data/real/heldout in place of data/synthetic (absent here)."""
+    workdir = _heldout_workspace(prepared, tmp_path, heldout=15)
+    heldout = ArrayStore.open(workdir / "data/real/heldout")
+    manifest = _mix(workdir)
+    assert manifest["source"] == "heldout_real" and manifest["synthetic"]["path"] == "data/real/heldout"
+    assert manifest["synthetic"]["sha256"] == heldout.digest and manifest["synthetic"]["used"] == 15
+    assert not (workdir / "data/synthetic").exists()
+    result = run_dmat("train", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(load_checkpoint(workdir / "models/classifier/last.pt")["mlflow_run_id"])
+    assert {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}["synthetic"] == heldout.digest[:36]
+    # a store changed after the mix ran is refused, naming it
+    write_store(workdir / "data/real/heldout", np.zeros((3, 16, 16, 3), np.uint8), np.arange(3), TINY_CLASSES, {})
+    shutil.rmtree(workdir / "models")
+    result = run_dmat("train", cwd=workdir)
+    assert result.returncode == 1 and "data/real/heldout: its sha256 differs" in result.stderr
+
+
+def test_mix_source_heldout_real_without_heldout_images_says_which_key(prepared: Path, tmp_path: Path) -> None:
+    workdir = _heldout_workspace(prepared, tmp_path, heldout=0)
+    result = run_dmat("mix", cwd=workdir)
+    assert result.returncode == 1 and "data.heldout_size = 0" in result.stderr
 
 
 def test_validation_runs_in_float32_and_contiguous_whatever_the_training_setting(workspace, monkeypatch) -> None:

@@ -19,7 +19,7 @@ def _prepare(workdir: Path, data_path: Path, extra: str = "") -> dict:
                  f"base: {{seed: 3}}\ndata:\n  name: tiny\n  path: {data_path}\n{extra}")
     result = run_dmat("prepare", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    return json.loads((workdir / "reports" / "prepare.json").read_text())
+    return json.loads((workdir / "reports" / "prepare.json").read_text())  # per store: images, sha256, class counts
 
 
 def test_prepare_tiny_archive(tmp_path: Path, image_archive: Path) -> None:
@@ -132,3 +132,47 @@ def test_without_archive_or_network_fetch_and_prepare_fail_cleanly(tmp_path: Pat
         if stage == "fetch":
             assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
     assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()
+
+
+# The held-out-real control: training-split images in neither train nor val.
+
+
+def _stores(workdir: Path) -> dict[str, ArrayStore]:
+    return {n: ArrayStore.open(workdir / "data" / "real" / n, verify=True) for n in ("train", "val", "test", "heldout")}
+
+
+def test_heldout_is_a_stratified_draw_outside_train_and_val(tmp_path: Path, image_archive: Path) -> None:
+    metrics = _prepare(tmp_path, image_archive, "  val_size: 6\n  train_limit: 15\n  heldout_size: 9\n")
+    stores = _stores(tmp_path)
+    assert len(stores["heldout"]) == 9 and stores["heldout"].meta.class_counts == (3, 3, 3)
+    assert metrics["heldout"]["sha256"] == stores["heldout"].digest
+    assert json.loads((tmp_path / "metrics" / "prepare.json").read_text())["heldout_images"] == 9
+    # class_image(label, index) differs per index: no held-out image is a train or val image
+    seen = {row.tobytes() for name in ("train", "val") for row in stores[name].images}
+    assert not any(row.tobytes() in seen for row in stores["heldout"].images)
+    assert np.all(stores["heldout"].images.mean(axis=(1, 2)).argmax(axis=1) == stores["heldout"].labels)
+
+
+def test_heldout_leaves_train_val_and_test_byte_identical(tmp_path: Path, image_archive: Path) -> None:
+    """Adding the held-out draw (its own random stream) changes no byte of the three other stores."""
+    limits = "  val_size: 6\n  train_limit: 15\n  test_limit: 9\n"
+    without, with_heldout = tmp_path / "without", tmp_path / "with"
+    for workdir, extra in ((without, ""), (with_heldout, "  heldout_size: 12\n")):
+        workdir.mkdir()
+        _prepare(workdir, image_archive, limits + extra)
+    assert len(ArrayStore.open(without / "data/real/heldout")) == 0  # 0: an empty store, still declared by DVC
+    for name in ("train", "val", "test"):
+        for file in ("images.npy", "labels.npy", "meta.json"):
+            assert (without / "data/real" / name / file).read_bytes() == (with_heldout / "data/real" / name /
+                                                                           file).read_bytes(), (name, file)
+
+
+def test_heldout_larger_than_what_remains_names_both_keys(tmp_path: Path, image_archive: Path) -> None:
+    # 36 training images: 6 val, 15 train, 15 left
+    write_params(tmp_path / "params.yaml", f"data:\n  path: {image_archive}\n  val_size: 6\n  train_limit: 15\n"
+                                           "  heldout_size: 16\n")
+    result = run_dmat("prepare", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "data.heldout_size = 16 is more than the 15 training images left" in result.stderr
+    assert "data.train_limit" in result.stderr
+    assert not (tmp_path / "data" / "real").exists()

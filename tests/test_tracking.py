@@ -60,3 +60,33 @@ def test_params_paths_resolve_against_the_project_root_from_dvc_temp_copies(tmp_
     assert in_project("/abs/data.tgz") == Path("/abs/data.tgz")
     monkeypatch.chdir(tmp_path)
     assert in_project("../shared/data.tgz") == Path("../shared/data.tgz")  # in the project itself: as written
+
+
+def test_a_resumed_checkpoint_continues_its_run_only_within_its_pipeline_execution(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """A queued experiment that resumes from the committed checkpoint gets its own run under its own parent;
+    the committed execution's finished run is never reopened (it was, and ended FAILED when the stage did)."""
+    from mlflow.tracking import MlflowClient
+
+    from dmat.config import load_params
+    from dmat.tracking import stage_run
+
+    (tmp_path / ".dvc").mkdir()
+    write_params(tmp_path / "params.yaml", "base: {experiment: resume}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params("params.yaml")
+    monkeypatch.setenv("DVC_EXP_NAME", "first")
+    with stage_run("train", params, ("base",)) as first:
+        pass
+    with stage_run("train", params, ("base",), resume_run_id=first.run_id) as again:  # killed, rerun: same run
+        assert again.continued and again.run_id == first.run_id
+    monkeypatch.setenv("DVC_EXP_NAME", "second")
+    for resume_id in (first.run_id, "0" * 32):  # another execution's run; a run the store does not have
+        with stage_run("train", params, ("base",), resume_run_id=resume_id) as other:
+            assert not other.continued and other.run_id != first.run_id
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        tags = client.get_run(other.run_id).data.tags
+        assert tags["dmat.pipeline"] == "exp:second" and "base.experiment" in client.get_run(other.run_id).data.params
+        assert client.get_run(tags["mlflow.parentRunId"]).data.tags["dmat.pipeline"] == "exp:second"
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(first.run_id).info.status == "FINISHED"

@@ -21,8 +21,14 @@ STAGES: dict[str, tuple[str, str]] = {
               "Find the real data (source auto: data.path when it exists, else torchvision's download into "
               "data.download_dir, once) and record which -> data/source.json (kind, path, sha256 per split)."),
     "prepare": ("dmat.stages.prepare",
-                "Real data -> data/real/{train,val,test} canonical stores, split and subset as params.yaml's "
+                "Real data -> data/real/{train,val,test,heldout} canonical stores, split and subset as params.yaml's "
                 "`data` section says (source: auto, imagefolder, npz or torchvision)."),
+    "train-reference": ("dmat.stages.train_reference",
+                        "Standard (non-adversarial) training of the reference classifier on data/real/train only: "
+                        "the fixed yardstick of generated data and the scorer of generate's filter -> "
+                        "models/reference/{best,last}.pt, metrics/train_reference.json (clean accuracy on all of "
+                        "data/real/test), plots/train_reference_curves.csv. Resumes after a kill; runs under "
+                        "torchrun."),
     "train-diffusion": ("dmat.stages.train_diffusion",
                         "Train the class-conditional EDM denoiser on data/real/train, with adversarial training of "
                         "the diffusion model (mode none | random | adversarial | invariance) -> "
@@ -33,8 +39,9 @@ STAGES: dict[str, tuple[str, str]] = {
                  "store, byte-identical for any batch size or number of torchrun processes), metrics/generate.json, "
                  "plots/generate_grid.png."),
     "mix": ("dmat.stages.mix",
-            "Choose the generated images the classifier may use and their share of every batch -> data/mixed/ "
-            "(manifest with both stores' sha256 digests, and the chosen rows)."),
+            "Choose the generated (or, mix.source heldout_real, held-out real) images the classifier may use and "
+            "their share of every batch -> data/mixed/ (manifest with both stores' paths and sha256 digests, and the "
+            "chosen rows)."),
     "evaluate": ("dmat.stages.evaluate",
                  "Robustness of the best EMA classifier: clean accuracy, AutoAttack, a PGD eps sweep and sanity "
                  "checks on the first evaluate.n test images, per threat model -> metrics/evaluate_<threat>.json, "
@@ -46,9 +53,11 @@ STAGES: dict[str, tuple[str, str]] = {
               "runs under torchrun for several processes."),
     "evaluate-diffusion": ("dmat.stages.evaluate_diffusion",
                            "Evaluate the diffusion model: denoiser error and output change under random and "
-                           "adversarial perturbations in a fixed AT box at several noise levels; conditional "
-                           "accuracy and classifier-feature Frechet distance of data/synthetic (FID with local "
-                           "Inception weights only) -> metrics/evaluate_diffusion.json."),
+                           "adversarial perturbations in a fixed AT box at several noise levels; sample quality of "
+                           "data/synthetic under the reference classifier (conditional accuracy, Frechet distance, "
+                           "k-NN precision and recall in its features, memorisation of data/real/train) next to "
+                           "held-out real images (FID with local Inception weights only) -> "
+                           "metrics/evaluate_diffusion.json."),
     "export": ("dmat.stages.export",
                "Export the best EMA classifier (ONNX with provenance metadata, torch.export .pt2) and the EMA "
                "denoiser (ONNX) -> models/export/."),

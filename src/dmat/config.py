@@ -109,6 +109,9 @@ class DataConfig:
     val_size: int = allowed(1024, min=0)  # held out of the training images before any subsetting
     train_limit: int | None = allowed(None, min=1)  # class-stratified seeded subset; null = all
     test_limit: int | None = allowed(None, min=1)
+    # data/real/heldout: a class-stratified seeded draw of training images in neither train nor val (the
+    # held-out-real control: what a perfect generator would score); 0 = an empty store
+    heldout_size: int = allowed(0, min=0)
     resize: tuple[int, int] | None = allowed(None, min=1, max=4096)  # [height, width]; null = reject other sizes
     classes: tuple[str, ...] | None = None  # class names for npz files that carry none
 
@@ -189,8 +192,11 @@ class GenerateConfig:
     s_min: float = allowed(0.0, min=0)
     s_max: float | None = allowed(None, min=0)  # null = no upper bound
     s_noise: float = allowed(1.0, min=0)
-    filter_scorer: str | None = allowed(None, pattern=r"^.{1,4096}$")  # classifier checkpoint scoring images
-    filter_keep: float = allowed(1.0, min=0, max=1)  # keep this top fraction per class by the scorer
+    # Scores the candidates when filter_keep < 1: "reference" (models/reference/best.pt, the standard classifier
+    # of train_reference, as Wang et al.'s select_1M) or the path of another DMAT classifier checkpoint (a
+    # robust one is accepted when named; add the file to generate's deps in dvc.yaml)
+    filter_scorer: str | None = allowed(None, pattern=r"^.{1,4096}$")
+    filter_keep: float = allowed(1.0, above=0, max=1)  # top share kept per class, by the conditioning class's prob.
     # Classifier-free guidance weight w (1 = none, as the paper); > 1 needs a denoiser trained with
     # train_diffusion.label_dropout > 0. Applied for σ in (guidance_interval[0], guidance_interval[1]].
     guidance: float = allowed(1.0, min=1, max=100)
@@ -217,6 +223,9 @@ class MixConfig:
 
     synthetic_fraction: float = allowed(0.5, min=0, max=1)  # share of every batch that is generated
     synthetic_limit: int | None = allowed(None, min=1)  # seeded random draw of generated images; null = all
+    # The store that supplies the "synthetic" share: generated (data/synthetic) or heldout_real
+    # (data/real/heldout, the held-out-real control: real images the pipeline did not train on)
+    source: Literal["generated", "heldout_real"] = "generated"
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,27 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrainReferenceConfig:
+    """The `train_reference` stage: standard (non-adversarial) training of a classifier on data/real/train only.
+
+    The fixed yardstick of generated data (evaluate_diffusion) and the scorer of generate's filter: it never
+    sees generated data and does not depend on the diffusion model, so every diffusion variant shares it.
+    """
+
+    model: str = allowed("wrn-16-1", pattern=r"^[a-z0-9\-]{1,64}$")  # dmat.core.classifiers registry
+    epochs: int = allowed(15, min=1)
+    batch_size: int = allowed(128, min=1)
+    lr: float = allowed(0.1, min=0)  # peak learning rate
+    warmup_fraction: float = allowed(0.025, min=0, max=1)  # linear warm-up, then cosine decay; 0 = plain cosine
+    momentum: float = allowed(0.9, min=0, max=1)
+    nesterov: bool = True
+    weight_decay: float = allowed(5e-4, min=0)  # not applied to BatchNorm parameters
+    label_smoothing: float = allowed(0.0, min=0, max=0.99)
+    augment: bool = True  # crop + flip (never for SVHN)
+    val_limit: int | None = allowed(None, min=1)  # first n validation images for checkpoint selection; null = all
+
+
+@dataclass(frozen=True)
 class EvaluateDiffusionConfig:
     """The `evaluate_diffusion` stage: denoiser robustness and sample quality of the diffusion model.
 
@@ -261,14 +291,19 @@ class EvaluateDiffusionConfig:
     the box a model was trained with, so that every model (AT mode none or adversarial) is measured alike.
     """
 
-    n_real: int = allowed(1000, min=2)  # first n images of data/real/test for the Fréchet distances
-    n_generated_per_class: int = allowed(100, min=1)  # seeded stratified draw from data/synthetic
+    n_real: int = allowed(1000, min=2)  # first n images of data/real/test: the real side of FD, precision, recall
+    # seeded stratified draw from data/synthetic, outside the mix's rows when there are enough; the control
+    # is as many images of data/real/heldout
+    n_generated_per_class: int = allowed(100, min=1)
     n_denoiser: int = allowed(128, min=1)  # first n images of data/real/test for the denoiser metrics
     sigmas: tuple[float, ...] = allowed((0.05, 0.2, 0.5, 1.0, 2.0), min=0)  # noise levels, [-1, 1] image units
     attack_steps: int = allowed(5, min=1)  # signed-gradient (PGD) steps of the adversarial perturbation
     radius_rho: float = allowed(2.0, above=0)  # exponent ρ of the box radius
     radius_floor: float = allowed(12 / 255, min=0)  # fixed floor of the box radius, in noise units
     batch_size: int = allowed(128, min=1)
+    knn_k: int = allowed(3, min=1)  # k of the k-NN manifolds of precision and recall (Kynkäänniemi et al. 2019)
+    # memorisation threshold: this quantile of data/real/val's nearest-training-image pixel distances
+    memorisation_quantile: float = allowed(0.01, above=0, max=0.5)
     inception_weights: str | None = allowed(None, pattern=r"^.{1,4096}$")  # local torchvision Inception-v3 file
 
     def check(self) -> None:
@@ -352,6 +387,7 @@ class Params:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    train_reference: TrainReferenceConfig = field(default_factory=TrainReferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     evaluate_diffusion: EvaluateDiffusionConfig = field(default_factory=EvaluateDiffusionConfig)

@@ -193,9 +193,10 @@ def _quoted(value: str) -> str:
 class StageRun:
     """What a stage may report: metrics, datasets, files, pictures. Wraps one active MLflow run."""
 
-    def __init__(self, mlflow_module: Any, run_id: str):
+    def __init__(self, mlflow_module: Any, run_id: str, *, continued: bool = False):
         self._mlflow = mlflow_module
         self.run_id = run_id
+        self.continued = continued  # an interrupted run of this execution, reopened: its inputs are logged
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -282,6 +283,7 @@ class NullRun:
     """What torchrun ranks other than 0 get: every report is dropped (rank 0 reports for all)."""
 
     run_id = ""
+    continued = False
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
@@ -293,7 +295,9 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
     """Open the MLflow run of one stage execution; it ends FAILED if the stage raises.
 
     `sections` are the params sections the stage reads; they are logged flattened as run params.
-    `resume_run_id` continues the run of an interrupted execution (its checkpoint knows the id).
+    `resume_run_id` continues the run of an interrupted execution (its checkpoint knows the id) when that run
+    belongs to this pipeline execution; a checkpoint reused by another execution (a queued experiment resuming
+    from the committed checkpoint) gets a new run under its own parent. `tracked.continued` says which.
     `enabled=False` (torchrun ranks other than 0) yields a run that records nothing.
     """
     if not enabled:
@@ -309,6 +313,7 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
         try:
             experiment_id = _use_experiment(mlflow, params.base.experiment)
             parent_id = _pipeline_run(mlflow.MlflowClient(), experiment_id, execution)
+            continued = bool(resume_run_id) and _run_of(mlflow.MlflowClient(), resume_run_id, execution)
         except Exception as err:  # the store itself is broken: say which one
             raise TrackingError(f"cannot use MLflow tracking store {uri}: {err}") from None
     exp_name = os.environ.get("DVC_EXP_NAME", "")
@@ -317,15 +322,24 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
             "git.commit": execution.commit, "mlflow.source.git.commit": execution.commit,
             "dmat.variant": execution.variant, "dmat.seed": execution.seed, "dmat.pipeline": execution.key,
             "mlflow.parentRunId": parent_id}
-    if resume_run_id:
+    if continued:
         run_context = mlflow.start_run(run_id=resume_run_id)
     else:
         run_context = mlflow.start_run(run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     with run_context as run:
-        tracked = StageRun(mlflow, run.info.run_id)
-        if not resume_run_id:
+        tracked = StageRun(mlflow, run.info.run_id, continued=continued)
+        if not continued:
             _log_config(tracked, params, sections)
         yield tracked
+
+
+def _run_of(client: Any, run_id: str, execution: Execution) -> bool:
+    """Whether run `run_id` exists in the store and belongs to this pipeline execution."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # deleted, or recorded in another store
+        return False
+    return run.data.tags.get("dmat.pipeline") == execution.key
 
 
 def _use_experiment(mlflow_module: Any, name: str) -> str:

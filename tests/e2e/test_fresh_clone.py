@@ -44,15 +44,16 @@ def launcher_env(tmp_path: Path, checksums: Checksums) -> dict[str, str]:
 
 
 def test_committed_params_read_the_download_through_torchvision(clone: Path, tmp_path: Path) -> None:
-    # Enough images for the committed sizes (val 1,024, train 5,000, test 2,000), as the archive a download leaves.
-    checksums = write_cifar(clone / "data" / "downloads", "cifar10", train_per_class=610, test_per_class=200,
+    # Enough images for the committed sizes (val 1,024, train 5,000, held out 1,000, test 2,000), as the archive a
+    # download leaves.
+    checksums = write_cifar(clone / "data" / "downloads", "cifar10", train_per_class=710, test_per_class=200,
                             archived=True, class_names=CIFAR10_CLASSES)
     env = launcher_env(tmp_path, checksums)
     result = run([DVC, "repro", "prepare"], clone, env=env)
     assert "Running stage 'fetch'" in result.stdout and "Running stage 'prepare'" in result.stdout
 
-    stores = {n: ArrayStore.open(clone / "data" / "real" / n, verify=True) for n in ("train", "val", "test")}
-    assert {n: len(s) for n, s in stores.items()} == {"train": 5000, "val": 1024, "test": 2000}
+    stores = {n: ArrayStore.open(clone / "data" / "real" / n, verify=True) for n in ("train", "val", "test", "heldout")}
+    assert {n: len(s) for n, s in stores.items()} == {"train": 5000, "val": 1024, "test": 2000, "heldout": 1000}
     assert stores["test"].classes == tuple(CIFAR10_CLASSES) and set(stores["test"].meta.class_counts) == {200}
     folder = clone / "data" / "downloads" / "cifar-10-batches-py"
     recorded = {"kind": "torchvision", "name": "cifar10", "path": "data/downloads/cifar-10-batches-py",

@@ -19,7 +19,7 @@ from tests.e2e.test_pipeline import run
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 CHAIN = ["export", "evaluation", "evaluation", "classifier", "mixed", "synthetic", "diffusion", "real", "real", "real",
-         "source"]
+         "real", "source"]  # real: train, val, test, heldout
 
 
 @pytest.fixture(scope="module")

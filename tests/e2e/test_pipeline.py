@@ -36,6 +36,8 @@ data:
   val_size: 20
   train_limit: 60
   test_limit: 30
+  heldout_size: 20
+train_reference: {{epochs: 1, batch_size: 16, val_limit: 8}}
 train_diffusion: {{steps: 4, batch_size: 8, log_every: 2, checkpoint_every: 2, grid_steps: 2, label_dropout: 0.1,
                   adversarial: {{mode: adversarial}}}}
 generate: {{per_class: 2, batch_size: 8, network_batch: 4, steps: 2, guidance: 3}}
@@ -57,8 +59,8 @@ evaluate_diffusion: {{n_real: 30, n_generated_per_class: 2, n_denoiser: 8, sigma
 """
 
 
-STAGES = ("prepare", "train_diffusion", "generate", "mix", "train", "evaluate@linf", "evaluate@l2", "export",
-          "verify", "evaluate_diffusion")
+STAGES = ("prepare", "train_reference", "train_diffusion", "generate", "mix", "train", "evaluate@linf", "evaluate@l2",
+          "export", "verify", "evaluate_diffusion")
 
 
 def copy_project(dest: Path) -> Path:
@@ -109,8 +111,9 @@ def build_pipeline(base: Path) -> Path:
 
 
 def test_outputs_are_canonical_stores(pipeline: Path) -> None:
-    sizes = {n: len(ArrayStore.open(pipeline / "data" / "real" / n, verify=True)) for n in ("train", "val", "test")}
-    assert sizes == {"train": 60, "val": 20, "test": 30}
+    sizes = {n: len(ArrayStore.open(pipeline / "data" / "real" / n, verify=True))
+             for n in ("train", "val", "test", "heldout")}
+    assert sizes == {"train": 60, "val": 20, "test": 30, "heldout": 20}
     assert len(ArrayStore.open(pipeline / "data" / "synthetic", verify=True)) == 2 * 10
 
 
@@ -122,12 +125,13 @@ def test_every_stage_wrote_its_declared_outputs(pipeline: Path) -> None:
                  "plots/evaluate_linf_sweep.csv", "models/eval/linf/images.npy", "models/eval/l2/robustbench.json",
                  "models/export/classifier.onnx", "models/export/classifier.pt2", "models/export/denoiser.onnx",
                  "metrics/verify.json", "metrics/evaluate_diffusion.json", "models/eval/linf/report.json",
+                 "models/reference/best.pt", "metrics/train_reference.json", "plots/train_reference_curves.csv",
                  *(f"reports/{stage}.json" for stage in ("prepare", "train_diffusion", "generate", "verify",
-                                                         "evaluate_diffusion"))):
+                                                         "evaluate_diffusion", "train_reference"))):
         assert (pipeline / path).is_file(), path
     result = run([str(BIN_DIR / "dvc"), "metrics", "show", "--json"], pipeline)
     for key in ("best_val_robust_acc", "diffusion_images_per_s", "linf_robust_acc", "l2_sanity_passed",
-                "fd_classifier"):
+                "fd_reference", "heldout_fd_reference", "reference_test_acc"):
         assert key in result.stdout, key
     plots = run([str(BIN_DIR / "dvc"), "plots", "show", "--json"], pipeline).stdout
     assert "evaluate_linf_sweep.csv" in plots and "generate_grid.png" in plots
@@ -250,6 +254,29 @@ def test_a_code_change_marks_the_stage_that_runs_it_and_what_follows(pipeline: P
         generate = next(stage for stage in graph if getattr(stage, "name", None) == "generate")
         downstream = {stage.name for stage in graph if generate in nx.descendants(graph, stage)}
     assert downstream == {"mix", "train", "evaluate@linf", "evaluate@l2", "export", "verify", "evaluate_diffusion"}
+
+
+def test_a_diffusion_variant_reruns_the_diffusion_chain_but_not_the_reference(pipeline: Path,
+                                                                             tmp_path: Path) -> None:
+    """The reference classifier is the fixed yardstick: `-S train_diffusion.adversarial.mode=...` changes the
+    diffusion chain, never train_reference (nor the robust classifier's own evaluation of it)."""
+    import networkx as nx
+    from dvc.repo import Repo
+    from dvc.utils.hydra import apply_overrides
+
+    project = project_copy(pipeline, tmp_path)
+    apply_overrides(str(project / "params.yaml"), ["train_diffusion.adversarial.mode=none"])  # what `-S` does
+    status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
+    status.pop("fetch", None)
+    assert status == {"train_diffusion": [{"changed deps": {"params.yaml": {"train_diffusion": "modified"}}}]}
+    with Repo(str(project)) as repo:
+        graph = repo.index.graph
+        stage = {s.name: s for s in graph if hasattr(s, "name")}  # names: addressing is cwd-relative
+        reruns = {s.name for s in graph if stage["train_diffusion"] in nx.descendants(graph, s)}
+        feeds_evaluation = {s.name for s in nx.descendants(graph, stage["evaluate_diffusion"])}
+    assert reruns == {"generate", "mix", "train", "evaluate@linf", "evaluate@l2", "export", "verify",
+                      "evaluate_diffusion"}
+    assert "train_reference" not in reruns and "train_reference" in feeds_evaluation  # the yardstick, unchanged
 
 
 def test_second_repro_is_up_to_date(pipeline: Path) -> None:

@@ -38,7 +38,7 @@ def tiny_data(project: Path) -> list[str]:
     """-S overrides that point prepare at the tiny folder (the committed path is ../shared's archive)."""
     archive = (project / "tiny-data.txt").read_text()
     return [arg for setting in (f"data.path={archive}", "data.val_size=12", "data.train_limit=60",
-                                "data.test_limit=30") for arg in ("-S", setting)]
+                                "data.test_limit=30", "data.heldout_size=9") for arg in ("-S", setting)]
 
 
 def experiments(project: Path) -> dict[str, dict]:

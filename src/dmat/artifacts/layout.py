@@ -11,10 +11,11 @@ from pathlib import Path
 # Which real data `fetch` found (kind, path, sha256 per split): what `prepare` depends on.
 SOURCE_RECORD = Path("data/source.json")
 
-# Real data (prepare): canonical stores.
+# Real data (prepare): canonical stores. `heldout` holds training-split images in neither train nor val
+# (the held-out-real control; empty when data.heldout_size is 0).
 REAL_DIR = Path("data/real")
-REAL_SPLITS = ("train", "val", "test")
-REAL_TRAIN, REAL_VAL, REAL_TEST = (REAL_DIR / split for split in REAL_SPLITS)
+REAL_SPLITS = ("train", "val", "test", "heldout")
+REAL_TRAIN, REAL_VAL, REAL_TEST, REAL_HELDOUT = (REAL_DIR / split for split in REAL_SPLITS)
 
 # Generated data (generate): a class-sorted canonical store.
 SYNTHETIC_DIR = Path("data/synthetic")
@@ -23,6 +24,8 @@ SYNTHETIC_DIR = Path("data/synthetic")
 MIXED_DIR = Path("data/mixed")
 MIX_MANIFEST_FILE = "manifest.json"
 MIX_INDICES_FILE = "synthetic_indices.npy"
+# mix.source -> the store that supplies the "synthetic" share of each batch (the manifest names it).
+MIX_SOURCES = {"generated": SYNTHETIC_DIR, "heldout_real": REAL_HELDOUT}
 
 # The diffusion model (train_diffusion).
 DIFFUSION_DIR = Path("models/diffusion")
@@ -34,6 +37,13 @@ CLASSIFIER_DIR = Path("models/classifier")
 CLASSIFIER_BEST = CLASSIFIER_DIR / "best.pt"
 CLASSIFIER_LAST = CLASSIFIER_DIR / "last.pt"
 CLASSIFIER_FORMAT = "dmat-classifier-1"
+
+# The reference classifier (train_reference): standard training on real data only, the fixed yardstick of
+# generated data and the scorer of generate's filter. Its own format: never mistaken for a robust classifier.
+REFERENCE_DIR = Path("models/reference")
+REFERENCE_BEST = REFERENCE_DIR / "best.pt"
+REFERENCE_LAST = REFERENCE_DIR / "last.pt"
+REFERENCE_FORMAT = "dmat-reference-classifier-1"
 
 # Evaluations (evaluate@<threat>): adversarial examples and reports, one directory per threat model.
 EVAL_DIR = Path("models/eval")
@@ -54,6 +64,7 @@ EXPORTED_FILES = (EXPORTED_CLASSIFIER_ONNX.name, EXPORTED_CLASSIFIER_PT2.name, E
 # Pictures and curves (`dvc plots`).
 GENERATE_GRID = Path("plots/generate_grid.png")
 TRAIN_CURVES = Path("plots/train_curves.csv")
+REFERENCE_CURVES = Path("plots/train_reference_curves.csv")
 
 
 def eval_dir(threat: str) -> Path:

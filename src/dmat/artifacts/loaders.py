@@ -1,6 +1,7 @@
-"""Loading what one stage wrote for another: checkpoints as models, the mix manifest, evaluation reports,
-adversarial examples, the generated store's recorded source. Every loader names the file when it
-cannot be used (CheckpointError, DataError); checkpoints load with weights_only=True."""
+"""Loading what one stage wrote for another: checkpoints as models (robust, reference, or either as a scorer),
+the mix manifest and the store it mixes, evaluation reports, adversarial examples, the generated store's
+recorded source. Every loader names the file when it cannot be used (CheckpointError, DataError);
+checkpoints load with weights_only=True."""
 
 from __future__ import annotations
 
@@ -16,20 +17,40 @@ from dmat.artifacts import layout
 from dmat.checkpoint import load_checkpoint
 from dmat.core.classifiers import build_classifier
 from dmat.core.denoisers import build_denoiser
-from dmat.data.store import META_FILE
+from dmat.data.store import META_FILE, ArrayStore
 from dmat.errors import CheckpointError, DataError
 from dmat.files import sha256_file
 
+# Which weights of a classifier checkpoint are the model: the EMA of adversarial training, the plain weights of
+# standard training.
+_CLASSIFIER_WEIGHTS = {layout.CLASSIFIER_FORMAT: "ema", layout.REFERENCE_FORMAT: "model"}
+
 
 def load_classifier(path: str | Path = layout.CLASSIFIER_BEST, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """The EMA classifier of a DMAT checkpoint, in eval mode on `device`, and the checkpoint's contents."""
+    """The EMA classifier of a DMAT (robust) checkpoint, in eval mode on `device`, and the checkpoint's contents."""
+    return _load_classifier(path, device, (layout.CLASSIFIER_FORMAT,), "DMAT classifier")
+
+
+def load_reference_classifier(path: str | Path = layout.REFERENCE_BEST,
+                              device: str = "cpu") -> tuple[nn.Module, dict]:
+    """The reference classifier (train_reference: standard training on real data only), in eval mode on `device`,
+    and the checkpoint's contents. A robust checkpoint is refused: it is not the yardstick."""
+    return _load_classifier(path, device, (layout.REFERENCE_FORMAT,), "reference classifier")
+
+
+def load_scoring_classifier(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Any DMAT classifier checkpoint, reference or robust, in eval mode: what generate's filter may score with."""
+    return _load_classifier(path, device, tuple(_CLASSIFIER_WEIGHTS), "DMAT classifier")
+
+
+def _load_classifier(path: str | Path, device: str, formats: tuple[str, ...], what: str) -> tuple[nn.Module, dict]:
     state = load_checkpoint(path, map_location=device)
-    if state.get("format") != layout.CLASSIFIER_FORMAT:
-        raise CheckpointError(f"{path}: not a DMAT classifier checkpoint (format {state.get('format')!r})")
+    if state.get("format") not in formats:
+        raise CheckpointError(f"{path}: not a {what} checkpoint (format {state.get('format')!r})")
     config = state["model_config"]
     model = build_classifier(config["name"], num_classes=config["num_classes"], mean=config["mean"],
                              std=config["std"])
-    model.load_state_dict(state["ema"])
+    model.load_state_dict(state[_CLASSIFIER_WEIGHTS[state["format"]]])
     return model.to(device).eval(), state
 
 
@@ -53,7 +74,20 @@ def load_mix_manifest(directory: Path = layout.MIXED_DIR) -> tuple[dict, np.ndar
         raise DataError(f"{directory}: unreadable mix manifest ({err}); run the mix stage") from None
     if sha256_file(directory / manifest["indices_file"]) != manifest["indices_sha256"]:
         raise DataError(f"{directory / manifest['indices_file']}: sha256 differs from {layout.MIX_MANIFEST_FILE}")
+    if manifest.get("synthetic", {}).get("path") not in {str(path) for path in layout.MIX_SOURCES.values()}:
+        raise DataError(f"{directory / layout.MIX_MANIFEST_FILE}: synthetic.path must name one of "
+                        f"{', '.join(map(str, layout.MIX_SOURCES.values()))}; run the mix stage")
     return manifest, rows
+
+
+def open_mixed_store(manifest: dict) -> ArrayStore:
+    """The store whose rows the mix chose (data/synthetic, or data/real/heldout for mix.source heldout_real),
+    checked against the digest the manifest recorded."""
+    store = ArrayStore.open(manifest["synthetic"]["path"])
+    if store.digest != manifest["synthetic"]["sha256"]:
+        raise DataError(f"{store.path}: its sha256 differs from the one {layout.MIXED_DIR / layout.MIX_MANIFEST_FILE} "
+                        "recorded: the store changed after the mix stage ran; run it again")
+    return store
 
 
 def load_eval_report(threat: str) -> dict:

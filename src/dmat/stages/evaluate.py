@@ -58,7 +58,9 @@ def metrics_file(threat: str) -> Path:
 
 
 def upstream_recipe(checkpoint: dict) -> dict:
-    """The pipeline choices that produced the classifier, from the files this stage depends on."""
+    """The pipeline choices that produced the classifier, from the files this stage depends on. `mix.source` says
+    which store supplied the "synthetic" share (generated, or heldout_real: the held-out real control); `diffusion`
+    and `generate` describe data/synthetic either way."""
     manifest, _ = load_mix_manifest()
     generated = generated_source()
     diffusion = generated.get("diffusion", {})
@@ -66,8 +68,9 @@ def upstream_recipe(checkpoint: dict) -> dict:
         "diffusion": {"model": diffusion.get("model"), "adversarial_mode": diffusion.get("adversarial", {}).get("mode"),
                       "adversarial": diffusion.get("adversarial"), "corrupt": diffusion.get("corrupt"),
                       "train_steps": diffusion.get("train_steps"), "run_id": diffusion.get("mlflow_run_id")},
-        "generate": {k: generated.get(k) for k in ("sampler", "steps", "guidance", "filter_keep")},
-        "mix": {"synthetic_fraction": manifest["synthetic_fraction"],
+        "generate": {**{k: generated.get(k) for k in ("sampler", "steps", "guidance", "filter_keep")},
+                     "filter_scorer": generated.get("filter", {}).get("scorer")},
+        "mix": {"source": manifest.get("source", "generated"), "synthetic_fraction": manifest["synthetic_fraction"],
                 "generated_images_used": manifest["synthetic"]["used"], "real_images": manifest["real"]["images"]},
         "train": {**checkpoint["train_config"], "run_id": checkpoint["mlflow_run_id"]},
     }
@@ -166,7 +169,9 @@ def robustbench_record(report: dict, checkpoint: dict, recipe: dict, test: Array
         "clean_acc": f"{100 * report['clean_acc']:.2f}", "autoattack_acc": f"{100 * report['robust_acc']:.2f}",
         "n_examples": report["n"], "autoattack_version": report["version"],
         "unreliable": not report["sanity_passed"],
-        "footnote": f"{used} generated images (diffusion AT mode {recipe['diffusion']['adversarial_mode']}), "
+        "footnote": (f"{used} held-out real images in place of generated ones"
+                     if recipe["mix"]["source"] == "heldout_real" else
+                     f"{used} generated images (diffusion AT mode {recipe['diffusion']['adversarial_mode']})") + ", "
                     f"synthetic fraction {recipe['mix']['synthetic_fraction']}, {recipe['train']['loss']} training. "
                     f"95% Wilson intervals on the first {report['n']} test points: clean "
                     f"{_percent_range(report['clean_acc_ci'])}, AutoAttack {_percent_range(report['robust_acc_ci'])}.",

@@ -5,8 +5,11 @@ memory-mapped store (millions of images never sit in RAM). Each image's initial 
 on (seed, class, index), so the store is byte-identical whatever `generate.batch_size` and whatever
 the number of processes sharing the work (torchrun ranks, or the worker processes a plain CPU run
 starts by itself, one per core). Churn noise, when asked for, is per image too. Optionally:
-classifier-free guidance (`generate.guidance`, for denoisers trained with label dropout), and more
-candidates of which the most confident `filter_keep` share per class under a scorer is kept.
+classifier-free guidance (`generate.guidance`, for denoisers trained with label dropout), and the
+reference recipe's filter (Wang et al. 2023, `select_1M`): per_class / filter_keep candidates per class,
+of which the `filter_keep` share with the highest probability of their conditioning class under
+`filter_scorer` is kept: `reference` (the standard classifier of train_reference, as the paper) or the
+path of another DMAT classifier checkpoint.
 
 Also writes metrics/generate.json and plots/generate_grid.png (a `dvc plots` image).
 """
@@ -27,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from dmat.artifacts import layout
-from dmat.artifacts.loaders import load_classifier, load_denoiser
+from dmat.artifacts.loaders import load_denoiser, load_reference_classifier, load_scoring_classifier
 from dmat.config import Params, ParamsError
 from dmat.core.guidance import GuidedDenoiser
 from dmat.core.precision import Autocast, Decision, Setting, network_passes, to_memory_format
@@ -35,6 +38,7 @@ from dmat.core.samplers import SAMPLERS, Churn, edm_sigma_steps, image_noise, pe
 from dmat.data.store import ArrayStore, StoreWriter, allocate_store, seal_store, write_block
 from dmat.data.tensors import to_unit_tensor
 from dmat.distributed import World, barrier, broadcast_object, world
+from dmat.errors import DataError
 from dmat.files import atomic_path, sha256_file, write_json
 from dmat.plots import image_grid, save_png
 from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision
@@ -191,21 +195,34 @@ def _configure_torch(params: Params) -> str:
     return device
 
 
-def filter_by_confidence(candidates: ArrayStore, params: Params, device: str) -> np.ndarray:
-    """Rows to keep: per class, the `per_class` candidates the scorer is most confident belong to it."""
-    scorer, _ = load_classifier(params.generate.filter_scorer, device)
+def load_scorer(params: Params, device: str) -> tuple[torch.nn.Module, dict, Path]:
+    """The filter's scorer: `reference` is models/reference/best.pt, anything else a DMAT classifier checkpoint."""
+    name = params.generate.filter_scorer
+    if name == "reference":
+        return (*load_reference_classifier(layout.REFERENCE_BEST, device), layout.REFERENCE_BEST)
+    return (*load_scoring_classifier(name, device), Path(name))
+
+
+@torch.no_grad()
+def conditioning_confidence(scorer: torch.nn.Module, candidates: ArrayStore, batch_size: int,
+                            device: str) -> np.ndarray:
+    """Per candidate, the scorer's softmax probability of the class it was generated for (float64)."""
     confidence = np.empty(len(candidates))
-    with torch.no_grad():
-        for start in range(0, len(candidates), 256):
-            rows = np.arange(start, min(start + 256, len(candidates)))
-            images, labels = candidates.read(rows)
-            probs = scorer(to_unit_tensor(images, device)).softmax(1).cpu().numpy()
-            confidence[rows] = probs[np.arange(len(rows)), labels]
-    per_class, n = params.generate.per_class, len(candidates.classes)
-    candidates_each = len(candidates) // n
-    keep = [c * candidates_each + np.sort(np.argsort(-confidence[c * candidates_each:(c + 1) * candidates_each],
-                                                     kind="stable")[:per_class]) for c in range(n)]
-    return np.concatenate(keep)
+    for start in range(0, len(candidates), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(candidates)))
+        images, labels = candidates.read(rows)
+        probs = scorer(to_unit_tensor(images, device)).double().softmax(1).cpu().numpy()
+        confidence[rows] = probs[np.arange(len(rows)), labels]
+    return confidence
+
+
+def top_per_class(confidence: np.ndarray, labels: np.ndarray, keep: int) -> np.ndarray:
+    """Rows (ascending) of the `keep` most confident candidates of every class; ties keep the earlier row."""
+    kept = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        kept.append(rows[np.argsort(-confidence[rows], kind="stable")[:keep]])
+    return np.sort(np.concatenate(kept)) if kept else np.empty(0, dtype=np.int64)
 
 
 def run(params: Params) -> dict:
@@ -219,12 +236,17 @@ def run(params: Params) -> dict:
         decision = choose_setting(params.base, w, lambda: probe_passes(denoiser, params, shape, w.device))
         network = sampling_network(denoiser, state, params, decision.setting, w.device)
         per_class = candidates_per_class(params)
+        scorer = load_scorer(params, w.device) if w.is_main and params.generate.filter_keep < 1 else None
+        if scorer is not None and list(scorer[1]["classes"]) != list(classes):  # before hours of sampling
+            raise DataError(f"{scorer[2]}: the scorer's classes {scorer[1]['classes']} differ from the diffusion "
+                            f"model's {classes} (generate.filter_scorer)")
         with stage_run(STAGE, params, SECTIONS, enabled=w.is_main) as tracked:
             tracked.set_tags({"dmat.diffusion_run_id": state["mlflow_run_id"] or "",
                               "dmat.adversarial_mode": state["adversarial"]["mode"]})
             log_precision(tracked, decision)
             started = time.perf_counter()
-            _generate(network, params, w, classes, per_class, shape, diffusion_recipe(state), decision)
+            filtered = _generate(network, params, w, classes, per_class, shape, diffusion_recipe(state), scorer,
+                                 decision)
             seconds = time.perf_counter() - started
             if not w.is_main:
                 return {}
@@ -234,13 +256,15 @@ def run(params: Params) -> dict:
                        "sampler": cfg.sampler, "steps": cfg.steps,
                        "nfe": network_evaluations(cfg), "guidance": cfg.guidance,
                        "seconds": seconds, "images_per_s": per_class * len(classes) / max(seconds, 1e-9),
-                       "sha256": store.digest, "adversarial_mode": state["adversarial"]["mode"], **decision.summary()}
+                       "sha256": store.digest, "adversarial_mode": state["adversarial"]["mode"],
+                       "filter": filtered, **decision.summary()}
             write_json(layout.report_file(STAGE), metrics)
             write_json(layout.metrics_file(STAGE), {f"generate_{k}": metrics[k] for k in HEADLINE})
             grid = image_grid(store.read(_grid_rows(store, params.generate.per_class))[0], columns=GRID_PER_CLASS)
             save_png(layout.GENERATE_GRID, grid, scale=2)
             tracked.log_store(store, "synthetic", context="generated")
-            tracked.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+            tracked.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}
+                                | {f"filter.{k}": v for k, v in (filtered or {}).items() if isinstance(v, float)})
             tracked.log_artifact(layout.GENERATE_GRID)
             tracked.log_artifact(layout.report_file(STAGE))
     return metrics
@@ -254,9 +278,9 @@ def diffusion_recipe(state: dict) -> dict:
 
 
 def _generate(denoiser, params: Params, w: World, classes: list[str], per_class: int,
-              shape: tuple[int, int, int], diffusion: dict, decision: Decision) -> None:
+              shape: tuple[int, int, int], diffusion: dict, scorer: tuple | None, decision: Decision) -> dict | None:
     """All ranks fill one pre-allocated store in place; rank 0 seals it (after filtering, when asked)
-    and publishes it at data/synthetic in one rename."""
+    and publishes it at data/synthetic in one rename. Returns what the filter did (rank 0, when filtering)."""
     hwc = (shape[1], shape[2], shape[0])
     cfg = params.generate
     filtering = cfg.filter_keep < 1
@@ -273,20 +297,33 @@ def _generate(denoiser, params: Params, w: World, classes: list[str], per_class:
         barrier(w)
         fill_store_locally(fill_dir, denoiser, params, w, per_class, len(classes), shape, decision.setting)
         barrier(w)
-        if w.is_main:
-            seal_store(fill_dir, classes, source)
-            if filtering:
-                _keep_most_confident(ArrayStore.open(fill_dir), params, staging, source, w.device)
-                shutil.rmtree(fill_dir)
+        if not w.is_main:
+            return None
+        seal_store(fill_dir, classes, source)
+        if not filtering:
+            return None
+        filtered = _keep_most_confident(ArrayStore.open(fill_dir), params, staging, source, scorer, w.device)
+        shutil.rmtree(fill_dir)
+        return filtered
 
 
-def _keep_most_confident(candidates: ArrayStore, params: Params, out: Path, source: dict, device: str) -> None:
-    rows = filter_by_confidence(candidates, params, device)
+def _keep_most_confident(candidates: ArrayStore, params: Params, out: Path, source: dict, scorer: tuple,
+                         device: str) -> dict:
+    """Write the kept candidates into `out` (in candidate order, so still sorted by class); returns a summary."""
+    model, state, path = scorer
+    confidence = conditioning_confidence(model, candidates, params.generate.batch_size, device)
+    rows = top_per_class(confidence, np.asarray(candidates.labels), params.generate.per_class)
+    summary = {"scorer": params.generate.filter_scorer, "scorer_format": state["format"],
+               "scorer_model": state["model_config"]["name"], "scorer_sha256": sha256_file(path),
+               "candidates": len(candidates), "kept": len(rows),
+               "mean_confidence_candidates": float(confidence.mean()), "mean_confidence_kept": float(
+                   confidence[rows].mean())}
     writer = StoreWriter(out, len(rows), candidates.image_shape, candidates.classes)
     for start in range(0, len(rows), 4096):
         images, labels = candidates.read(rows[start:start + 4096])
         writer.write(slice(start, start + len(images)), images, labels)
-    writer.finish(source)
+    writer.finish({**source, "filter": summary})
+    return summary
 
 
 def _grid_rows(store: ArrayStore, per_class: int) -> np.ndarray:

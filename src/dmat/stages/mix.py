@@ -1,10 +1,13 @@
 """`mix`: decide which generated images the classifier may use, and in what share of each batch.
 
-Writes data/mixed/ with `manifest.json` (both stores with their sha256 digests, the synthetic
-fraction, how many generated images are used and their class histograms) and
-`synthetic_indices.npy` (the rows of the generated store that are used: a seeded, class-stratified
-draw, never a prefix, because generated stores are sorted by class). The batch sampler of `train`
-then draws round(f·B) of every batch from those rows.
+`mix.source` says which store supplies that "synthetic" share: `generated` (data/synthetic) or
+`heldout_real` (data/real/heldout, real images no model of the pipeline trained on: the control that
+says what a perfect generator would give). Writes data/mixed/ with `manifest.json` (both stores with
+their paths and sha256 digests, the source, the synthetic fraction, how many images of the synthetic
+store are used and their class histograms) and `synthetic_indices.npy` (the rows of that store that
+are used: a seeded, class-stratified draw, never a prefix, because generated stores are sorted by
+class). `train` opens the store the manifest names, and its batch sampler draws round(f·B) of every
+batch from those rows.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ def check_compatible(real: ArrayStore, synthetic: ArrayStore, fraction: float) -
     if len(real) == 0 and fraction < 1:
         raise DataError(f"{real.path}: the real training store is empty")
     if fraction > 0 and len(synthetic) == 0:
-        raise DataError(f"{synthetic.path}: the generated store is empty, but mix.synthetic_fraction = {fraction}")
+        raise DataError(f"{synthetic.path}: the store is empty, but mix.synthetic_fraction = {fraction}"
+                        + (" (data.heldout_size = 0 leaves data/real/heldout empty)"
+                           if synthetic.path == layout.REAL_HELDOUT else ""))
     if real.image_shape != synthetic.image_shape:
         raise DataError(f"{synthetic.path}: generated images are {synthetic.image_shape}, real ones in {real.path} "
                         f"are {real.image_shape}: they cannot share a batch")
@@ -60,13 +65,14 @@ def histogram(labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, int]:
 def run(params: Params) -> dict:
     cfg = params.mix
     with stage_run(STAGE, params, SECTIONS) as tracked:
-        real, synthetic = ArrayStore.open(layout.REAL_TRAIN), ArrayStore.open(layout.SYNTHETIC_DIR)
+        real, synthetic = ArrayStore.open(layout.REAL_TRAIN), ArrayStore.open(layout.MIX_SOURCES[cfg.source])
         check_compatible(real, synthetic, cfg.synthetic_fraction)
         rows = choose_synthetic(synthetic, params)
         manifest = {
             "real": {"path": str(layout.REAL_TRAIN), "sha256": real.digest, "images": len(real),
                      "class_counts": histogram(np.asarray(real.labels), real.classes)},
-            "synthetic": {"path": str(layout.SYNTHETIC_DIR), "sha256": synthetic.digest, "images": len(synthetic),
+            "source": cfg.source,
+            "synthetic": {"path": str(synthetic.path), "sha256": synthetic.digest, "images": len(synthetic),
                           "used": len(rows),
                           "class_counts_used": histogram(np.asarray(synthetic.labels[rows]), real.classes)},
             "synthetic_fraction": cfg.synthetic_fraction,
@@ -81,6 +87,7 @@ def run(params: Params) -> dict:
             (staging / layout.MIX_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         tracked.log_store(real, "real/train", context="training")
         tracked.log_store(synthetic, "synthetic", context="training")
+        tracked.set_tags({"dmat.mix_source": cfg.source})
         tracked.log_metrics({"synthetic_used": len(rows), "synthetic_fraction": cfg.synthetic_fraction})
         tracked.log_artifact(layout.MIXED_DIR / layout.MIX_MANIFEST_FILE)
     return manifest

@@ -1,8 +1,11 @@
-"""`prepare`: real data → data/real/{train,val,test} canonical stores.
+"""`prepare`: real data → data/real/{train,val,test,heldout} canonical stores.
 
 The validation split (`data.val_size`) is a class-stratified seeded draw from the training data,
 taken before any subsetting; `data.train_limit` / `data.test_limit` then take stratified seeded
-subsets. Same params, same bytes: every random choice comes from `base.seed`.
+subsets. `data.heldout_size` images are then drawn (class-stratified, seeded, their own random
+stream) from the training images in neither train nor val: the held-out-real control, real images
+no model of the pipeline trains on (an empty store when 0). Same params, same bytes: every random
+choice comes from `base.seed`, and the held-out draw never changes the other three stores.
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ def select_items(splits: dict[str, SplitSource], params: Params) -> dict[str, np
     labels = splits["train"].labels
     val = stratified_sample(labels, cfg.val_size, purpose_rng(seed, "val"))
     rest = np.setdiff1d(np.arange(n_train), val)
+    train = _limit(rest, labels, cfg.train_limit, "data.train_limit", seed)
     chosen = {
         "val": val,
-        "train": _limit(rest, labels, cfg.train_limit, "data.train_limit", seed),
+        "train": train,
         "test": _limit(np.arange(len(splits["test"].labels)), splits["test"].labels, cfg.test_limit,
                        "data.test_limit", seed),
+        "heldout": _heldout(np.setdiff1d(rest, train), labels, cfg.heldout_size, seed),
     }
     if not splits["train"].ordered:  # class-sorted folders: write a seeded shuffle instead
         chosen = {name: purpose_rng(seed, f"order/{name}").permutation(idx) for name, idx in chosen.items()}
@@ -54,6 +59,16 @@ def _limit(candidates: np.ndarray, labels: np.ndarray, limit: int | None, key: s
     if limit > len(candidates):
         raise DataError(f"{key} = {limit} is more than the {len(candidates)} images available")
     return candidates[stratified_sample(labels[candidates], limit, purpose_rng(seed, key))]
+
+
+def _heldout(unused: np.ndarray, labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A stratified seeded draw of `size` of the training images that neither train nor val took."""
+    if size == 0:
+        return np.empty(0, dtype=np.int64)
+    if size > len(unused):
+        raise DataError(f"data.heldout_size = {size} is more than the {len(unused)} training images left outside "
+                        "train and val: lower data.heldout_size or data.train_limit")
+    return unused[stratified_sample(labels[unused], size, purpose_rng(seed, "data.heldout_size"))]
 
 
 def write_split(outputs: dict[str, tuple[Path, np.ndarray, dict]], split: SplitSource) -> None:
@@ -82,7 +97,8 @@ def write_split(outputs: dict[str, tuple[Path, np.ndarray, dict]], split: SplitS
 
 
 def _describe(split: SplitSource, name: str, params: Params) -> dict:
-    limits = {"train": params.data.train_limit, "val": None, "test": params.data.test_limit}
+    limits = {"train": params.data.train_limit, "val": None, "test": params.data.test_limit,
+              "heldout": params.data.heldout_size}
     return {**split.description, "dataset": params.data.name, "output": name, "seed": params.base.seed,
             "val_size": params.data.val_size, "limit": limits[name]}
 
@@ -97,8 +113,8 @@ def run(params: Params) -> dict:
         if "sha256" in source:
             tracked.log_dataset(f"source/{cfg.name}", str(Path(source["path"]).resolve()), source["sha256"],
                                 context="source")
-        with atomic_path(layout.REAL_DIR, directory=True) as staging:  # all three stores appear together
-            for source_split, names in (("train", ("train", "val")), ("test", ("test",))):
+        with atomic_path(layout.REAL_DIR, directory=True) as staging:  # all four stores appear together
+            for source_split, names in (("train", ("train", "val", "heldout")), ("test", ("test",))):
                 split = splits[source_split]
                 write_split({name: (staging / name, chosen[name], _describe(split, name, params))
                              for name in names}, split)

@@ -23,16 +23,17 @@ import torch
 from tqdm import tqdm
 
 from dmat.artifacts import layout
-from dmat.artifacts.loaders import load_classifier, load_mix_manifest
+from dmat.artifacts.loaders import load_classifier, load_mix_manifest, open_mixed_store
 from dmat.checkpoint import fingerprint, load_resumable, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.attacks import default_step_size, pgd
-from dmat.core.classifiers import CLASSIFIERS, DATASET_STATS, build_classifier
+from dmat.core.classifiers import CLASSIFIERS, build_classifier
 from dmat.core.ema import WeightAverage, trades_ema_decay
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay, pgd_at_loss, trades_loss
 from dmat.core.precision import Decision, full_precision, network_passes
 from dmat.core.rng import seeded_generator
 from dmat.data.augment import augmentation_for
+from dmat.data.normalisation import normalisation
 from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import ArrayStore
 from dmat.data.tensors import to_unit_tensor
@@ -54,23 +55,6 @@ def check_config(params: Params, device: str) -> None:
     check_precision(params.base, device)
 
 
-def normalisation(store: ArrayStore) -> tuple[list[float], list[float]]:
-    """Per-dataset constants when known, else the training store's own per-channel mean and std."""
-    name = store.meta.source.get("dataset", "")
-    if name in DATASET_STATS:
-        mean, std = DATASET_STATS[name]
-        return list(mean), list(std)
-    channel_sum = np.zeros(store.image_shape[-1])
-    channel_sq_sum = np.zeros(store.image_shape[-1])
-    for start in range(0, len(store), 4096):  # streamed: the store may not fit in memory
-        chunk = np.asarray(store.images[start:start + 4096], dtype=np.float64) / 255
-        channel_sum += chunk.sum(axis=(0, 1, 2))
-        channel_sq_sum += (chunk**2).sum(axis=(0, 1, 2))
-    count = len(store) * store.image_shape[0] * store.image_shape[1]
-    mean = channel_sum / count
-    return mean.tolist(), np.sqrt(np.maximum(channel_sq_sum / count - mean**2, 1e-12)).tolist()
-
-
 class Trainer:
     """The training state of one run: model, EMA, optimiser, data, schedule, history."""
 
@@ -81,7 +65,7 @@ class Trainer:
         self.val = ArrayStore.open(layout.REAL_VAL)
         self.manifest, rows = load_mix_manifest()
         self.fraction = float(self.manifest["synthetic_fraction"])
-        self.synthetic = ArrayStore.open(layout.SYNTHETIC_DIR) if self.fraction > 0 else None
+        self.synthetic = open_mixed_store(self.manifest) if self.fraction > 0 else None  # the store the mix names
         self.sampler = MixedBatchSampler(len(self.real), rows, batch_size=cfg.batch_size, fraction=self.fraction,
                                          seed=params.base.seed)
         self.total_steps = cfg.epochs * self.sampler.steps_per_epoch
@@ -214,11 +198,11 @@ def run(params: Params) -> dict:
     check_config(params, device)
     with world(device) as w:
         trainer = Trainer(params, w)
-        resumed = trainer.resume()
+        trainer.resume()
         trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
-            if not resumed:
+            if not tracked.continued:
                 _log_inputs(tracked, trainer)
                 log_precision(tracked, trainer.precision)
             _train(trainer, tracked)

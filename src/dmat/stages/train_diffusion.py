@@ -199,11 +199,11 @@ def run(params: Params) -> dict:
     check_precision(params.base, device)
     with world(device) as w:
         trainer = DiffusionTrainer(params, w)
-        resumed = trainer.resume()
+        trainer.resume()
         trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
-            if not resumed:
+            if not tracked.continued:
                 tracked.log_store(trainer.real, "real/train", context="training")
                 tracked.log_params({"model.parameters": sum(p.numel() for p in trainer.model.parameters())})
                 log_precision(tracked, trainer.precision)

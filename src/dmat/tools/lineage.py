@@ -462,7 +462,9 @@ def build_mixed(ws: Workspace, node: Node) -> None:
     })
     by = ws.display(manifest_file)
     real_key = node_key("real", ws.root / real.get("path", str(layout.REAL_TRAIN)))
-    synthetic_key = node_key("synthetic", ws.root / synthetic.get("path", str(layout.SYNTHETIC_DIR)))
+    # mix.source heldout_real mixes a real store in place of the generated one: the manifest names which
+    synthetic_path = ws.root / synthetic.get("path", str(layout.SYNTHETIC_DIR))
+    synthetic_key = locate(ws.root, synthetic_path) or node_key("synthetic", synthetic_path)
     node.record(real_key, "sha256", real.get("sha256"), f"{by} real.sha256")
     node.record(synthetic_key, "sha256", synthetic.get("sha256"), f"{by} synthetic.sha256")
     if synthetic.get("sha256"):

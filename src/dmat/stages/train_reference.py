@@ -1,0 +1,234 @@
+"""`train_reference`: the reference classifier, standard (non-adversarial) training on real data only.
+
+The fixed yardstick for generated data: `evaluate_diffusion` measures data/synthetic with it (a classifier
+trained on those images would grade its own homework), and `generate.filter_scorer: reference` keeps the
+candidates it is most confident about, as Wang et al. 2023 select their 1M images with a standard WRN-28-10
+trained on CIFAR-10 (`select_1M`). It reads data/real/{train,val,test} only: no generated data and nothing
+of the diffusion model, so it is built once and shared by every diffusion variant.
+
+Cross-entropy (optional label smoothing) with SGD + Nesterov, weight decay except on BatchNorm, linear
+warm-up then cosine decay (`warmup_fraction` 0: plain cosine), crop + flip augmentation. After every
+epoch the model (eval mode) is scored on data/real/val; the best by clean accuracy is kept, and its clean
+accuracy on all of data/real/test, with a 95% Wilson interval, is the headline.
+
+Writes models/reference/{best,last}.pt (format `layout.REFERENCE_FORMAT`, never mistaken for a robust
+checkpoint), metrics/train_reference.json, reports/train_reference.json (per-class test accuracy, history)
+and plots/train_reference_curves.csv. A checkpoint is written atomically after every epoch; re-running
+after a kill resumes from it (dvc.yaml declares the directory `persist: true`) when it belongs to the same
+configuration and inputs. Under torchrun each process trains on its share of every global batch (DDP).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from dmat.artifacts import layout
+from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, save_checkpoint
+from dmat.config import Params, ParamsError, as_dict
+from dmat.core.classifiers import CLASSIFIERS, build_classifier
+from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay
+from dmat.core.rng import seeded_generator
+from dmat.core.stats import wilson_interval
+from dmat.data.augment import augmentation_for
+from dmat.data.normalisation import normalisation
+from dmat.data.sampler import MixedBatchSampler
+from dmat.data.store import ArrayStore
+from dmat.data.tensors import to_unit_tensor
+from dmat.distributed import World, all_reduce_sum, barrier, broadcast_object, world
+from dmat.errors import DataError
+from dmat.files import atomic_path, write_json
+from dmat.stage_setup import apply_torch
+from dmat.tracking import stage_run
+
+STAGE = "train_reference"
+SECTIONS = ("base", "train_reference")
+EVAL_BATCH = 256
+# metrics/train_reference.json, prefixed `reference_` (keys are unique across metrics files); the rest: report
+HEADLINE = ("test_acc", "test_acc_low", "test_acc_high", "train_s")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor, *,
+               label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """One optimiser step of standard training: cross-entropy of the batch, backward, SGD step.
+
+    The whole step of this stage in one place (its precision is chosen around it). Returns the batch's
+    mean loss and its number of correct predictions, detached.
+    """
+    logits = model(images)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.detach().argmax(1) == labels).sum()
+
+
+@torch.no_grad()
+def correct_per_class(model: nn.Module, store: ArrayStore, rows: np.ndarray, device: str) -> Tensor:
+    """(2, K) float64: per class, the correct predictions of `model` (eval mode) on `rows`, and the images."""
+    counts = torch.zeros(2, len(store.classes), dtype=torch.float64)
+    for start in range(0, len(rows), EVAL_BATCH):
+        images, labels = store.read(rows[start:start + EVAL_BATCH])
+        y = torch.from_numpy(labels)
+        hits = (model(to_unit_tensor(images, device)).argmax(1).cpu() == y).double()
+        counts[0].index_add_(0, y, hits)
+        counts[1].index_add_(0, y, torch.ones_like(hits))
+    return counts
+
+
+class ReferenceTrainer:
+    """The state of one run: model, optimiser, data, schedule, history."""
+
+    def __init__(self, params: Params, w: World):
+        cfg = self.cfg = params.train_reference
+        self.params, self.world = params, w
+        self.real, self.val, self.test = (ArrayStore.open(path) for path in (layout.REAL_TRAIN, layout.REAL_VAL,
+                                                                             layout.REAL_TEST))
+        for store in (self.real, self.val, self.test):
+            if len(store) == 0:
+                raise DataError(f"{store.path} is empty: the reference classifier trains on data/real/train, selects "
+                                "its checkpoint on data/real/val (data.val_size) and is scored on data/real/test")
+        self.sampler = MixedBatchSampler(len(self.real), np.empty(0, np.int64), batch_size=cfg.batch_size,
+                                         fraction=0.0, seed=params.base.seed)
+        self.total_steps = cfg.epochs * self.sampler.steps_per_epoch
+        dataset = self.real.meta.source.get("dataset", "")
+        mean, std = normalisation(self.real)
+        self.model_config = {"name": cfg.model, "num_classes": len(self.real.classes), "mean": mean, "std": std,
+                             "dataset": dataset, "input_shape": list(self.real.image_shape)}
+        self.model = build_classifier(cfg.model, num_classes=len(self.real.classes), mean=mean, std=std).to(w.device)
+        self.optimizer = torch.optim.SGD(param_groups_without_bn_decay(self.model, cfg.weight_decay), lr=cfg.lr,
+                                         momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        self.trained = nn.parallel.DistributedDataParallel(self.model) if w.size > 1 else self.model
+        self.augment = augmentation_for(dataset) if cfg.augment else None
+        self.fingerprint = fingerprint(as_dict(cfg), params.base.seed, self.real.digest, self.val.digest)
+        self.epoch, self.history, self.run_id = 0, [], None
+
+    def resume(self) -> bool:
+        """Load models/reference/last.pt if it belongs to this configuration and these inputs."""
+        state = load_resumable(layout.REFERENCE_LAST, format=layout.REFERENCE_FORMAT, fingerprint=self.fingerprint,
+                               map_location=self.world.device)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.history, self.run_id = state["epoch"], state["history"], state["mlflow_run_id"]
+        return True
+
+    def checkpoint_state(self, *, with_optimizer: bool) -> dict[str, Any]:
+        state = {"format": layout.REFERENCE_FORMAT, "fingerprint": self.fingerprint, "epoch": self.epoch,
+                 "model": self.model.state_dict(), "model_config": self.model_config,
+                 "classes": list(self.real.classes), "mlflow_run_id": self.run_id, "history": self.history,
+                 "train_config": as_dict(self.cfg)}
+        if with_optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def train_epoch(self, progress: tqdm) -> dict[str, float]:
+        cfg, w = self.cfg, self.world
+        self.model.train()
+        generator = seeded_generator(self.params.base.seed, w.rank, self.epoch)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss·n, correct, n
+        for step, plan in enumerate(self.sampler.epoch(self.epoch, rank=w.rank, world_size=w.size)):
+            images, labels = self.real.read(plan.real)
+            x, y = to_unit_tensor(images, w.device), torch.from_numpy(labels).to(w.device)
+            if self.augment is not None:
+                x = self.augment(x, generator=generator)
+            lr = one_cycle_lr(self.epoch * self.sampler.steps_per_epoch + step, self.total_steps, cfg.lr,
+                              cfg.warmup_fraction)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, correct = train_step(self.trained, self.optimizer, x, y, label_smoothing=cfg.label_smoothing)
+            totals += torch.tensor([loss.item() * len(y), correct.item(), len(y)], dtype=torch.float64)
+            progress.update(1)
+        loss_sum, correct, n = all_reduce_sum(w, totals).tolist()
+        return {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": lr}
+
+    def accuracy(self, store: ArrayStore, limit: int | None = None) -> Tensor:
+        """(2, K) per-class correct and image counts of the model on the first `limit` images of `store`
+        (all when None), each rank scoring its share."""
+        n = len(store) if limit is None else min(limit, len(store))
+        rows = np.array_split(np.arange(n), self.world.size)[self.world.rank]
+        return all_reduce_sum(self.world, correct_per_class(self.model.eval(), store, rows, self.world.device))
+
+
+def run(params: Params) -> dict:
+    device = apply_torch(params.base)
+    if params.train_reference.model not in CLASSIFIERS:
+        raise ParamsError(f"train_reference.model = {params.train_reference.model!r} is not allowed: expected one "
+                          f"of {', '.join(CLASSIFIERS)}")
+    with world(device) as w:
+        trainer = ReferenceTrainer(params, w)
+        trainer.resume()
+        with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
+            trainer.run_id = broadcast_object(w, tracked.run_id)
+            if not tracked.continued:
+                tracked.log_store(trainer.real, "real/train", context="training")
+                tracked.log_store(trainer.val, "real/val", context="validation")
+                tracked.log_params({"model.parameters": sum(p.numel() for p in trainer.model.parameters()),
+                                    "steps_per_epoch": trainer.sampler.steps_per_epoch,
+                                    "total_steps": trainer.total_steps})
+            _train(trainer, tracked)
+            return _finish(trainer, tracked)
+
+
+def _train(trainer: ReferenceTrainer, tracked) -> None:
+    w, cfg = trainer.world, trainer.cfg
+    with tqdm(total=trainer.total_steps, initial=trainer.epoch * trainer.sampler.steps_per_epoch, desc=STAGE,
+              unit="step", disable=not w.is_main, mininterval=2) as progress:
+        while trainer.epoch < cfg.epochs:
+            started = time.perf_counter()
+            row = {"epoch": trainer.epoch + 1, **trainer.train_epoch(progress)}
+            correct, count = trainer.accuracy(trainer.val, cfg.val_limit).sum(1).tolist()
+            row |= {"val_acc": correct / count, "epoch_s": time.perf_counter() - started}
+            best = max((r["val_acc"] for r in trainer.history), default=-1.0)
+            trainer.history.append(row)
+            trainer.epoch += 1
+            if w.is_main:
+                if row["val_acc"] > best:  # best before last: a kill in between redoes the epoch
+                    save_checkpoint(layout.REFERENCE_BEST, trainer.checkpoint_state(with_optimizer=False))
+                save_checkpoint(layout.REFERENCE_LAST, trainer.checkpoint_state(with_optimizer=True))
+                tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=trainer.epoch)
+                progress.write(f"epoch {trainer.epoch}/{cfg.epochs}: train acc {row['train_acc']:.3f}, "
+                               f"val acc {row['val_acc']:.3f} ({row['epoch_s']:.0f}s)")
+
+
+def _write_curves(history: list[dict]) -> None:
+    with atomic_path(layout.REFERENCE_CURVES) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in history)
+
+
+def _finish(trainer: ReferenceTrainer, tracked) -> dict:
+    """The best checkpoint's clean accuracy on all of data/real/test: the headline, with its interval."""
+    w = trainer.world
+    best = max(trainer.history, key=lambda r: r["val_acc"])
+    barrier(w)  # rank 0 wrote the best weights: every rank scores exactly those
+    trainer.model.load_state_dict(load_checkpoint(layout.REFERENCE_BEST, map_location=w.device)["model"])
+    test = trainer.test
+    correct, count = trainer.accuracy(test)
+    n, hits = int(count.sum()), int(correct.sum())
+    low, high = wilson_interval(hits, n)
+    metrics = {"test_acc": hits / n, "test_acc_low": low, "test_acc_high": high, "n_test": n,
+               "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "epochs": trainer.epoch,
+               "last_train_acc": trainer.history[-1]["train_acc"],
+               "train_s": sum(r["epoch_s"] for r in trainer.history)}
+    if w.is_main:
+        per_class = (correct / count.clamp(min=1)).tolist()
+        _write_curves(trainer.history)  # here, not per epoch: a run resumed after its last epoch writes it too
+        write_json(layout.metrics_file(STAGE), {f"reference_{k}": metrics[k] for k in HEADLINE})
+        write_json(layout.report_file(STAGE), {
+            **metrics, "model": trainer.cfg.model, "test_sha256": test.digest,
+            "test_acc_per_class": dict(zip(test.classes, per_class, strict=True)), "history": trainer.history})
+        tracked.log_store(test, "real/test", context="evaluation")
+        tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "best_epoch")})
+        tracked.log_artifact(layout.REFERENCE_CURVES)
+        tracked.log_artifact(layout.report_file(STAGE))
+    return metrics
