@@ -115,6 +115,8 @@ def test_metrics_under_the_reference_next_to_the_heldout_control(workdir: Path) 
     assert run.data.tags["dmat.reference_run_id"] == load_checkpoint(workdir / "models/reference/best.pt")[
         "mlflow_run_id"]
     assert run.data.metrics["generated.fd_reference"] == pytest.approx(generated["fd_reference"])
+    headline = json.loads((workdir / "metrics/evaluate_diffusion.json").read_text())
+    assert {k: run.data.metrics[k] for k in headline} == pytest.approx(headline)  # what `dmat compare` reads
     assert run.data.metrics["denoiser.sigma_1.adversarial_change"] == pytest.approx(
         metrics["denoiser"]["sigma_1"]["adversarial_change"])
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"real/test", "synthetic", "real/heldout",

@@ -136,8 +136,10 @@ def run(params: Params) -> dict:
             metrics["heldout_real"]["rows"] = {"store_images": len(stores.heldout), "indices": control_rows.tolist()}
         metrics["seconds"] = time.perf_counter() - started
         write_json(layout.report_file(STAGE), metrics)
-        write_json(layout.metrics_file(STAGE), headline(metrics))
-        tracked.log_metrics(_numeric(flatten(metrics)))  # lists (the rows used, intervals) stay in the report
+        summary = headline(metrics)
+        write_json(layout.metrics_file(STAGE), summary)
+        # the headline under its own names too (`dmat compare` reads those); lists (rows, intervals) stay in the report
+        tracked.log_metrics(_numeric(flatten(metrics)) | summary)
         tracked.log_artifact(layout.report_file(STAGE))
     return metrics
 
