@@ -84,5 +84,6 @@ def test_without_archive_download_or_network_the_first_stage_fails_cleanly(clone
                         "exist") == 1, output
     assert "(1) put an image folder or archive" in output and "(2) connect to a network once" in output
     assert "Traceback" not in output and "failed to reproduce 'fetch'" in output
-    for path in ("data/real", "data/downloads", "data/source.json", "metrics/prepare.json", "mlflow.db"):
+    for path in ("data/real", "data/downloads", "data/source.json", "mlflow.db"):
         assert not (clone / path).exists(), path
+    assert run(["git", "status", "--porcelain", "--", "metrics", "plots", "dvc.lock"], clone).stdout == ""  # committed
