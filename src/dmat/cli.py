@@ -87,6 +87,9 @@ TOOLS: dict[str, tuple[str, str]] = {
                 "Pipeline variants side by side from MLflow: accuracy mean ± std over seeds, pooled 95% intervals, "
                 "the paired exact McNemar p-value against a baseline, generated-data metrics -> a Markdown/CSV/PNG "
                 "table."),
+    "queue": ("dmat.tools.queue",
+              "Queue an experiment grid (a profile, its variants, the seeds) as DVC experiments, one per variant and "
+              "seed; `dmat compare --grid` reads them back."),
     "params": ("dmat.tools.params",
                "Validate a params file without running a stage: `dmat params check [FILE]` (exit 0 valid, 2 not)."),
 }

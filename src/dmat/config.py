@@ -91,6 +91,9 @@ class BaseConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     compile: bool = False  # torch.compile the training networks (train, train_diffusion)
+    # The committed profile these params start from (e.g. profiles/cpu-experiment.yaml): every run's `dmat.variant`
+    # label is what differs from that file at HEAD. null = HEAD's params.yaml.
+    profile: str | None = allowed(None, pattern=r"^[\w.\-]+(/[\w.\-]+)*\.ya?ml$")
 
 
 @dataclass(frozen=True)

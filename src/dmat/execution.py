@@ -1,6 +1,7 @@
 """Which pipeline execution, and which variant, a stage run belongs to.
 
-A *variant* is what a run's params change with respect to the committed `params.yaml` (HEAD), the
+A *variant* is what a run's params change with respect to the committed `params.yaml` (HEAD) — or to
+the committed profile that `base.profile` names, for an experiment that starts from one — the
 seed excluded: runs of one variant over several seeds carry the same label, so they group together.
 A *pipeline execution* is one `dvc exp run` (its DVC experiment name) or one `dvc repro` of a commit
 with given params: every stage run of it becomes a child of one MLflow parent run, so the UI shows one
@@ -39,9 +40,10 @@ def git_commit(root: Path) -> str:
     return out.strip() if out is not None else "unknown"
 
 
-def committed_params(root: Path) -> dict[str, Any] | None:
-    """HEAD's params.yaml, resolved (defaults filled in) and flattened; None when there is none or it is invalid."""
-    text = _git(root, "show", "HEAD:params.yaml")
+def committed_params(root: Path, path: str = "params.yaml") -> dict[str, Any] | None:
+    """A params file (params.yaml or a profile) at HEAD, resolved (defaults filled in) and flattened; None when
+    there is none or it is invalid."""
+    text = _git(root, "show", f"HEAD:{path}")
     if text is None:
         return None
     try:
@@ -71,7 +73,8 @@ def current_execution(params: Any, root: Path) -> Execution:
     else:
         digest = hashlib.sha256(json.dumps(as_dict(params), sort_keys=True).encode()).hexdigest()[:12]
         key, name = f"repro:{commit[:12]}:{digest}", f"repro@{commit[:8]}"
-    return Execution(key=key, name=name, variant=variant_label(params, committed_params(root)),
+    reference = committed_params(root, params.base.profile or "params.yaml")
+    return Execution(key=key, name=name, variant=variant_label(params, reference),
                      seed=params.base.seed, commit=commit)
 
 

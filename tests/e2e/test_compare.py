@@ -1,8 +1,9 @@
 """Variants as evidence, end to end: two variants × two seeds through `dvc exp run --queue`, then `dmat compare`,
 and the MLflow structure users compare them in (one parent run per pipeline execution, read through the REST API).
 
-The copy of the session's tiny pipeline has seed 1 and synthetic fraction 0.5 committed; the grid adds seed 2
-and fraction 0. Only the stages up to `evaluate@linf` run; DVC's run cache shares what the grid's points share.
+The copy of the session's tiny pipeline has seed 1 and synthetic fraction 0.5 committed; a grid file queued with
+`dmat queue` (as the CPU-scale experiment is) adds seed 2 and fraction 0, from a committed profile that is those
+params. Only the stages up to `evaluate@linf` run; DVC's run cache shares what the grid's points share.
 """
 
 from __future__ import annotations
@@ -26,11 +27,30 @@ REAL_ONLY = "mix.synthetic_fraction=0.0"  # labels show the validated value (a f
 @pytest.fixture(scope="module")
 def variants(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = project_copy(tiny_pipeline, tmp_path_factory.mktemp("variants"))
-    run([str(BIN_DIR / "dvc"), "exp", "run", "--queue", "-S", "base.seed=1,2", "-S", "mix.synthetic_fraction=0,0.5",
-         "evaluate@linf"], project)
-    run([str(BIN_DIR / "dvc"), "queue", "start"], project)
+    params = (project / "params.yaml").read_text()
+    profile = params.replace("compile: false}", f"compile: false, profile: {PROFILE}}}", 1)
+    assert profile != params
+    (project / PROFILE).write_text(profile)
+    (project / "grid.yaml").write_text(GRID)
+    run(["git", "add", PROFILE, "grid.yaml"], project)
+    run(["git", "commit", "-q", "-m", "e2e grid"], project)
+    committed = (project / "params.yaml").read_bytes()
+    run([str(BIN_DIR / "dmat"), "queue", "grid.yaml", "--start", "1"], project)
+    assert (project / "params.yaml").read_bytes() == committed  # the profile is not left behind
     wait_for_queue(project, timeout=1800)
     return project
+
+
+PROFILE = "profiles/e2e.yaml"
+GRID = f"""profile: {PROFILE}
+name: e2e
+seeds: [1, 2]
+baseline: generated
+targets: [evaluate@linf]
+variants:
+  generated: {{}}
+  real-only: {{mix.synthetic_fraction: 0}}
+"""
 
 
 def test_compare_groups_the_seeds_of_each_variant_and_tests_them_paired(variants: Path, tmp_path: Path) -> None:
@@ -54,6 +74,15 @@ def test_compare_groups_the_seeds_of_each_variant_and_tests_them_paired(variants
     client = MlflowClient(f"sqlite:///{variants / 'mlflow.db'}")
     logged = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.`dmat.stage` = 'compare'")
     assert logged and {a.path for a in client.list_artifacts(logged[0].info.run_id)} >= {"compare.md", "compare.png"}
+
+
+def test_compare_reads_a_grid_back_under_its_variant_names(variants: Path, tmp_path: Path) -> None:
+    result = run([str(BIN_DIR / "dmat"), "compare", "--grid", "grid.yaml", "--format", "json", "--no-log",
+                  "--out", str(tmp_path)], variants)
+    rows = json.loads(result.stdout)
+    assert [(row["name"], row["variant"], row["seeds"]) for row in rows] == [
+        ("generated", "baseline", [1, 2]), ("real-only", REAL_ONLY, [1, 2])]
+    assert rows[1]["paired_seeds"] == 2 and "**real-only**" in (tmp_path / "compare.md").read_text()
 
 
 def test_unknown_names_exit_2_naming_them(variants: Path) -> None:

@@ -34,6 +34,9 @@ GENERATED_METRICS = ("conditional_accuracy", "fd_reference", "knn_precision", "k
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", metavar="FILE",
+                        help="an experiment grid (`dmat queue`): its variants by name, its profile's experiment, its "
+                             "baseline; runs of other variants are left out")
     parser.add_argument("--experiment", action="append", metavar="NAME",
                         help="MLflow experiment to read (repeatable; default: base.experiment of params.yaml)")
     parser.add_argument("--dvc-exp", action="append", metavar="NAME",
@@ -73,16 +76,25 @@ class Variant:
     note: str = ""
     generated: dict[str, float] = field(default_factory=dict)
     run_ids: list[str] = field(default_factory=list)
+    name: str = ""  # the variant's name in the grid (--grid)
 
 
 def run(args: argparse.Namespace) -> int:
     from dmat.errors import DataError, TrackingError
+    from dmat.tools.grid import GridError, load_grid
 
     try:
-        experiments = args.experiment or [default_experiment()]
+        grid = load_grid(args.grid) if args.grid else None
+        experiments = args.experiment or [grid.experiment if grid else default_experiment()]
         runs = select_runs(args, experiments)
-        rows = compare(runs, args.baseline, OutcomeReader(), lambda members: generated_metrics(members, experiments))
-    except LookupError as err:
+        baseline = args.baseline
+        if grid:
+            runs = [r for r in runs if r["tags"].get("dmat.variant") in grid.labels.values()]
+            baseline = baseline or grid.labels[grid.baseline]
+        rows = compare(runs, baseline, OutcomeReader(), lambda members: generated_metrics(members, experiments))
+        if grid:
+            rows = name_rows(rows, grid.labels)
+    except (LookupError, GridError) as err:
         return _fail(str(err), EXIT_USAGE)
     except (TrackingError, DataError) as err:
         return _fail(str(err), EXIT_FAILED)
@@ -171,6 +183,14 @@ def compare(runs: list[dict], baseline: str | None, outcomes: Any, generated: An
     return rows
 
 
+def name_rows(rows: list[Variant], labels: dict[str, str]) -> list[Variant]:
+    """Give rows their grid names, in the grid's order (the baseline stays first)."""
+    order = {label: (index, name) for index, (name, label) in enumerate(labels.items())}
+    for row in rows:
+        row.name = order[row.variant][1]
+    return rows[:1] + sorted(rows[1:], key=lambda row: order[row.variant][0])
+
+
 def paired_test(row: Variant, base: Variant, members: list[dict], base_members: list[dict], outcomes: Any) -> None:
     """Exact McNemar on the discordant test points, summed over the seeds both variants ran on the same rows."""
     from dmat.core.stats import mcnemar_exact_counts
@@ -241,7 +261,8 @@ def markdown(rows: list[Variant]) -> str:
             p = f"{row.p_value:.3g} ({row.only_variant} vs {row.only_baseline} points; {row.paired_seeds})"
         else:
             p = row.note or "—"
-        cells = [f"`{row.variant}`", ",".join(map(str, row.seeds)), str(row.n),
+        label = f"**{row.name}** `{row.variant}`" if row.name else f"`{row.variant}`"
+        cells = [label, ",".join(map(str, row.seeds)), str(row.n),
                  _mean_std(row.clean_mean, row.clean_std), _mean_std(row.robust_mean, row.robust_std),
                  f"[{100 * row.robust_pooled_ci[0]:.1f}, {100 * row.robust_pooled_ci[1]:.1f}]", p,
                  *(f"{row.generated[name]:.3g}" if name in row.generated else "—" for name in generated)]
@@ -266,11 +287,11 @@ def _csv(rows: list[Variant]) -> str:
     buffer = io.StringIO()
     generated = sorted({name for row in rows for name in row.generated})
     writer = csv.writer(buffer)
-    writer.writerow(["variant", "seeds", "n", "clean_mean", "clean_std", "robust_mean", "robust_std",
+    writer.writerow(["name", "variant", "seeds", "n", "clean_mean", "clean_std", "robust_mean", "robust_std",
                      "robust_ci_low", "robust_ci_high", "clean_ci_low", "clean_ci_high", "paired_seeds", "p_value",
                      "only_variant", "only_baseline", "note", *generated])
     for row in rows:
-        writer.writerow([row.variant, " ".join(map(str, row.seeds)), row.n, row.clean_mean, row.clean_std,
+        writer.writerow([row.name, row.variant, " ".join(map(str, row.seeds)), row.n, row.clean_mean, row.clean_std,
                          row.robust_mean, row.robust_std, *row.robust_pooled_ci, *row.clean_pooled_ci,
                          row.paired_seeds, row.p_value, row.only_variant, row.only_baseline, row.note,
                          *(row.generated.get(name) for name in generated)])
@@ -293,7 +314,8 @@ def _plot(rows: list[Variant], path: Path, threat: str) -> None:
         high = [getattr(row, f"{kind}_pooled_ci")[1] - m for m, row in zip(means, rows, strict=True)]
         axes.errorbar([p + offset for p in positions], means, yerr=[low, high], fmt="o", capsize=4, color=colour,
                       label=f"{'AutoAttack' if kind == 'robust' else 'clean'} (mean over seeds, pooled 95% CI)")
-    axes.set_xticks(list(positions), [_short(row.variant) for row in rows], rotation=15, ha="right", fontsize=8)
+    axes.set_xticks(list(positions), [row.name or _short(row.variant) for row in rows], rotation=15, ha="right",
+                    fontsize=8)
     axes.set(ylabel="accuracy", title=f"{threat}: accuracy per variant", ylim=(0, 1))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

@@ -1,0 +1,151 @@
+"""An experiment grid: a committed profile, the variants to run from it, and the seeds of each.
+
+A grid file (e.g. `experiments/cpu-scale.yaml`) names the profile every run starts from, the seeds, the
+variants (each a few `key: value` changes to the profile), the baseline variant and the stages to
+reproduce. `dmat queue` turns it into queued DVC experiments and `dmat compare --grid` reads their
+outcomes back under the variants' names. Everything is validated here, before anything is queued: a
+typo in a key, a value out of bounds or two variants that would be indistinguishable stop it with a
+message naming the variant.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmat.config import ParamsError, as_dict, flatten, parse_params, read_yaml
+from dmat.execution import SEED_KEY, variant_label
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9\-]{0,40}$")  # DVC experiment names are built from these
+KEYS = {"profile", "name", "seeds", "baseline", "targets", "variants"}
+
+
+class GridError(ValueError):
+    """A grid file that cannot be queued: names the file, the entry and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    path: Path
+    profile: str  # path of the profile, relative to the project root (as committed)
+    profile_text: str
+    name: str
+    seeds: tuple[int, ...]
+    baseline: str
+    targets: tuple[str, ...]
+    variants: dict[str, dict[str, Any]]  # variant name -> {dotted key: value}
+    labels: dict[str, str]  # variant name -> the `dmat.variant` label its runs carry
+    experiment: str  # the MLflow experiment the profile's runs go into
+
+    def experiment_name(self, variant: str, seed: int) -> str:
+        return f"{self.name}-{variant}-s{seed}"
+
+
+def load_grid(path: str | Path, root: Path | None = None) -> Grid:
+    path = Path(path)
+    root = root or Path.cwd()
+    try:
+        raw = read_yaml(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise GridError(f"{path}: cannot read the grid file: {err}") from None
+    except ValueError as err:
+        raise GridError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict) or set(raw) - KEYS or not {"profile", "variants"} <= set(raw):
+        raise GridError(f"{path}: expected a mapping with 'profile' and 'variants' (and optionally 'name', 'seeds', "
+                        f"'baseline', 'targets'); got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+    profile = str(raw["profile"])
+    profile_raw, profile_text = _read_profile(path, root, profile)
+    name = str(raw.get("name", path.stem))
+    if not NAME.match(name):
+        raise GridError(f"{path}: name {name!r} is not allowed: lower-case letters, digits and '-'")
+    seeds = _seeds(path, raw.get("seeds", [0]))
+    variants = _variants(path, raw["variants"])
+    baseline = str(raw.get("baseline", next(iter(variants))))
+    if baseline not in variants:
+        raise GridError(f"{path}: baseline {baseline!r} is not one of the variants: {', '.join(variants)}")
+    targets = raw.get("targets", [])
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise GridError(f"{path}: targets must be a list of dvc.yaml stage names (e.g. evaluate@linf); [] = all")
+    reference = flatten(as_dict(parse_params(profile_raw)))
+    labels = {}
+    for variant, changes in variants.items():
+        try:
+            params = parse_params(apply_changes(profile_raw, changes))
+        except (ParamsError, KeyError) as err:
+            raise GridError(f"{path}: variant {variant!r}: {err.args[0]}") from None
+        labels[variant] = variant_label(params, reference)
+    _check_distinct(path, labels)
+    return Grid(path=path, profile=profile, profile_text=profile_text, name=name, seeds=seeds, baseline=baseline,
+                targets=tuple(targets), variants=variants, labels=labels,
+                experiment=parse_params(profile_raw).base.experiment)
+
+
+def apply_changes(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a params mapping with dotted-key changes applied; KeyError for a key the profile lacks."""
+    out = copy.deepcopy(raw)
+    for dotted, value in changes.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise KeyError(f"{dotted}: the profile has no section {part!r} there")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"{dotted}: the profile has no such key (write every key the variant changes in the "
+                           "profile, so that `dvc exp run -S` can set it)")
+        node[leaf] = value
+    return out
+
+
+def _read_profile(path: Path, root: Path, profile: str) -> tuple[dict[str, Any], str]:
+    file = root / profile
+    try:
+        text = file.read_text(encoding="utf-8")
+        raw = read_yaml(text)
+        params = parse_params(raw)
+    except OSError as err:
+        raise GridError(f"{path}: profile {profile}: cannot read it: {err}") from None
+    except ValueError as err:  # ParamsError included
+        raise GridError(f"{path}: profile {profile}: {err}") from None
+    if params.base.profile != profile:
+        raise GridError(f"{path}: profile {profile} must name itself in base.profile (it says "
+                        f"{params.base.profile!r}): the runs' variant labels are the changes from it")
+    return raw, text
+
+
+def _seeds(path: Path, seeds: Any) -> tuple[int, ...]:
+    if (not isinstance(seeds, list) or not seeds or len(set(map(repr, seeds))) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**31 for s in seeds)):
+        raise GridError(f"{path}: seeds must be a non-empty list of distinct integers >= 0; got {seeds!r}")
+    return tuple(seeds)
+
+
+def _variants(path: Path, variants: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(variants, dict) or not variants:
+        raise GridError(f"{path}: variants must be a non-empty mapping of name -> {{key: value}}")
+    out = {}
+    for name, changes in variants.items():
+        if not isinstance(name, str) or not NAME.match(name):
+            raise GridError(f"{path}: variant name {name!r} is not allowed: lower-case letters, digits and '-'")
+        changes = changes or {}
+        if not isinstance(changes, dict) or not all(isinstance(k, str) for k in changes):
+            raise GridError(f"{path}: variant {name!r}: expected a mapping of dotted params keys to values")
+        if SEED_KEY in changes:
+            raise GridError(f"{path}: variant {name!r} sets {SEED_KEY}: seeds are the grid's 'seeds' list")
+        bad = [k for k, v in changes.items() if isinstance(v, dict | list)]
+        if bad:
+            raise GridError(f"{path}: variant {name!r}: {bad[0]} must be a single value (set nested keys one by one)")
+        out[name] = dict(changes)
+    return out
+
+
+def _check_distinct(path: Path, labels: dict[str, str]) -> None:
+    seen: dict[str, str] = {}
+    for name, label in labels.items():
+        if label in seen:
+            raise GridError(f"{path}: variants {seen[label]!r} and {name!r} run the same params ({label}): "
+                            "their runs could not be told apart")
+        seen[label] = name

@@ -1,0 +1,96 @@
+"""`dmat queue GRID`: queue every (variant, seed) of an experiment grid as a DVC experiment.
+
+DVC's queue snapshots the workspace's params.yaml when an experiment is queued, so for the time it
+queues, this puts the grid's profile in params.yaml and passes each variant's changes and the seed as
+`-S KEY=VALUE`; params.yaml is restored afterwards, whatever happens. Experiments are queued seed by
+seed (every variant of seed 0 first), so a queue stopped early still holds complete seeds. `--start N`
+then starts N queue workers (`dvc queue start -j N`). The command to read the outcomes back is
+printed at the end: `dmat compare --grid GRID`.
+
+Exit 0 when everything was queued; 1 when `dvc` failed (it names the experiments queued so far);
+2 for a bad grid file (nothing queued).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("grid", metavar="GRID", help="grid file, e.g. experiments/cpu-scale.yaml")
+    parser.add_argument("--start", type=int, default=0, metavar="JOBS",
+                        help="then start this many queue workers (`dvc queue start -j JOBS`); 0 = only queue")
+    parser.add_argument("--dry-run", action="store_true", help="print the dvc commands instead of running them")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dmat.files import project_root
+    from dmat.tools.grid import GridError, load_grid
+
+    root = project_root()
+    try:
+        grid = load_grid(args.grid, root)
+    except GridError as err:
+        print(f"dmat queue: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    commands = queue_commands(grid)
+    if args.dry_run:
+        print("\n".join(shlex.join(cmd) for _, cmd in commands))
+        return EXIT_OK
+    queued = _queue_with_profile(root / "params.yaml", grid.profile_text, commands)
+    if len(queued) < len(commands):
+        print(f"dmat queue: error: `dvc exp run --queue` failed for {commands[len(queued)][0]}; queued before it: "
+              f"{', '.join(queued) or 'none'}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"dmat queue: {len(queued)} experiments queued ({len(grid.variants)} variants x {len(grid.seeds)} seeds)",
+          file=sys.stderr)
+    if args.start > 0 and subprocess.run(["dvc", "queue", "start", "-j", str(args.start)], cwd=root).returncode:
+        return EXIT_FAILED
+    print(("" if args.start else "start them:    dvc queue start\n")
+          + "watch them:    dvc queue status\n"
+          + f"compare them:  dmat compare --grid {shlex.quote(str(args.grid))}", file=sys.stderr)
+    return EXIT_OK
+
+
+def queue_commands(grid) -> list[tuple[str, list[str]]]:
+    """(experiment name, `dvc exp run --queue` argv) per (seed, variant), seed-major."""
+    commands = []
+    for seed in grid.seeds:
+        for variant, changes in grid.variants.items():
+            name = grid.experiment_name(variant, seed)
+            sets = [arg for key, value in changes.items() for arg in ("-S", f"{key}={_yaml_value(value)}")]
+            commands.append((name, ["dvc", "exp", "run", "--queue", "-n", name, *sets, "-S", f"base.seed={seed}",
+                                    *grid.targets]))
+    return commands
+
+
+def _queue_with_profile(params_file: Path, profile_text: str, commands: list[tuple[str, list[str]]]) -> list[str]:
+    """Queue the commands with the profile as params.yaml; restore params.yaml; the names queued."""
+    from dmat.files import atomic_path
+
+    original = params_file.read_bytes()
+    queued: list[str] = []
+    try:
+        with atomic_path(params_file) as tmp:
+            tmp.write_text(profile_text, encoding="utf-8")
+        for name, cmd in commands:
+            print(f"dmat queue: {name}", file=sys.stderr)
+            if subprocess.run(cmd, cwd=params_file.parent).returncode:
+                break
+            queued.append(name)
+    finally:
+        with atomic_path(params_file) as tmp:
+            tmp.write_bytes(original)
+    return queued
+
+
+def _yaml_value(value: object) -> str:
+    """A value as `dvc exp run -S` parses it (YAML): strings as they are, the rest as JSON (valid YAML)."""
+    return value if isinstance(value, str) else json.dumps(value)
