@@ -59,7 +59,7 @@ def test_fp16_on_the_cpu_is_a_params_error() -> None:
         check_precision(base(precision="fp16"), "cpu")
 
 
-@pytest.mark.parametrize("stage", ["train", "train-diffusion", "generate"])
+@pytest.mark.parametrize("stage", ["train", "train-reference", "train-diffusion", "generate"])
 def test_stages_refuse_fp16_on_the_cpu_before_writing(tmp_path: Path, stage: str) -> None:
     write_params(tmp_path / "params.yaml", "base: {device: cpu, precision: fp16}\n")
     result = run_dmat(stage, cwd=tmp_path)

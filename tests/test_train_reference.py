@@ -79,6 +79,15 @@ def test_headline_is_the_best_checkpoints_accuracy_on_all_test_images(trained: P
 
 
 @pytest.mark.slow
+def test_it_trains_in_the_probed_precision_and_records_the_choice(trained: Path) -> None:
+    report = json.loads((trained / "reports/train_reference.json").read_text())
+    assert report["precision_source"] == "probe" and report["precision"] in ("fp32", "bf16")
+    assert {"fp32_contiguous", "fp32_channels_last"} <= set(report["probe_ms"]), report["probe_ms"]
+    last = torch.load(trained / "models/reference/last.pt", map_location="cpu", weights_only=True)
+    assert (last["precision"]["precision"], last["precision"]["memory_format"]) == (report["precision"],
+                                                                                    report["memory_format"])
+
+
 def test_its_own_checkpoint_format_is_never_mistaken_for_a_robust_one(trained: Path, tmp_path: Path) -> None:
     best = trained / "models/reference/best.pt"
     state = load_checkpoint(best)

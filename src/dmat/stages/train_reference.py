@@ -7,9 +7,11 @@ trained on CIFAR-10 (`select_1M`). It reads data/real/{train,val,test} only: no 
 of the diffusion model, so it is built once and shared by every diffusion variant.
 
 Cross-entropy (optional label smoothing) with SGD + Nesterov, weight decay except on BatchNorm, linear
-warm-up then cosine decay (`warmup_fraction` 0: plain cosine), crop + flip augmentation. After every
-epoch the model (eval mode) is scored on data/real/val; the best by clean accuracy is kept, and its clean
-accuracy on all of data/real/test, with a 95% Wilson interval, is the headline.
+warm-up then cosine decay (`warmup_fraction` 0: plain cosine), crop + flip augmentation. Training steps
+run in the precision and memory format `base.precision` / `base.memory_format` choose (`auto`: the
+fastest in a short probe, as `train`); scoring is always float32. After every epoch the model (eval
+mode) is scored on data/real/val; the best by clean accuracy is kept, and its clean accuracy on all of
+data/real/test, with a 95% Wilson interval, is the headline.
 
 Writes models/reference/{best,last}.pt (format `layout.REFERENCE_FORMAT`, never mistaken for a robust
 checkpoint), metrics/train_reference.json, reports/train_reference.json (per-class test accuracy, history)
@@ -35,6 +37,7 @@ from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, save_c
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.classifiers import CLASSIFIERS, build_classifier
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay
+from dmat.core.precision import Decision, network_passes
 from dmat.core.rng import seeded_generator
 from dmat.core.stats import wilson_interval
 from dmat.data.augment import augmentation_for
@@ -45,7 +48,7 @@ from dmat.data.tensors import to_unit_tensor
 from dmat.distributed import World, all_reduce_sum, barrier, broadcast_object, world
 from dmat.errors import DataError
 from dmat.files import atomic_path, write_json
-from dmat.stage_setup import apply_torch
+from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision, training_network
 from dmat.tracking import stage_run
 
 STAGE = "train_reference"
@@ -56,17 +59,23 @@ HEADLINE = ("test_acc", "test_acc_low", "test_acc_high", "train_s")
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor, *,
-               label_smoothing: float) -> tuple[Tensor, Tensor]:
+               label_smoothing: float, scaler: torch.amp.GradScaler | None = None) -> tuple[Tensor, Tensor]:
     """One optimiser step of standard training: cross-entropy of the batch, backward, SGD step.
 
-    The whole step of this stage in one place (its precision is chosen around it). Returns the batch's
-    mean loss and its number of correct predictions, detached.
+    The whole step of this stage in one place: `model` runs it in the chosen precision, and `scaler`
+    (fp16 only; a pass-through otherwise) scales the loss. Returns the batch's mean loss and its number
+    of correct predictions, detached.
     """
     logits = model(images)
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach(), (logits.detach().argmax(1) == labels).sum()
 
 
@@ -105,7 +114,9 @@ class ReferenceTrainer:
         self.model = build_classifier(cfg.model, num_classes=len(self.real.classes), mean=mean, std=std).to(w.device)
         self.optimizer = torch.optim.SGD(param_groups_without_bn_decay(self.model, cfg.weight_decay), lr=cfg.lr,
                                          momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-        self.trained = nn.parallel.DistributedDataParallel(self.model) if w.size > 1 else self.model
+        # Set by use(), once the precision is chosen; a resumed run brings its recorded choice and loss scale.
+        self.trained, self.scaler, self.precision = None, None, None
+        self.recorded_precision, self.recorded_scaler = None, None
         self.augment = augmentation_for(dataset) if cfg.augment else None
         self.fingerprint = fingerprint(as_dict(cfg), params.base.seed, self.real.digest, self.val.digest)
         self.epoch, self.history, self.run_id = 0, [], None
@@ -119,15 +130,29 @@ class ReferenceTrainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.history, self.run_id = state["epoch"], state["history"], state["mlflow_run_id"]
+        self.recorded_precision, self.recorded_scaler = state.get("precision"), state.get("grad_scaler")
         return True
+
+    def probe_passes(self):
+        """Forward and backward passes of this network at this rank's batch size, for the `auto` probe."""
+        shape = (max(1, self.cfg.batch_size // self.world.size), *[self.real.image_shape[i] for i in (2, 0, 1)])
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(self.world.device)
+        return network_passes(self.model, [x], self.world.device, backward=True)
+
+    def use(self, decision: Decision) -> None:
+        """Train from now on in `decision`'s setting (scoring stays float32: it calls the model directly)."""
+        self.precision = decision
+        self.trained, self.scaler = training_network(self.model, decision, self.world, compile=self.params.base.compile,
+                                                     scaler_state=self.recorded_scaler)
 
     def checkpoint_state(self, *, with_optimizer: bool) -> dict[str, Any]:
         state = {"format": layout.REFERENCE_FORMAT, "fingerprint": self.fingerprint, "epoch": self.epoch,
                  "model": self.model.state_dict(), "model_config": self.model_config,
                  "classes": list(self.real.classes), "mlflow_run_id": self.run_id, "history": self.history,
-                 "train_config": as_dict(self.cfg)}
+                 "train_config": as_dict(self.cfg), "precision": self.precision.record()}
         if with_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
+            state["grad_scaler"] = self.scaler.state_dict()
         return state
 
     def train_epoch(self, progress: tqdm) -> dict[str, float]:
@@ -144,7 +169,8 @@ class ReferenceTrainer:
                               cfg.warmup_fraction)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, correct = train_step(self.trained, self.optimizer, x, y, label_smoothing=cfg.label_smoothing)
+            loss, correct = train_step(self.trained, self.optimizer, x, y, label_smoothing=cfg.label_smoothing,
+                                       scaler=self.scaler)
             totals += torch.tensor([loss.item() * len(y), correct.item(), len(y)], dtype=torch.float64)
             progress.update(1)
         loss_sum, correct, n = all_reduce_sum(w, totals).tolist()
@@ -163,9 +189,11 @@ def run(params: Params) -> dict:
     if params.train_reference.model not in CLASSIFIERS:
         raise ParamsError(f"train_reference.model = {params.train_reference.model!r} is not allowed: expected one "
                           f"of {', '.join(CLASSIFIERS)}")
+    check_precision(params.base, device)
     with world(device) as w:
         trainer = ReferenceTrainer(params, w)
         trainer.resume()
+        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
             if not tracked.continued:
@@ -174,6 +202,7 @@ def run(params: Params) -> dict:
                 tracked.log_params({"model.parameters": sum(p.numel() for p in trainer.model.parameters()),
                                     "steps_per_epoch": trainer.sampler.steps_per_epoch,
                                     "total_steps": trainer.total_steps})
+                log_precision(tracked, trainer.precision)
             _train(trainer, tracked)
             return _finish(trainer, tracked)
 
@@ -225,7 +254,7 @@ def _finish(trainer: ReferenceTrainer, tracked) -> dict:
         _write_curves(trainer.history)  # here, not per epoch: a run resumed after its last epoch writes it too
         write_json(layout.metrics_file(STAGE), {f"reference_{k}": metrics[k] for k in HEADLINE})
         write_json(layout.report_file(STAGE), {
-            **metrics, "model": trainer.cfg.model, "test_sha256": test.digest,
+            **metrics, **trainer.precision.summary(), "model": trainer.cfg.model, "test_sha256": test.digest,
             "test_acc_per_class": dict(zip(test.classes, per_class, strict=True)), "history": trainer.history})
         tracked.log_store(test, "real/test", context="evaluation")
         tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "best_epoch")})
