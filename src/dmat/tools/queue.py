@@ -51,8 +51,16 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"dmat queue: {len(queued)} experiments queued ({len(grid.variants)} variants x {len(grid.seeds)} seeds)",
           file=sys.stderr)
-    if args.start > 0 and subprocess.run(["dvc", "queue", "start", "-j", str(args.start)], cwd=root).returncode:
-        return EXIT_FAILED
+    if args.start > 0:
+        # The workers DVC starts outlive this command and inherit its standard streams: with a pipe there,
+        # whoever reads our output (`| tail`, a test) would wait for them to finish. They log to DVC's files.
+        started = subprocess.run(["dvc", "queue", "start", "-j", str(args.start)], cwd=root,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if started.returncode:
+            print(f"dmat queue: error: `dvc queue start -j {args.start}` failed (exit {started.returncode}); the "
+                  "experiments stay queued: start them with `dvc queue start`", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"dmat queue: started {args.start} queue worker(s)", file=sys.stderr)
     print(("" if args.start else "start them:    dvc queue start\n")
           + "watch them:    dvc queue status\n"
           + f"compare them:  dmat compare --grid {shlex.quote(str(args.grid))}", file=sys.stderr)
