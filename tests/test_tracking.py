@@ -90,3 +90,27 @@ def test_a_resumed_checkpoint_continues_its_run_only_within_its_pipeline_executi
         assert tags["dmat.pipeline"] == "exp:second" and "base.experiment" in client.get_run(other.run_id).data.params
         assert client.get_run(tags["mlflow.parentRunId"]).data.tags["dmat.pipeline"] == "exp:second"
     assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_an_experiment_first_created_by_a_queued_run_keeps_its_artifacts_in_the_project(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """A queued `dvc exp run` works in <root>/.dvc/tmp/exps/<name>, which DVC deletes afterwards: an experiment
+    it creates must put artifacts in <root>/mlruns, or every run's outcomes.npz is gone (`dmat compare` needs it).
+    Also when MLFLOW_TRACKING_URI is set to the local store, as `mlflow.set_tracking_uri` itself does."""
+    from mlflow.tracking import MlflowClient
+
+    from dmat.config import load_params
+    from dmat.tracking import stage_run
+
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"
+    copy.mkdir(parents=True)
+    write_params(copy / "params.yaml", "base: {experiment: queued}\n")
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_EXP_NAME", "queued-1")
+    (copy / "report.json").write_text("{}")
+    with stage_run("evaluate@linf", load_params("params.yaml"), ("base",)) as tracked:
+        tracked.log_artifact(copy / "report.json")
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracked.run_id)
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri()), run.info.artifact_uri
+    assert list((tmp_path / "mlruns").rglob("report.json"))

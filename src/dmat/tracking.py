@@ -158,7 +158,7 @@ def tool_run(name: str, experiment: str, tags: Mapping[str, str] | None = None) 
         import mlflow
 
         mlflow.set_tracking_uri(uri)
-        _use_experiment(mlflow, experiment)
+        _use_experiment(mlflow, experiment, uri)
         with mlflow.start_run(run_name=name, tags={"dmat.stage": name, **(tags or {})}) as run:
             yield StageRun(mlflow, run.info.run_id)
 
@@ -311,7 +311,7 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
 
         mlflow.set_tracking_uri(uri)
         try:
-            experiment_id = _use_experiment(mlflow, params.base.experiment)
+            experiment_id = _use_experiment(mlflow, params.base.experiment, uri)
             parent_id = _pipeline_run(mlflow.MlflowClient(), experiment_id, execution)
             continued = bool(resume_run_id) and _run_of(mlflow.MlflowClient(), resume_run_id, execution)
         except Exception as err:  # the store itself is broken: say which one
@@ -342,15 +342,24 @@ def _run_of(client: Any, run_id: str, execution: Execution) -> bool:
     return run.data.tags.get("dmat.pipeline") == execution.key
 
 
-def _use_experiment(mlflow_module: Any, name: str) -> str:
-    """Select the experiment, creating it with its artifacts beside the project's default store, and mark it
-    as model development (the UI then opens on training runs, not on GenAI traces). Returns its id.
+def _use_experiment(mlflow_module: Any, name: str, uri: str) -> str:
+    """Select the experiment, creating it with its artifacts beside the project when the store is a local
+    database or directory (a tracking server keeps its own), and mark it as model development (the UI then
+    opens on training runs, not on GenAI traces). Returns its id.
 
-    MLflow would otherwise put artifacts under ./mlruns of the working directory, which for
-    `dvc exp run --temp` is a temporary copy that DVC deletes afterwards.
+    MLflow would otherwise put artifacts under ./mlruns of the working directory, which for a queued
+    `dvc exp run` is a temporary copy that DVC deletes afterwards. (Whether the store is local is read
+    from `uri`, not from MLFLOW_TRACKING_URI: `mlflow.set_tracking_uri` sets that variable itself.)
     """
-    if mlflow_module.get_experiment_by_name(name) is None and "MLFLOW_TRACKING_URI" not in os.environ:
-        mlflow_module.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
+    local_store = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    if local_store and mlflow_module.get_experiment_by_name(name) is None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlflow_module.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
+        except MlflowException as err:  # two queued experiments starting at once: the other one created it
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     experiment = mlflow_module.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         mlflow_module.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
