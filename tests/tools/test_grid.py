@@ -92,3 +92,12 @@ def test_a_dry_run_prints_the_commands_and_queues_nothing(tmp_path: Path) -> Non
         "dvc exp run --queue -n t-a-s0 -S base.seed=0", "dvc exp run --queue -n t-b-s0 -S mix.synthetic_fraction=0 "
         "-S base.seed=0", "dvc exp run --queue -n t-a-s1 -S base.seed=1",
         "dvc exp run --queue -n t-b-s1 -S mix.synthetic_fraction=0 -S base.seed=1"]
+
+
+def test_only_the_named_variants_are_queued_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
+    path = grid_file(tmp_path, "name: t\nvariants:\n  a: {}\n  b: {mix.synthetic_fraction: 0}\n")
+    dmat = [str(BIN_DIR / "dmat"), "queue", str(path), "--dry-run"]
+    result = subprocess.run([*dmat, "--variant", "b"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and [line.split()[5] for line in result.stdout.splitlines()] == ["t-b-s0", "t-b-s1"]
+    result = subprocess.run([*dmat, "--variant", "c"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no variant 'c'" in result.stderr

@@ -19,6 +19,10 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dmat.tools.grid import Grid
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -27,6 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("grid", metavar="GRID", help="grid file, e.g. experiments/cpu-scale.yaml")
     parser.add_argument("--start", type=int, default=0, metavar="JOBS",
                         help="then start this many queue workers (`dvc queue start -j JOBS`); 0 = only queue")
+    parser.add_argument("--variant", action="append", metavar="NAME",
+                        help="queue only this variant (repeatable; default: all), e.g. the ones a stopped run lacks")
     parser.add_argument("--dry-run", action="store_true", help="print the dvc commands instead of running them")
 
 
@@ -40,7 +46,12 @@ def run(args: argparse.Namespace) -> int:
     except GridError as err:
         print(f"dmat queue: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    commands = queue_commands(grid)
+    unknown = sorted(set(args.variant or []) - set(grid.variants))
+    if unknown:
+        print(f"dmat queue: error: {args.grid}: no variant {unknown[0]!r}; it has {', '.join(grid.variants)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    commands = queue_commands(grid, args.variant)
     if args.dry_run:
         print("\n".join(shlex.join(cmd) for _, cmd in commands))
         return EXIT_OK
@@ -67,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def queue_commands(grid) -> list[tuple[str, list[str]]]:
-    """(experiment name, `dvc exp run --queue` argv) per (seed, variant), seed-major."""
+def queue_commands(grid: Grid, only: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """(experiment name, `dvc exp run --queue` argv) per (seed, variant), seed-major; `only`: these variants."""
     commands = []
     for seed in grid.seeds:
         for variant, changes in grid.variants.items():
+            if only and variant not in only:
+                continue
             name = grid.experiment_name(variant, seed)
             sets = [arg for key, value in changes.items() for arg in ("-S", f"{key}={_yaml_value(value)}")]
             commands.append((name, ["dvc", "exp", "run", "--queue", "-n", name, *sets, "-S", f"base.seed={seed}",
