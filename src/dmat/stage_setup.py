@@ -83,6 +83,18 @@ def _decide(base: BaseConfig, device: str, make_passes: Callable[[], PassFactory
     return Decision(choose(timings, options[0]), "probe", {s.name: t for s, t in timings.items()})
 
 
+def classifier_probe_passes(model, batch_size: int, image_shape, w: World):
+    """Forward and backward passes of a classifier at this rank's share of `batch_size` on random HWC-shaped
+    images, for the `auto` probe (the same passes for every stage that trains a classifier)."""
+    import torch
+
+    from dmat.core.precision import network_passes
+
+    shape = (max(1, batch_size // w.size), *[image_shape[i] for i in (2, 0, 1)])
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(w.device)
+    return network_passes(model, [x], w.device, backward=True)
+
+
 def training_network(model, decision: Decision, w: World, *, compile: bool, scaler_state: dict | None = None):
     """(module to call, gradient scaler) for training `model` in the decided setting.
 

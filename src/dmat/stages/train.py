@@ -30,7 +30,7 @@ from dmat.core.attacks import default_step_size, pgd
 from dmat.core.classifiers import CLASSIFIERS, build_classifier
 from dmat.core.ema import WeightAverage, trades_ema_decay
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay, pgd_at_loss, trades_loss
-from dmat.core.precision import Decision, full_precision, network_passes
+from dmat.core.precision import Decision, full_precision
 from dmat.core.rng import seeded_generator
 from dmat.data.augment import augmentation_for
 from dmat.data.normalisation import normalisation
@@ -39,7 +39,14 @@ from dmat.data.store import ArrayStore
 from dmat.data.tensors import to_unit_tensor
 from dmat.distributed import World, all_reduce_sum, broadcast_object, world
 from dmat.files import atomic_path, write_json
-from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision, training_network
+from dmat.stage_setup import (
+    apply_torch,
+    check_precision,
+    choose_setting,
+    classifier_probe_passes,
+    log_precision,
+    training_network,
+)
 from dmat.tracking import stage_run
 
 STAGE = "train"
@@ -102,9 +109,7 @@ class Trainer:
 
     def probe_passes(self):
         """Forward and backward passes of this network at this rank's batch size, for the `auto` probe."""
-        shape = (max(1, self.cfg.batch_size // self.world.size), *[self.real.image_shape[i] for i in (2, 0, 1)])
-        x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(self.world.device)
-        return network_passes(self.model, [x], self.world.device, backward=True)
+        return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world)
 
     def use(self, decision: Decision) -> None:
         """Train from now on in `decision`'s setting (the EMA copy stays float32 and contiguous)."""

@@ -37,7 +37,7 @@ from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, save_c
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.classifiers import CLASSIFIERS, build_classifier
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay
-from dmat.core.precision import Decision, network_passes
+from dmat.core.precision import Decision
 from dmat.core.rng import seeded_generator
 from dmat.core.stats import wilson_interval
 from dmat.data.augment import augmentation_for
@@ -48,7 +48,14 @@ from dmat.data.tensors import to_unit_tensor
 from dmat.distributed import World, all_reduce_sum, barrier, broadcast_object, world
 from dmat.errors import DataError
 from dmat.files import atomic_path, write_json
-from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision, training_network
+from dmat.stage_setup import (
+    apply_torch,
+    check_precision,
+    choose_setting,
+    classifier_probe_passes,
+    log_precision,
+    training_network,
+)
 from dmat.tracking import stage_run
 
 STAGE = "train_reference"
@@ -135,9 +142,7 @@ class ReferenceTrainer:
 
     def probe_passes(self):
         """Forward and backward passes of this network at this rank's batch size, for the `auto` probe."""
-        shape = (max(1, self.cfg.batch_size // self.world.size), *[self.real.image_shape[i] for i in (2, 0, 1)])
-        x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(self.world.device)
-        return network_passes(self.model, [x], self.world.device, backward=True)
+        return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world)
 
     def use(self, decision: Decision) -> None:
         """Train from now on in `decision`'s setting (scoring stays float32: it calls the model directly)."""
