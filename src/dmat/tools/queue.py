@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"dmat queue: error: `dvc exp run --queue` failed for {commands[len(queued)][0]}; queued before it: "
               f"{', '.join(queued) or 'none'}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"dmat queue: {len(queued)} experiments queued ({len(grid.variants)} variants x {len(grid.seeds)} seeds)",
+    variants = len(args.variant and set(args.variant) or grid.variants)
+    print(f"dmat queue: {len(queued)} experiments queued ({variants} variants x {len(grid.seeds)} seeds)",
           file=sys.stderr)
     if args.start > 0:
         # The workers DVC starts outlive this command and inherit its standard streams: with a pipe there,
