@@ -101,3 +101,11 @@ def test_only_the_named_variants_are_queued_and_an_unknown_one_is_refused(tmp_pa
     assert result.returncode == 0 and [line.split()[5] for line in result.stdout.splitlines()] == ["t-b-s0", "t-b-s1"]
     result = subprocess.run([*dmat, "--variant", "c"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no variant 'c'" in result.stderr
+
+
+def test_compare_takes_a_baseline_by_its_variant_name_in_the_grid(tmp_path: Path) -> None:
+    grid = load_grid(grid_file(tmp_path, "variants:\n  a: {}\n  b: {mix.synthetic_fraction: 0}\nbaseline: b\n"),
+                     tmp_path)
+    assert grid.baseline_label() == grid.labels["b"] == "mix.synthetic_fraction=0.0"
+    assert grid.baseline_label("a") == grid.labels["a"]
+    assert grid.baseline_label("mix.synthetic_fraction=0.0") == grid.labels["b"]  # a label as compare prints it

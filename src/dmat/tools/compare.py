@@ -47,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                          "default linf)")
     parser.add_argument("--baseline", metavar="VARIANT",
                         help=f"variant the others are tested against (default: {BASELINE!r} when present, "
-                             "else the variant with the most seeds)")
+                             "else the variant with the most seeds; with --grid, a variant's name, default the "
+                             "grid's baseline)")
     parser.add_argument("--format", choices=("markdown", "json"), default="markdown", help="what to print")
     parser.add_argument("--out", default="reports/compare", metavar="DIR",
                         help="where compare.md, compare.csv and compare.png go (default reports/compare)")
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         baseline = args.baseline
         if grid:
             runs = [r for r in runs if r["tags"].get("dmat.variant") in grid.labels.values()]
-            baseline = baseline or grid.labels[grid.baseline]
+            baseline = grid.baseline_label(baseline)
         rows = compare(runs, baseline, OutcomeReader(), lambda members: generated_metrics(members, experiments))
         if grid:
             rows = name_rows(rows, grid.labels)

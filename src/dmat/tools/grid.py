@@ -43,6 +43,13 @@ class Grid:
     def experiment_name(self, variant: str, seed: int) -> str:
         return f"{self.name}-{variant}-s{seed}"
 
+    def baseline_label(self, requested: str | None = None) -> str:
+        """The `dmat.variant` label of the requested baseline (a variant's name, or a label as
+        `dmat compare` prints it), or of the grid's own baseline when none is requested."""
+        if requested is None:
+            return self.labels[self.baseline]
+        return self.labels.get(requested, requested)
+
 
 def load_grid(path: str | Path, root: Path | None = None) -> Grid:
     path = Path(path)
