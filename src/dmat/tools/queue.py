@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dmat queue: error: `dvc exp run --queue` failed for {commands[len(queued)][0]}; queued before it: "
               f"{', '.join(queued) or 'none'}", file=sys.stderr)
         return EXIT_FAILED
-    variants = len(args.variant and set(args.variant) or grid.variants)
+    variants = len(set(args.variant)) if args.variant else len(grid.variants)
     print(f"dmat queue: {len(queued)} experiments queued ({variants} variants x {len(grid.seeds)} seeds)",
           file=sys.stderr)
     if args.start > 0:
