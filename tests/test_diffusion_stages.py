@@ -122,16 +122,18 @@ def test_train_diffusion_resumes_after_sigkill(trained: Path, tmp_path: Path) ->
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(workdir / "models/diffusion")
     _params(workdir, workdir / "folder", steps=30, mode="random")
+    working = workdir / ".dmat/work/train_diffusion/checkpoint.pt"
     checkpoint = workdir / "models/diffusion/checkpoint.pt"
-    kill_when_written("train-diffusion", cwd=workdir, watch=checkpoint)
-    interrupted = load_checkpoint(checkpoint)
+    kill_when_written("train-diffusion", cwd=workdir, watch=working)
+    interrupted = load_checkpoint(working)
     assert 2 <= interrupted["step"] < 30
+    assert not checkpoint.exists(), "nothing is published before the stage finishes"
     result = run_dmat("train-diffusion", cwd=workdir)
     assert result.returncode == 0, result.stderr
     final = load_checkpoint(checkpoint)
     assert final["step"] == 30 and final["mlflow_run_id"] == interrupted["mlflow_run_id"]
     assert [row["step"] for row in final["log"]] == list(range(2, 31, 2))
-    assert not list(checkpoint.parent.glob(".*tmp*"))
+    assert not list(checkpoint.parent.glob(".*tmp*")) and not working.parent.exists()
 
 
 def test_train_diffusion_underrun_torchrun(trained: Path, tmp_path: Path) -> None:

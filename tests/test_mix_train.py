@@ -143,10 +143,11 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fr
 def test_train_resumes_after_sigkill(workspace) -> None:
     workdir = workspace(epochs=4)
     _mix(workdir)
-    last = workdir / "models/classifier/last.pt"
-    kill_when_written("train", cwd=workdir, watch=last)
-    interrupted = load_checkpoint(last)
+    working, last = workdir / ".dmat/work/train/last.pt", workdir / "models/classifier/last.pt"
+    kill_when_written("train", cwd=workdir, watch=working)
+    interrupted = load_checkpoint(working)
     assert 1 <= interrupted["epoch"] < 4, "killed after the first epoch's checkpoint, before the end"
+    assert not last.exists(), "nothing is published before the stage finishes"
     result = run_dmat("train", cwd=workdir)
     assert result.returncode == 0, result.stderr
     final = load_checkpoint(last)
@@ -159,6 +160,7 @@ def test_train_resumes_after_sigkill(workspace) -> None:
     kept = ("precision", "memory_format", "probe_s")
     assert {k: final["precision"][k] for k in kept} == {k: interrupted["precision"][k] for k in kept}
     assert not list(last.parent.glob(".*tmp*")), "no torn temporary checkpoint left behind"
+    assert not working.parent.exists(), "the work directory goes once its checkpoints are published"
 
 
 @pytest.mark.slow

@@ -76,6 +76,7 @@ def test_a_resumed_checkpoint_continues_its_run_only_within_its_pipeline_executi
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = load_params("params.yaml")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
     monkeypatch.setenv("DVC_EXP_NAME", "first")
     with stage_run("train", params, ("base",)) as first:
         pass
@@ -87,9 +88,35 @@ def test_a_resumed_checkpoint_continues_its_run_only_within_its_pipeline_executi
             assert not other.continued and other.run_id != first.run_id
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         tags = client.get_run(other.run_id).data.tags
-        assert tags["dmat.pipeline"] == "exp:second" and "base.experiment" in client.get_run(other.run_id).data.params
-        assert client.get_run(tags["mlflow.parentRunId"]).data.tags["dmat.pipeline"] == "exp:second"
+        assert tags["dmat.pipeline"] == "exp:second@aaaaaaaaaaaa"
+        assert "base.experiment" in client.get_run(other.run_id).data.params
+        assert client.get_run(tags["mlflow.parentRunId"]).data.tags["dmat.pipeline"] == "exp:second@aaaaaaaaaaaa"
     assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_an_experiment_name_queued_again_on_a_later_commit_gets_a_parent_of_its_own(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """DVC names experiments per baseline commit: rerunning a grid on a new commit reuses every name. Its runs
+    must not land under the earlier execution's parent, or the UI mixes two outcomes in one row."""
+    from mlflow.tracking import MlflowClient
+
+    from dmat.config import load_params
+    from dmat.tracking import stage_run
+
+    (tmp_path / ".dvc").mkdir()
+    write_params(tmp_path / "params.yaml", "base: {experiment: rerun}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "grid-a-s0")
+    params, parents = load_params("params.yaml"), []
+    for baseline in ("a" * 40, "b" * 40, "b" * 40):
+        monkeypatch.setenv("DVC_EXP_BASELINE_REV", baseline)
+        with stage_run("train", params, ("base",)) as tracked:
+            pass
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        parents.append(client.get_run(tracked.run_id).data.tags["mlflow.parentRunId"])
+    assert parents[0] != parents[1] == parents[2]  # a new commit: a new parent; stages of one execution: one
+    assert client.get_run(parents[1]).info.run_name == "grid-a-s0"
 
 
 def test_an_experiment_first_created_by_a_queued_run_keeps_its_artifacts_in_the_project(tmp_path: Path,

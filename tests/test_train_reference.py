@@ -117,23 +117,32 @@ def test_mlflow_run_records_real_data_only(trained: Path) -> None:
 
 @pytest.mark.slow
 def test_resumes_after_sigkill(workspace) -> None:
+    """Killed mid-training: the re-run resumes from the work directory's checkpoint (DVC deleted the stage's
+    outputs in between) and publishes the finished checkpoints to models/reference."""
     workdir = workspace(epochs=4)
-    last = workdir / "models/reference/last.pt"
-    kill_when_written("train-reference", cwd=workdir, watch=last)
-    interrupted = load_checkpoint(last)
+    working, last = workdir / ".dmat/work/train_reference/last.pt", workdir / "models/reference/last.pt"
+    kill_when_written("train-reference", cwd=workdir, watch=working)
+    interrupted = load_checkpoint(working)
     assert 1 <= interrupted["epoch"] < 4, "killed after the first epoch's checkpoint, before the end"
+    assert not last.exists(), "nothing is published before the stage finishes"
     result = run_dmat("train-reference", cwd=workdir)
     assert result.returncode == 0, result.stderr
     final = load_checkpoint(last)
     assert [r["epoch"] for r in final["history"]] == [1, 2, 3, 4]
     assert final["history"][0] == interrupted["history"][0] and final["mlflow_run_id"] == interrupted["mlflow_run_id"]
     assert json.loads((workdir / "reports/train_reference.json").read_text())["epochs"] == 4
-    # DVC removes a stage's non-persistent outputs before rerunning it: a run resumed after its last epoch
-    # (`dvc exp run --temp` does that) still writes every one of them
+    assert not working.parent.exists(), "the work directory goes once its checkpoints are published"
+    # Killed after the last epoch's checkpoint, before the end: DVC removes every output before the re-run,
+    # which trains nothing more and still writes all of them
+    working.parent.mkdir(parents=True)
+    for name in ("best.pt", "last.pt"):
+        shutil.copyfile(last.parent / name, working.parent / name)
+    shutil.rmtree(last.parent)
     for path in ("plots/train_reference_curves.csv", "metrics/train_reference.json", "reports/train_reference.json"):
         (workdir / path).unlink()
     result = run_dmat("train-reference", cwd=workdir)
     assert result.returncode == 0, result.stderr
+    assert load_checkpoint(last)["history"] == final["history"]
     assert (workdir / "plots/train_reference_curves.csv").read_text().count("\n") == 1 + 4
     assert json.loads((workdir / "reports/train_reference.json").read_text())["epochs"] == 4
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,8 @@ def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> dict[str,
 def load_resumable(path: str | Path, *, format: str, fingerprint: str, map_location: str = "cpu") -> dict | None:
     """The checkpoint at `path` if it is this run's to resume (same format and fingerprint), else None.
 
-    Another configuration's leftover (DVC keeps `persist: true` outputs when params change) is not
-    an error: the run starts afresh and overwrites it.
+    Another configuration's leftover (a run killed before it changed params) is not an error: the run
+    starts afresh and overwrites it.
     """
     if not Path(path).is_file():
         return None
@@ -46,6 +48,25 @@ def load_resumable(path: str | Path, *, format: str, fingerprint: str, map_locat
     if state.get("format") != format or state.get("fingerprint") != fingerprint:
         return None
     return state
+
+
+def publish(work: str | Path, out: str | Path, names: tuple[str, ...]) -> None:
+    """Move a finished stage's checkpoints `names` from its work directory into its output directory.
+
+    Each file is hard-linked (copied where links are impossible) before the work directory goes: a kill in
+    between leaves the work directory whole, so the re-run resumes after its last step and publishes again.
+    """
+    work, out = Path(work), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        target = out / name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(work / name, target)
+        except OSError:  # another file system, or links not allowed
+            with atomic_path(target) as tmp:
+                shutil.copyfile(work / name, tmp)
+    shutil.rmtree(work)
 
 
 def restore_training(state: dict[str, Any], *, model: Any, ema: Any, optimizer: Any) -> None:

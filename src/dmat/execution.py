@@ -64,12 +64,15 @@ def variant_label(params: Any, committed: dict[str, Any] | None) -> str:
 
 
 def current_execution(params: Any, root: Path) -> Execution:
-    """The execution a stage started now belongs to: DVC's experiment (DVC_EXP_NAME) when under `dvc exp run`,
-    else the commit together with a digest of the whole resolved params."""
+    """The execution a stage started now belongs to: DVC's experiment (DVC_EXP_NAME, on its baseline commit) when
+    under `dvc exp run`, else the commit together with a digest of the whole resolved params."""
     commit = git_commit(root)
     experiment = os.environ.get("DVC_EXP_NAME", "")
     if experiment:
-        key, name = f"exp:{experiment}", experiment
+        # DVC names an experiment uniquely only per baseline commit (refs/exps/<baseline>/<name>): the same name
+        # queued again on a later commit is another execution, with a parent of its own.
+        baseline = os.environ.get("DVC_EXP_BASELINE_REV") or commit
+        key, name = f"exp:{experiment}@{baseline[:12]}", experiment
     else:
         digest = hashlib.sha256(json.dumps(as_dict(params), sort_keys=True).encode()).hexdigest()[:12]
         key, name = f"repro:{commit[:12]}:{digest}", f"repro@{commit[:8]}"

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dmat.data.store import ArrayStore
+from dmat.files import sha256_file
 from tests.conftest import BIN_DIR, REPO_ROOT, SHARED_ARCHIVE, encode_png, make_archive, make_image_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -277,6 +278,30 @@ def test_a_diffusion_variant_reruns_the_diffusion_chain_but_not_the_reference(pi
     assert reruns == {"generate", "mix", "train", "evaluate@linf", "evaluate@l2", "export", "verify",
                       "evaluate_diffusion"}
     assert "train_reference" not in reruns and "train_reference" in feeds_evaluation  # the yardstick, unchanged
+
+
+def test_params_switched_back_restore_the_trained_models_from_the_run_cache(pipeline: Path, tmp_path: Path) -> None:
+    """The model stages keep no `persist` outputs, so DVC's run cache knows them: back on params it has trained
+    with (the next seed of a grid's variant sharing the diffusion model, or an edit undone), `dvc repro` checks
+    the trained models out instead of training them again."""
+    from dvc.utils.hydra import apply_overrides
+
+    project = project_copy(pipeline, tmp_path)
+    models = ("models/diffusion/checkpoint.pt", "models/reference/best.pt", "models/classifier/best.pt")
+    trained = {path: sha256_file(project / path) for path in models}
+    committed = (project / "params.yaml").read_text()
+    apply_overrides(str(project / "params.yaml"), ["train_diffusion.label_dropout=0.2", "train_reference.val_limit=7",
+                                                   "train.val_limit=7"])
+    changed = run([str(BIN_DIR / "dvc"), "repro", "train_diffusion", "train_reference", "train"], project)
+    assert {"train_diffusion", "train_reference", "train"} <= set(re.findall(r"Running stage '([^']+)'",
+                                                                               changed.stdout)), changed.stdout
+    assert all(sha256_file(project / path) != trained[path] for path in models)
+    assert not (project / ".dmat/work").exists() or not any((project / ".dmat/work").iterdir())
+    (project / "params.yaml").write_text(committed)
+    back = run([str(BIN_DIR / "dvc"), "repro", "train_diffusion", "train_reference", "train"], project)
+    for stage in ("train_diffusion", "train_reference", "train"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back.stdout, back.stdout
+    assert {path: sha256_file(project / path) for path in models} == trained
 
 
 def test_second_repro_is_up_to_date(pipeline: Path) -> None:

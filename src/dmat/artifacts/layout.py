@@ -27,6 +27,12 @@ MIX_INDICES_FILE = "synthetic_indices.npy"
 # mix.source -> the store that supplies the "synthetic" share of each batch (the manifest names it).
 MIX_SOURCES = {"generated": SYNTHETIC_DIR, "heldout_real": REAL_HELDOUT}
 
+# Where the model stages (train_diffusion, train_reference) train: their resumable checkpoints live here, outside
+# their DVC outputs, until the stage finishes and moves them in (`dmat.checkpoint.publish`). DVC deletes a
+# stage's outputs before running it, and a `persist: true` output would keep the stage out of DVC's run cache:
+# this way a second experiment with the same upstream params restores the trained model instead of training it.
+WORK_DIR = Path(".dmat/work")
+
 # The diffusion model (train_diffusion).
 DIFFUSION_DIR = Path("models/diffusion")
 DIFFUSION_CHECKPOINT = DIFFUSION_DIR / "checkpoint.pt"
@@ -65,6 +71,11 @@ EXPORTED_FILES = (EXPORTED_CLASSIFIER_ONNX.name, EXPORTED_CLASSIFIER_PT2.name, E
 GENERATE_GRID = Path("plots/generate_grid.png")
 TRAIN_CURVES = Path("plots/train_curves.csv")
 REFERENCE_CURVES = Path("plots/train_reference_curves.csv")
+
+
+def work_dir(stage: str) -> Path:
+    """The directory a model stage trains in (its resumable checkpoints) until it publishes its outputs."""
+    return WORK_DIR / stage
 
 
 def eval_dir(threat: str) -> Path:

@@ -4,10 +4,11 @@ TRADES (or PGD-AT) with SGD + Nesterov, weight decay except on BatchNorm, a one-
 rate, and weight averaging (EMA). After every epoch the EMA model is scored on data/real/val
 (clean accuracy and PGD-CW accuracy, eval mode) and the best by robust accuracy is kept.
 
-Writes models/classifier/{last,best}.pt, metrics/train.json and plots/train_curves.csv. A
-checkpoint is written atomically after every epoch; re-running after a kill resumes from it
-(dvc.yaml declares the directory `persist: true`), provided it belongs to the same configuration
-and inputs. Under torchrun each process trains on its share of every global batch (DDP).
+Writes models/classifier/{last,best}.pt, metrics/train.json and plots/train_curves.csv. While it
+trains, both checkpoints are written atomically after every epoch into the stage's work directory
+(`layout.work_dir`); re-running after a kill resumes from there, provided they belong to the same
+configuration and inputs, and the finished ones move to models/classifier. Under torchrun each
+process trains on its share of every global batch (DDP).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_classifier, load_mix_manifest, open_mixed_store
-from dmat.checkpoint import fingerprint, load_resumable, restore_training, save_checkpoint
+from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.attacks import default_step_size, pgd
 from dmat.core.classifiers import CLASSIFIERS, build_classifier
@@ -50,6 +51,7 @@ from dmat.stage_setup import (
 from dmat.tracking import stage_run
 
 STAGE = "train"
+WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
 SECTIONS = ("base", "train")
 EVAL_BATCH = 256
 
@@ -97,9 +99,9 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------------------
 
     def resume(self) -> bool:
-        """Load models/classifier/last.pt if it belongs to this configuration and these inputs."""
-        state = load_resumable(layout.CLASSIFIER_LAST, format=layout.CLASSIFIER_FORMAT, fingerprint=self.fingerprint,
-                               map_location=self.world.device)
+        """Load the work directory's last.pt if it belongs to this configuration and these inputs."""
+        state = load_resumable(WORK / layout.CLASSIFIER_LAST.name, format=layout.CLASSIFIER_FORMAT,
+                               fingerprint=self.fingerprint, map_location=self.world.device)
         if state is None:
             return False
         restore_training(state, model=self.model, ema=self.ema, optimizer=self.optimizer)
@@ -249,8 +251,8 @@ def _train(trainer: Trainer, tracked) -> None:
 
 def _save_epoch(trainer: Trainer, *, is_best: bool) -> None:
     if is_best:  # best before last: a kill in between resumes from the previous epoch and redoes both
-        save_checkpoint(layout.CLASSIFIER_BEST, trainer.checkpoint_state(with_optimizer=False))
-    save_checkpoint(layout.CLASSIFIER_LAST, trainer.checkpoint_state(with_optimizer=True))
+        save_checkpoint(WORK / layout.CLASSIFIER_BEST.name, trainer.checkpoint_state(with_optimizer=False))
+    save_checkpoint(WORK / layout.CLASSIFIER_LAST.name, trainer.checkpoint_state(with_optimizer=True))
     _write_curves(trainer.history)
 
 
@@ -277,8 +279,9 @@ def _finish(trainer: Trainer, tracked) -> dict:
         tracked.log_metrics({k: v for k, v in metrics.items()
                              if isinstance(v, int | float) and k not in ("epochs", "steps")})
         tracked.log_artifact(layout.TRAIN_CURVES)
-        best_model, _ = load_classifier(layout.CLASSIFIER_BEST)
+        best_model, _ = load_classifier(WORK / layout.CLASSIFIER_BEST.name)
         example = np.zeros((2, *[trainer.real.image_shape[i] for i in (2, 0, 1)]), dtype=np.float32)
         tracked.log_torch_model(best_model, input_example=example)
+        publish(WORK, layout.CLASSIFIER_DIR, (layout.CLASSIFIER_BEST.name, layout.CLASSIFIER_LAST.name))
     return metrics
 

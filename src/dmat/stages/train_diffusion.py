@@ -6,8 +6,9 @@ experiment that tests the diffusion-AT claim. Adam with a linear learning-rate w
 the weights with a half-life in images (EDM), which `generate` samples from.
 
 Writes models/diffusion/checkpoint.pt (EMA and raw weights, optimiser, config, step, MLflow run
-id) atomically every `checkpoint_every` steps, and resumes from it after a kill (dvc.yaml declares
-the directory `persist: true`) when it belongs to the same configuration and data. Under torchrun
+id). While it trains, the checkpoint is written atomically every `checkpoint_every` steps into the
+stage's work directory (`layout.work_dir`), which a re-run after a kill resumes from when it belongs
+to the same configuration and data; the finished checkpoint moves to models/diffusion. Under torchrun
 each process trains on its share of every global batch (DDP); rank 0 writes and logs.
 """
 
@@ -21,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dmat.artifacts import layout
-from dmat.checkpoint import fingerprint, load_resumable, restore_training, save_checkpoint
+from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.denoisers import DENOISERS, build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
@@ -40,6 +41,7 @@ from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_p
 from dmat.tracking import stage_run
 
 STAGE = "train_diffusion"
+WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
 SECTIONS = ("base", "train_diffusion")
 # Noise-level bands for the loss split: where the denoiser's work is fine detail vs global layout.
 SIGMA_BANDS = ((0.0, 0.2), (0.2, 1.0), (1.0, 5.0), (5.0, float("inf")))
@@ -97,7 +99,7 @@ class DiffusionTrainer:
         self.step, self.run_id, self.log = 0, None, []
 
     def resume(self) -> bool:
-        state = load_resumable(layout.DIFFUSION_CHECKPOINT, format=layout.DIFFUSION_FORMAT,
+        state = load_resumable(WORK / layout.DIFFUSION_CHECKPOINT.name, format=layout.DIFFUSION_FORMAT,
                                fingerprint=self.fingerprint, map_location=self.world.device)
         if state is None:
             return False
@@ -123,7 +125,7 @@ class DiffusionTrainer:
                                                      scaler_state=self.recorded_scaler)
 
     def save(self) -> None:
-        save_checkpoint(layout.DIFFUSION_CHECKPOINT, {
+        save_checkpoint(WORK / layout.DIFFUSION_CHECKPOINT.name, {
             "format": layout.DIFFUSION_FORMAT, "fingerprint": self.fingerprint, "step": self.step,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "model_config": self.model_config, "classes": list(self.real.classes),
@@ -257,6 +259,7 @@ def _finish(trainer: DiffusionTrainer, tracked) -> dict:
                            cfg.grid_steps, trainer.params.base.seed, w.device)
         tracked.log_image(grid, "samples_grid.png")
         tracked.log_dict(trainer.model_config, "model_config.json")
+        publish(WORK, layout.DIFFUSION_DIR, (layout.DIFFUSION_CHECKPOINT.name,))
     barrier(w)  # keep ranks together until rank 0 is done
     return metrics
 

@@ -15,9 +15,10 @@ data/real/test, with a 95% Wilson interval, is the headline.
 
 Writes models/reference/{best,last}.pt (format `layout.REFERENCE_FORMAT`, never mistaken for a robust
 checkpoint), metrics/train_reference.json, reports/train_reference.json (per-class test accuracy, history)
-and plots/train_reference_curves.csv. A checkpoint is written atomically after every epoch; re-running
-after a kill resumes from it (dvc.yaml declares the directory `persist: true`) when it belongs to the same
-configuration and inputs. Under torchrun each process trains on its share of every global batch (DDP).
+and plots/train_reference_curves.csv. While it trains, both checkpoints are written atomically after every
+epoch into the stage's work directory (`layout.work_dir`); re-running after a kill resumes from there when
+they belong to the same configuration and inputs, and the finished ones move to models/reference. Under
+torchrun each process trains on its share of every global batch (DDP).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dmat.artifacts import layout
-from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, save_checkpoint
+from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, publish, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.classifiers import CLASSIFIERS, build_classifier
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay
@@ -59,6 +60,7 @@ from dmat.stage_setup import (
 from dmat.tracking import stage_run
 
 STAGE = "train_reference"
+WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
 SECTIONS = ("base", "train_reference")
 EVAL_BATCH = 256
 # metrics/train_reference.json, prefixed `reference_` (keys are unique across metrics files); the rest: report
@@ -129,9 +131,9 @@ class ReferenceTrainer:
         self.epoch, self.history, self.run_id = 0, [], None
 
     def resume(self) -> bool:
-        """Load models/reference/last.pt if it belongs to this configuration and these inputs."""
-        state = load_resumable(layout.REFERENCE_LAST, format=layout.REFERENCE_FORMAT, fingerprint=self.fingerprint,
-                               map_location=self.world.device)
+        """Load the work directory's last.pt if it belongs to this configuration and these inputs."""
+        state = load_resumable(WORK / layout.REFERENCE_LAST.name, format=layout.REFERENCE_FORMAT,
+                               fingerprint=self.fingerprint, map_location=self.world.device)
         if state is None:
             return False
         self.model.load_state_dict(state["model"])
@@ -226,8 +228,8 @@ def _train(trainer: ReferenceTrainer, tracked) -> None:
             trainer.epoch += 1
             if w.is_main:
                 if row["val_acc"] > best:  # best before last: a kill in between redoes the epoch
-                    save_checkpoint(layout.REFERENCE_BEST, trainer.checkpoint_state(with_optimizer=False))
-                save_checkpoint(layout.REFERENCE_LAST, trainer.checkpoint_state(with_optimizer=True))
+                    save_checkpoint(WORK / layout.REFERENCE_BEST.name, trainer.checkpoint_state(with_optimizer=False))
+                save_checkpoint(WORK / layout.REFERENCE_LAST.name, trainer.checkpoint_state(with_optimizer=True))
                 tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=trainer.epoch)
                 progress.write(f"epoch {trainer.epoch}/{cfg.epochs}: train acc {row['train_acc']:.3f}, "
                                f"val acc {row['val_acc']:.3f} ({row['epoch_s']:.0f}s)")
@@ -245,7 +247,7 @@ def _finish(trainer: ReferenceTrainer, tracked) -> dict:
     w = trainer.world
     best = max(trainer.history, key=lambda r: r["val_acc"])
     barrier(w)  # rank 0 wrote the best weights: every rank scores exactly those
-    trainer.model.load_state_dict(load_checkpoint(layout.REFERENCE_BEST, map_location=w.device)["model"])
+    trainer.model.load_state_dict(load_checkpoint(WORK / layout.REFERENCE_BEST.name, map_location=w.device)["model"])
     test = trainer.test
     correct, count = trainer.accuracy(test)
     n, hits = int(count.sum()), int(correct.sum())
@@ -265,4 +267,7 @@ def _finish(trainer: ReferenceTrainer, tracked) -> dict:
         tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "best_epoch")})
         tracked.log_artifact(layout.REFERENCE_CURVES)
         tracked.log_artifact(layout.report_file(STAGE))
+    barrier(w)  # every rank has read the best weights from the work directory
+    if w.is_main:
+        publish(WORK, layout.REFERENCE_DIR, (layout.REFERENCE_BEST.name, layout.REFERENCE_LAST.name))
     return metrics
