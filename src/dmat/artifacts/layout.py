@@ -27,9 +27,9 @@ MIX_INDICES_FILE = "synthetic_indices.npy"
 # mix.source -> the store that supplies the "synthetic" share of each batch (the manifest names it).
 MIX_SOURCES = {"generated": SYNTHETIC_DIR, "heldout_real": REAL_HELDOUT}
 
-# Where the model stages (train_diffusion, train_reference) train: their resumable checkpoints live here, outside
-# their DVC outputs, until the stage finishes and moves them in (`dmat.checkpoint.publish`). DVC deletes a
-# stage's outputs before running it, and a `persist: true` output would keep the stage out of DVC's run cache:
+# Where the model stages (train_reference, train_diffusion, train) train: their resumable checkpoints live here,
+# outside their DVC outputs, until the stage finishes and moves them in (`dmat.checkpoint.publish`). DVC deletes
+# a stage's outputs before running it, and a `persist: true` output would keep the stage out of DVC's run cache:
 # this way a second experiment with the same upstream params restores the trained model instead of training it.
 WORK_DIR = Path(".dmat/work")
 
