@@ -161,6 +161,19 @@ def test_train_resumes_after_sigkill(workspace) -> None:
     assert {k: final["precision"][k] for k in kept} == {k: interrupted["precision"][k] for k in kept}
     assert not list(last.parent.glob(".*tmp*")), "no torn temporary checkpoint left behind"
     assert not working.parent.exists(), "the work directory goes once its checkpoints are published"
+    # Killed after the last epoch's checkpoint, before it published: DVC removes every output before the re-run,
+    # which trains nothing more and still writes all of them
+    working.parent.mkdir(parents=True)
+    for name in ("best.pt", "last.pt"):
+        shutil.copyfile(last.parent / name, working.parent / name)
+    shutil.rmtree(last.parent)
+    for path in ("plots/train_curves.csv", "metrics/train.json", "reports/train.json"):
+        (workdir / path).unlink()
+    result = run_dmat("train", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(last)["history"] == final["history"]
+    assert (workdir / "plots/train_curves.csv").read_text().count("\n") == 1 + 4
+    assert json.loads((workdir / "metrics/train.json").read_text())["train_steps"] == 4 * 5
 
 
 @pytest.mark.slow

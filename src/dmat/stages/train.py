@@ -278,6 +278,7 @@ def _finish(trainer: Trainer, tracked) -> dict:
         write_json(layout.report_file(STAGE), {**metrics, **trainer.precision.summary()})
         tracked.log_metrics({k: v for k, v in metrics.items()
                              if isinstance(v, int | float) and k not in ("epochs", "steps")})
+        _write_curves(trainer.history)  # again here: a run resumed after its last epoch trains nothing more
         tracked.log_artifact(layout.TRAIN_CURVES)
         best_model, _ = load_classifier(WORK / layout.CLASSIFIER_BEST.name)
         example = np.zeros((2, *[trainer.real.image_shape[i] for i in (2, 0, 1)]), dtype=np.float32)
