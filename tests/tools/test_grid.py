@@ -16,7 +16,7 @@ from tests.conftest import BIN_DIR, REPO_ROOT
 PROFILE = "profiles/cpu-experiment.yaml"
 
 
-def test_the_committed_grid_queues_every_variant_and_seed_seed_by_seed() -> None:
+def test_the_committed_grid_queues_every_variant_over_all_seeds_variant_by_variant() -> None:
     grid = load_grid(REPO_ROOT / "experiments/cpu-scale.yaml", REPO_ROOT)
     assert grid.experiment == load_params(REPO_ROOT / PROFILE).base.experiment
     assert grid.labels == {
@@ -26,11 +26,15 @@ def test_the_committed_grid_queues_every_variant_and_seed_seed_by_seed() -> None
         "corrupt-at": "train_diffusion.corrupt.fraction=0.9"}
     commands = queue_commands(grid)
     assert len(commands) == len(grid.variants) * len(grid.seeds) >= 15 and len(grid.seeds) >= 3
-    # The two queue workers start on variants with different diffusion models; real-only and heldout-real
-    # follow once generated has trained the one they share (DVC's run cache then restores it).
-    assert [name for name, _ in commands[:5]] == ["cpu-generated-s0", "cpu-corrupt-no-at-s0", "cpu-corrupt-at-s0",
-                                                  "cpu-real-only-s0", "cpu-heldout-real-s0"]
-    name, argv = commands[3]
+    # Variant by variant: the two queue workers start on different seeds (two runs of one seed starting
+    # together would both train its reference classifier), and real-only and heldout-real follow once
+    # generated has made the models and samples they share (DVC's run cache then restores them).
+    names = [name for name, _ in commands]
+    assert names[:6] == ["cpu-generated-s0", "cpu-generated-s1", "cpu-generated-s2",
+                         "cpu-corrupt-no-at-s0", "cpu-corrupt-no-at-s1", "cpu-corrupt-no-at-s2"]
+    assert names[-6:] == ["cpu-real-only-s0", "cpu-real-only-s1", "cpu-real-only-s2",
+                          "cpu-heldout-real-s0", "cpu-heldout-real-s1", "cpu-heldout-real-s2"]
+    name, argv = commands[9]
     assert argv[:6] == ["dvc", "exp", "run", "--queue", "-n", name]
     assert argv[6:] == ["-S", "mix.synthetic_fraction=0", "-S", "base.seed=0", "evaluate@linf", "evaluate_diffusion"]
 
@@ -92,8 +96,8 @@ def test_a_dry_run_prints_the_commands_and_queues_nothing(tmp_path: Path) -> Non
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "dvc exp run --queue -n t-a-s0 -S base.seed=0", "dvc exp run --queue -n t-b-s0 -S mix.synthetic_fraction=0 "
-        "-S base.seed=0", "dvc exp run --queue -n t-a-s1 -S base.seed=1",
+        "dvc exp run --queue -n t-a-s0 -S base.seed=0", "dvc exp run --queue -n t-a-s1 -S base.seed=1",
+        "dvc exp run --queue -n t-b-s0 -S mix.synthetic_fraction=0 -S base.seed=0",
         "dvc exp run --queue -n t-b-s1 -S mix.synthetic_fraction=0 -S base.seed=1"]
 
 

@@ -2,8 +2,12 @@
 
 DVC's queue snapshots the workspace's params.yaml when an experiment is queued, so for the time it
 queues, this puts the grid's profile in params.yaml and passes each variant's changes and the seed as
-`-S KEY=VALUE`; params.yaml is restored afterwards, whatever happens. Experiments are queued seed by
-seed (every variant of seed 0 first), so a queue stopped early still holds complete seeds. `--start N`
+`-S KEY=VALUE`; params.yaml is restored afterwards, whatever happens. Experiments are queued variant
+by variant, each over all the seeds, in the grid's order. That keeps the queue workers off one seed at the
+start: two runs of one seed starting together would both train the models they share (the seed's reference
+classifier), leaving DVC's run cache two entries with different bytes; it restores the newest, so a later
+run of that seed gets a reference the first variant's samples were not scored with, and samples again
+instead of taking them from the cache. With at least as many seeds as workers this cannot happen. `--start N`
 then starts N queue workers (`dvc queue start -j N`). The command to read the outcomes back is
 printed at the end: `dmat compare --grid GRID`.
 
@@ -80,14 +84,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def queue_commands(grid: Grid, only: list[str] | None = None) -> list[tuple[str, list[str]]]:
-    """(experiment name, `dvc exp run --queue` argv) per (seed, variant), seed-major; `only`: these variants."""
+    """(experiment name, `dvc exp run --queue` argv) per (variant, seed), variant-major; `only`: these variants."""
     commands = []
-    for seed in grid.seeds:
-        for variant, changes in grid.variants.items():
-            if only and variant not in only:
-                continue
+    for variant, changes in grid.variants.items():
+        if only and variant not in only:
+            continue
+        sets = [arg for key, value in changes.items() for arg in ("-S", f"{key}={_yaml_value(value)}")]
+        for seed in grid.seeds:
             name = grid.experiment_name(variant, seed)
-            sets = [arg for key, value in changes.items() for arg in ("-S", f"{key}={_yaml_value(value)}")]
             commands.append((name, ["dvc", "exp", "run", "--queue", "-n", name, *sets, "-S", f"base.seed={seed}",
                                     *grid.targets]))
     return commands
