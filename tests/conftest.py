@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,17 @@ def run_torchrun(*args: str, cwd: Path, nproc: int = 2, module: str | None = Non
     if module:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def killed_before_publishing(workdir: Path, work: Path, published: Path, outputs: tuple[str, ...]) -> None:
+    """Leave a finished model stage as a kill after its last epoch's checkpoint, before it published, leaves it for
+    DVC's re-run: the checkpoints back in the work directory, everything published and every other output gone."""
+    work.mkdir(parents=True)
+    for name in ("best.pt", "last.pt"):
+        shutil.copyfile(published / name, work / name)
+    shutil.rmtree(published)
+    for path in outputs:
+        (workdir / path).unlink()
 
 
 def kill_when_written(*args: str, cwd: Path, watch: Path, timeout: float = 300) -> None:

@@ -15,6 +15,7 @@ from tests.conftest import (
     TINY_CLASSES,
     class_image,
     kill_when_written,
+    killed_before_publishing,
     make_image_folder,
     run_dmat,
     run_torchrun,
@@ -163,12 +164,8 @@ def test_train_resumes_after_sigkill(workspace) -> None:
     assert not working.parent.exists(), "the work directory goes once its checkpoints are published"
     # Killed after the last epoch's checkpoint, before it published: DVC removes every output before the re-run,
     # which trains nothing more and still writes all of them
-    working.parent.mkdir(parents=True)
-    for name in ("best.pt", "last.pt"):
-        shutil.copyfile(last.parent / name, working.parent / name)
-    shutil.rmtree(last.parent)
-    for path in ("plots/train_curves.csv", "metrics/train.json", "reports/train.json"):
-        (workdir / path).unlink()
+    killed_before_publishing(workdir, working.parent, last.parent,
+                             ("plots/train_curves.csv", "metrics/train.json", "reports/train.json"))
     result = run_dmat("train", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(last)["history"] == final["history"]

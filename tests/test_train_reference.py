@@ -18,7 +18,15 @@ from dmat.core.stats import wilson_interval
 from dmat.data.store import ArrayStore
 from dmat.data.tensors import to_unit_tensor
 from dmat.errors import CheckpointError
-from tests.conftest import TINY_CLASSES, kill_when_written, make_image_folder, run_dmat, run_torchrun, write_params
+from tests.conftest import (
+    TINY_CLASSES,
+    kill_when_written,
+    killed_before_publishing,
+    make_image_folder,
+    run_dmat,
+    run_torchrun,
+    write_params,
+)
 
 PARAMS = """
 base: {{seed: 0}}
@@ -134,12 +142,8 @@ def test_resumes_after_sigkill(workspace) -> None:
     assert not working.parent.exists(), "the work directory goes once its checkpoints are published"
     # Killed after the last epoch's checkpoint, before the end: DVC removes every output before the re-run,
     # which trains nothing more and still writes all of them
-    working.parent.mkdir(parents=True)
-    for name in ("best.pt", "last.pt"):
-        shutil.copyfile(last.parent / name, working.parent / name)
-    shutil.rmtree(last.parent)
-    for path in ("plots/train_reference_curves.csv", "metrics/train_reference.json", "reports/train_reference.json"):
-        (workdir / path).unlink()
+    killed_before_publishing(workdir, working.parent, last.parent, ("plots/train_reference_curves.csv",
+                             "metrics/train_reference.json", "reports/train_reference.json"))
     result = run_dmat("train-reference", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(last)["history"] == final["history"]
