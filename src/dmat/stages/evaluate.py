@@ -242,7 +242,9 @@ def log_results(tracked, name: str, report: dict, record: dict) -> None:
     for kind in ("clean", "robust"):
         metrics.update({f"per_class.{kind}.{c}": v for c, v in report["per_class"][kind].items() if v is not None})
     tracked.log_metrics(metrics)
-    tracked.set_tags({"dmat.flags": ",".join(report["flags"]) or "none"})
+    # what `dmat compare` needs to label a table: the attacks that ran and the chance level (1 / classes)
+    tracked.set_tags({"dmat.flags": ",".join(report["flags"]) or "none", "dmat.attacks": ",".join(report["attacks"]),
+                      "dmat.classes": str(len(report["classes"]))})
     tracked.log_artifact(layout.eval_dir(name) / layout.EVAL_REPORT_FILE)
     tracked.log_artifact(layout.eval_dir(name) / layout.OUTCOMES_FILE)  # what `dmat compare` pairs runs on
     tracked.set_tags({"dmat.rows_id": report["rows"]["rows_id"]})
