@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_mix_manifest
 from dmat.config import Params, ParamsError, ThreatEvalConfig, flatten
@@ -48,9 +49,10 @@ from dmat.plots import save_curve
 from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
-STAGE = "evaluate"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 CONFIDENCE = 0.95
-SECTIONS = ("base", "evaluate")
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 
 
 def metrics_file(threat: str) -> Path:
