@@ -41,15 +41,18 @@ def git_commit(root: Path) -> str:
 
 
 def committed_params(root: Path, path: str = "params.yaml") -> dict[str, Any] | None:
-    """A params file (params.yaml or a profile) at HEAD, resolved (defaults filled in) and flattened; None when
+    """params.yaml, or the params a profile makes, at HEAD, resolved (defaults filled in) and flattened; None when
     there is none or it is invalid."""
+    from dmat.profiles import load_profile
+
     text = _git(root, "show", f"HEAD:{path}")
     if text is None:
         return None
     try:
-        return flatten(as_dict(parse_params(read_yaml(text))))
+        params = parse_params(read_yaml(text)) if path == "params.yaml" else load_profile(path, text=text)[0]
     except (ValueError, ParamsError):
         return None
+    return flatten(as_dict(params))
 
 
 def variant_label(params: Any, committed: dict[str, Any] | None) -> str:

@@ -31,7 +31,7 @@ class GridError(ValueError):
 class Grid:
     path: Path
     profile: str  # path of the profile, relative to the project root (as committed)
-    profile_text: str
+    profile_text: str  # the complete params.yaml the profile makes (defaults + its changes)
     name: str
     seeds: tuple[int, ...]
     baseline: str
@@ -112,19 +112,14 @@ def apply_changes(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
 
 
 def _read_profile(path: Path, root: Path, profile: str) -> tuple[dict[str, Any], str]:
-    file = root / profile
+    """The params the profile makes (plain data) and the complete params.yaml text `dmat queue` puts in place."""
+    from dmat.profiles import load_profile, profile_title, render
+
     try:
-        text = file.read_text(encoding="utf-8")
-        raw = read_yaml(text)
-        params = parse_params(raw)
-    except OSError as err:
-        raise GridError(f"{path}: profile {profile}: cannot read it: {err}") from None
+        params, reasons = load_profile(profile, root)
     except ValueError as err:  # ParamsError included
         raise GridError(f"{path}: profile {profile}: {err}") from None
-    if params.base.profile != profile:
-        raise GridError(f"{path}: profile {profile} must name itself in base.profile (it says "
-                        f"{params.base.profile!r}): the runs' variant labels are the changes from it")
-    return raw, text
+    return as_dict(params), render(params, reasons, profile_title(profile))
 
 
 def _seeds(path: Path, seeds: Any) -> tuple[int, ...]:
