@@ -90,6 +90,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "queue": ("dmat.tools.queue",
               "Queue an experiment grid (a profile, its variants, the seeds) as DVC experiments, one per variant and "
               "seed; `dmat compare --grid` reads them back."),
+    "ui": ("dmat.tools.ui",
+           "Start the MLflow UI on the project's tracking store and print the links to its pipeline runs (one row per "
+           "pipeline execution with its variant and headline metrics) and to the same rows grouped by variant."),
     "params": ("dmat.tools.params",
                "Validate a params file without running a stage: `dmat params check [FILE]` (exit 0 valid, 2 not)."),
 }
