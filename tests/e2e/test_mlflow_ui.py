@@ -38,7 +38,7 @@ ROBUST = "evaluate_linf.robust_acc"
 SHARED_WITH_THE_GENERATED_RUN = ("prepare", "train_reference", "train_diffusion", "generate")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,900")
+                  "--window-size=1920,1000")
 
 
 @pytest.fixture(scope="module")

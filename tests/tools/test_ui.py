@@ -14,8 +14,8 @@ def test_the_views_show_the_headline_columns_the_pipeline_runs_carry_in_a_fixed_
                             "evaluate_linf.robust_acc_ci_low", "evaluate_linf.n", "train.best_val_robust_acc"})
     runs, grouped = views[RUNS_VIEW], views[GROUPED_VIEW]
     assert runs["selectedColumns"] == [
-        "metrics.`evaluate_l2.robust_acc`", "metrics.`evaluate_linf.robust_acc`",
-        "metrics.`evaluate_linf.robust_acc_ci_low`", "metrics.`train.best_val_robust_acc`",
+        "metrics.`evaluate_linf.robust_acc`", "metrics.`evaluate_linf.robust_acc_ci_low`",
+        "metrics.`evaluate_l2.robust_acc`", "metrics.`train.best_val_robust_acc`",
         "metrics.`pipeline.seconds`", "tags.`dmat.variant`", "tags.`dmat.seed`"]
     assert runs["searchFilter"] == grouped["searchFilter"] == "tags.`dmat.role` = 'pipeline'"
     assert runs["groupBy"] is None
