@@ -42,6 +42,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "pipeline": ("dmat.tools.pipeline",
                  "Render dvc.yaml and the README's stage table from the stage declarations (src/dmat/pipeline.py): "
                  "`dmat pipeline render`, `check`, `show`."),
+    "ui": ("dmat.tools.ui",
+           "Start the MLflow UI on the project's tracking store and print the links to its pipeline runs (one row per "
+           "pipeline execution with its variant and headline metrics) and to the same rows grouped by variant."),
     "params": ("dmat.tools.params",
                "Validate a params file without running a stage: `dmat params check [FILE]` (exit 0 valid, 2 not)."),
 }
