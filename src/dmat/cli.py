@@ -34,10 +34,15 @@ STAGES: dict[str, tuple[str, str]] = {
                         "the diffusion model (mode none | random | adversarial | invariance) -> "
                         "models/diffusion/checkpoint.pt, metrics/train_diffusion.json. Resumes after a kill; runs "
                         "under torchrun for several processes."),
+    "fetch-generated": ("dmat.stages.fetch_generated",
+                        "Record which external generated files generate.source external reads (path, size, "
+                        "modification time; no hashing) -> data/generated_source.json, so DVC reruns generate when "
+                        "they change."),
     "generate": ("dmat.stages.generate",
-                 "Sample generate.per_class images per class from the EMA denoiser -> data/synthetic (canonical "
-                 "store, byte-identical for any batch size or number of torchrun processes), metrics/generate.json, "
-                 "plots/generate_grid.png."),
+                 "Sample generate.per_class images per class from the EMA denoiser (or, generate.source external, "
+                 "stream published .npz parts, an image folder or a store, class-sorted, sha256 recorded) -> "
+                 "data/synthetic (canonical store, byte-identical for any batch size or number of torchrun "
+                 "processes), metrics/generate.json, plots/generate_grid.png."),
     "mix": ("dmat.stages.mix",
             "Choose the generated (or, mix.source heldout_real, held-out real) images the classifier may use and "
             "their share of every batch -> data/mixed/ (manifest with both stores' paths and sha256 digests, and the "
@@ -76,6 +81,10 @@ STAGE_OPTIONS: dict[str, dict[str, dict]] = {
 # Commands that are not pipeline stages: subcommand -> module with configure(parser) and run(args) -> exit code.
 # Each module parses its own arguments; the serving command must work where torch is not installed.
 TOOLS: dict[str, tuple[str, str]] = {
+    "import": ("dmat.tools.import_checkpoint",
+               "Import a robust checkpoint published by the reference implementation (DM-Improves-AT's WideResNet "
+               "with Swish, any wrapper prefixes) into a DMAT classifier checkpoint with identical logits and a "
+               "lineage record of the source file; optionally export and check ONNX -> a .pt (and .onnx)."),
     "robustness": ("dmat.tools.robustness",
                    "Evaluate any classifier (DMAT checkpoint, torch.export .pt2, or .onnx with Square only) on a "
                    "canonical store with AutoAttack -> a JSON report."),

@@ -180,6 +180,13 @@ class TrainDiffusionConfig:
 class GenerateConfig:
     """The `generate` stage: class-conditional samples from the EMA denoiser into data/synthetic."""
 
+    # sample: from the EMA denoiser of train_diffusion. external: generated elsewhere (e.g. the EDM sets Wang et al.
+    # 2023 publish), streamed from the files `external` names into data/synthetic, class-sorted; then only the
+    # filter keys below apply (filter_keep is then the share kept of each class). See docs/published.md.
+    source: Literal["sample", "external"] = "sample"
+    # external: .npz files (image: uint8 N×H×W×C, label: integers; several files are parts of one set, in order),
+    # or one image folder (<class>/* or train/<class>/*), or one DMAT store; relative paths from the project root
+    external: tuple[str, ...] = allowed((), pattern=r"^.{1,4096}$")
     per_class: int = allowed(500, min=1)
     batch_size: int = allowed(128, min=1)  # images per sampler call; does not change the output
     # The network always sees exactly this many images (the last chunk padded), so the output is
@@ -218,6 +225,12 @@ class GenerateConfig:
         if self.filter_keep < 1 and self.filter_scorer is None:
             raise ParamsError(f"generate.filter_keep = {self.filter_keep} is not allowed without "
                               "generate.filter_scorer: name the classifier checkpoint that scores images")
+        if self.source == "external" and not self.external:
+            raise ParamsError("generate.external = [] is not allowed with generate.source = 'external': name the "
+                              ".npz file(s), image folder or DMAT store to read")
+        if len(self.external) > 1 and not all(path.endswith(".npz") for path in self.external):
+            raise ParamsError(f"generate.external = {list(self.external)} is not allowed: several sources must be "
+                              ".npz files (the parts of one set); an image folder or a DMAT store is given alone")
 
 
 @dataclass(frozen=True)
