@@ -341,27 +341,35 @@ def class_counts(sources: Sequence[Source], num_classes: int, rows: int) -> np.n
     return counts
 
 
-def write_external_store(directory: Path, paths: Sequence[Path], classes: Sequence[str],
-                         image_shape: tuple[int, int, int], *, extra: Mapping[str, Any] | None = None,
-                         rows: int = ROWS_PER_CHUNK) -> dict[str, Any]:
-    """Fill `directory` (an existing empty folder) with a class-sorted store of the sources' images; returns the
-    source record sealed into its meta.json: kind, format, and per file its path, size, sha256 and image count."""
-    sources = open_sources(paths, classes, image_shape)
-    counts = class_counts(sources, len(classes), rows)
-    total = int(counts.sum())
-    if total == 0:
-        raise DataError(f"{', '.join(map(str, paths))}: no images")
-    next_row = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    allocate_store(directory, total, image_shape)
-    with tqdm(total=total, desc="external", unit="img", mininterval=2) as progress:
-        for source in sources:
-            for images, labels in source.chunks(rows):
-                write_sorted(directory, images, labels.astype(np.int64), next_row)
-                progress.update(len(labels))
-    record = {"kind": "external", "format": sources[0].kind, "images": total,
-              "files": [source.record() for source in sources], **(extra or {})}
-    seal_store(directory, classes, record)
-    return record
+class ExternalSet:
+    """The sources of one generated set, every file checked and every label counted (the first pass), ready to be
+    written as a class-sorted store."""
+
+    def __init__(self, paths: Sequence[Path], classes: Sequence[str], image_shape: tuple[int, int, int], *,
+                 rows: int = ROWS_PER_CHUNK):
+        self.paths, self.classes, self.image_shape, self.rows = list(paths), tuple(classes), image_shape, rows
+        self.sources = open_sources(self.paths, classes, image_shape)
+        self.counts = class_counts(self.sources, len(classes), rows)
+        if self.counts.sum() == 0:
+            raise DataError(f"{', '.join(map(str, paths))}: no images")
+
+    def __len__(self) -> int:
+        return int(self.counts.sum())
+
+    def write(self, directory: Path, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Fill `directory` (an existing empty folder) with the class-sorted store (the second pass); returns the
+        source record sealed into its meta.json: kind, format, and per file its path, size, sha256 and images."""
+        next_row = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        allocate_store(directory, len(self), self.image_shape)
+        with tqdm(total=len(self), desc="external", unit="img", mininterval=2) as progress:
+            for source in self.sources:
+                for images, labels in source.chunks(self.rows):
+                    write_sorted(directory, images, labels.astype(np.int64), next_row)
+                    progress.update(len(labels))
+        record = {"kind": "external", "format": self.sources[0].kind, "images": len(self),
+                  "files": [source.record() for source in self.sources], **(extra or {})}
+        seal_store(directory, self.classes, record)
+        return record
 
 
 def write_sorted(directory: Path, images: np.ndarray, labels: np.ndarray, next_row: np.ndarray) -> None:

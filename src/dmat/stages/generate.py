@@ -41,7 +41,7 @@ from dmat.config import Params, ParamsError
 from dmat.core.guidance import GuidedDenoiser
 from dmat.core.precision import Autocast, Decision, Setting, network_passes, to_memory_format
 from dmat.core.samplers import SAMPLERS, Churn, edm_sigma_steps, image_noise, per_image_randn_like, to_uint8
-from dmat.data.external import write_external_store
+from dmat.data.external import ExternalSet
 from dmat.data.store import ArrayStore, StoreWriter, allocate_store, seal_store, write_block
 from dmat.data.tensors import to_unit_tensor
 from dmat.distributed import World, barrier, broadcast_object, world
@@ -284,13 +284,13 @@ def run_external(params: Params, device: str) -> dict:
     if scorer is not None and list(scorer[1]["classes"]) != list(real.classes):
         raise DataError(f"{scorer[2]}: the scorer's classes {scorer[1]['classes']} differ from {layout.REAL_TRAIN}'s "
                         f"{list(real.classes)} (generate.filter_scorer)")
+    started = time.perf_counter()
+    external = ExternalSet(paths, real.classes, real.image_shape)  # every file checked before anything is written
     with stage_run(STAGE, params, SECTIONS) as tracked:
-        started = time.perf_counter()
         with atomic_path(layout.SYNTHETIC_DIR, directory=True) as staging:
             fill_dir = staging / "candidates" if filtering else staging
             fill_dir.mkdir(exist_ok=True)
-            source = write_external_store(fill_dir, paths, real.classes, real.image_shape,
-                                          extra={"filter_keep": cfg.filter_keep})
+            source = external.write(fill_dir, extra={"filter_keep": cfg.filter_keep})
             filtered = None
             if filtering:
                 candidates = ArrayStore.open(fill_dir)
