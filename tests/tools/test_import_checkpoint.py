@@ -79,6 +79,7 @@ def test_files_that_are_not_reference_checkpoints_are_refused(tmp_path: Path, ca
     assert not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.slow  # AutoAttack, an ONNX export and a server: about a minute on 2 cores
 def test_the_imported_model_is_evaluated_exported_and_served_like_a_trained_one(published, tmp_path: Path) -> None:
     checkpoint, source, store = published
     out, onnx = tmp_path / "imported.pt", tmp_path / "imported.onnx"

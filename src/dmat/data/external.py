@@ -35,7 +35,15 @@ import numpy as np
 from tqdm import tqdm
 
 from dmat.data.sources import decode_image, source_sha256
-from dmat.data.store import IMAGES_FILE, LABELS_FILE, META_FILE, ArrayStore, allocate_store, seal_store, write_block
+from dmat.data.store import (
+    IMAGES_FILE,
+    LABELS_FILE,
+    META_FILE,
+    ArrayStore,
+    BlockWriter,
+    allocate_store,
+    seal_store,
+)
 from dmat.errors import DataError, StoreError
 
 NPZ_IMAGES, NPZ_LABELS = "image", "label"  # the reference's array names
@@ -361,10 +369,11 @@ class ExternalSet:
         source record sealed into its meta.json: kind, format, and per file its path, size, sha256 and images."""
         next_row = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         allocate_store(directory, len(self), self.image_shape)
-        with tqdm(total=len(self), desc="external", unit="img", mininterval=2) as progress:
+        with (tqdm(total=len(self), desc="external", unit="img", mininterval=2) as progress,
+              BlockWriter(directory) as writer):
             for source in self.sources:
                 for images, labels in source.chunks(self.rows):
-                    write_sorted(directory, images, labels.astype(np.int64), next_row)
+                    write_sorted(writer, images, labels.astype(np.int64), next_row)
                     progress.update(len(labels))
         record = {"kind": "external", "format": self.sources[0].kind, "images": len(self),
                   "files": [source.record() for source in self.sources], **(extra or {})}
@@ -372,13 +381,13 @@ class ExternalSet:
         return record
 
 
-def write_sorted(directory: Path, images: np.ndarray, labels: np.ndarray, next_row: np.ndarray) -> None:
+def write_sorted(writer: BlockWriter, images: np.ndarray, labels: np.ndarray, next_row: np.ndarray) -> None:
     """Write a chunk's images class by class at each class's next free row (advancing it): a stable class sort."""
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
     present, starts = np.unique(sorted_labels, return_index=True)
     for c, start, end in zip(present, starts, [*starts[1:], len(order)], strict=True):
-        write_block(directory, int(next_row[c]), images[order[start:end]], sorted_labels[start:end])
+        writer.write(int(next_row[c]), images[order[start:end]], sorted_labels[start:end])
         next_row[c] += end - start
 
 
