@@ -25,6 +25,14 @@ CLASSES = ("a", "b", "c")
 SHAPE = (8, 8, 3)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """`dmat generate` run in this process sets one torch thread (as it does in its own process): undo it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def generated(n: int, seed: int, shape: tuple[int, ...] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, size=(n, *shape), dtype=np.uint8), rng.integers(0, len(CLASSES), size=n)

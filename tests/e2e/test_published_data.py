@@ -42,8 +42,8 @@ def test_published_parts_feed_the_pipeline_and_lineage_reaches_the_files(tiny_pi
     downloads.mkdir()
     parts = [published_part(downloads / f"20m_part{i}.npz", len(real.classes), real.image_shape, 3, seed=i)
              for i in (1, 2)]
-    apply_overrides(str(project / "params.yaml"),
-                    ["generate.source=external", f"generate.external=[{parts[0]},{parts[1]}]"])
+    apply_overrides(str(project / "params.yaml"),  # what `-S` does; `++`: the tiny params leave these keys out
+                    ["++generate.source=external", f"++generate.external=[{parts[0]},{parts[1]}]"])
 
     first = run([DVC, "repro", "train", "evaluate_diffusion"], project)
     assert {"fetch_generated", "generate", "mix", "train", "evaluate_diffusion"} <= set(ran(first)), first.stdout

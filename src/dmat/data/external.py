@@ -155,7 +155,11 @@ class NpyStream:
 
 
 class Source(Protocol):
-    """One source of images: checked on opening, then read in two passes."""
+    """One source of images: checked on opening, then read in two passes: its labels, then images and labels."""
+
+    kind: str  # npz, store or imagefolder
+    path: Path
+    size: int  # images
 
     def label_chunks(self, rows: int) -> Iterator[np.ndarray]: ...
 
