@@ -208,11 +208,15 @@ def seal_store(directory: Path, classes: Sequence[str], source: dict[str, Any]) 
     images = _load_array(directory / IMAGES_FILE, np.uint8, 4)
     labels = _load_array(directory / LABELS_FILE, np.int64, 1)
     counts = np.zeros(len(classes), dtype=np.int64)
-    for start in range(0, len(labels), 1 << 20):  # chunked: labels of a huge store stay out of RAM
-        chunk = np.asarray(labels[start:start + (1 << 20)])
-        if len(chunk) and (chunk.min() < 0 or chunk.max() >= len(classes)):
-            raise ValueError(f"{directory}: labels must lie in [0, {len(classes)})")
-        counts += np.bincount(chunk, minlength=len(classes))
+    # Chunks read from the file, not through the memory map, whose touched pages would stay in RSS: the labels of
+    # a huge store stay out of RAM.
+    with open(directory / LABELS_FILE, "rb") as f:
+        f.seek(labels.offset)
+        for _ in range(0, len(labels), 1 << 20):
+            chunk = np.fromfile(f, dtype=np.int64, count=1 << 20)
+            if len(chunk) and (chunk.min() < 0 or chunk.max() >= len(classes)):
+                raise ValueError(f"{directory}: labels must lie in [0, {len(classes)})")
+            counts += np.bincount(chunk, minlength=len(classes))
     meta = StoreMeta(
         classes=tuple(classes),
         shape=tuple(images.shape),  # type: ignore[arg-type]
