@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_denoiser, load_eval_report, load_mix_manifest
 from dmat.artifacts.onnx_export import EXAMPLE_BATCH, batch_dim, export_classifier_onnx, save_onnx
@@ -29,8 +30,9 @@ from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, enc
 from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
-STAGE = "export"
-SECTIONS = ("base", "evaluate")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 
 
 class DenoiserForExport(nn.Module):
@@ -85,7 +87,7 @@ def provenance(params: Params, checkpoint: dict) -> dict:
                     "clean_accuracy_ci": reports[main]["clean_acc_ci"],
                     "robust_accuracy_ci": reports[main]["robust_acc_ci"], "confidence": reports[main]["confidence"],
                     "n": reports[main]["n"], "rows_id": reports[main]["rows"]["rows_id"],
-                    "attack": f"autoattack-{reports[main]['version']}",
+                    "attack": f"autoattack-{reports[main]['version']}", "attack_suite": reports[main].get("suite"),
                     "sanity_passed": reports[main]["sanity_passed"]},
         "evaluations": {name: {"norm": r["norm"], "eps": r["eps"], "clean_accuracy": r["clean_acc"],
                                "robust_accuracy": r["robust_acc"], "n": r["n"], "mlflow_run_id": r.get("mlflow_run_id")}

@@ -13,12 +13,14 @@ else, so it never triggers a rerun. No MLflow run: `generate` logs the files it 
 
 from __future__ import annotations
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.config import Params
 from dmat.data.external import fingerprint
 from dmat.files import in_project, write_json
 
-STAGE = "fetch_generated"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 
 
 def run(params: Params) -> dict:

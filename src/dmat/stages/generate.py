@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_denoiser, load_reference_classifier, load_scoring_classifier
 from dmat.config import Params, ParamsError
@@ -51,8 +52,9 @@ from dmat.plots import image_grid, save_png
 from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision
 from dmat.tracking import stage_run
 
-STAGE = "generate"
-SECTIONS = ("base", "generate")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 GRID_PER_CLASS = 10
 # metrics/generate.json (each as generate_<key>); the rest of the metrics go to the report
 HEADLINE = ("images", "nfe", "guidance", "seconds", "images_per_s", "precision", "memory_format")
@@ -243,7 +245,10 @@ def run(params: Params) -> dict:
         classes, config = state["classes"], state["model_config"]
         shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
         # Decided once (rank 0, in the parent of any workers): the setting changes the images' last bits.
-        decision = choose_setting(params.base, w, lambda: probe_passes(denoiser, params, shape, w.device))
+        workload = {"stage": STAGE, "network": config.get("name", ""), "batch": params.generate.network_batch,
+                    "image_shape": list(shape)}
+        decision = choose_setting(params.base, w, lambda: probe_passes(denoiser, params, shape, w.device),
+                                  workload=workload)
         network = sampling_network(denoiser, state, params, decision.setting, w.device)
         per_class = candidates_per_class(params)
         scorer = load_scorer(params, w.device) if w.is_main and params.generate.filter_keep < 1 else None

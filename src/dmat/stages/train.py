@@ -1,4 +1,4 @@
-"""`train`: adversarial training of the classifier on mixed real/generated batches (DESIGN.md §4).
+"""`train`: adversarial training of the classifier on mixed real/generated batches (docs/method.md).
 
 TRADES (or PGD-AT) with SGD + Nesterov, weight decay except on BatchNorm, a one-cycle learning
 rate, and weight averaging (EMA). After every epoch the EMA model is scored on data/real/val
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_classifier, load_mix_manifest, open_mixed_store
 from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
@@ -50,9 +51,10 @@ from dmat.stage_setup import (
 )
 from dmat.tracking import stage_run
 
-STAGE = "train"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
-SECTIONS = ("base", "train")
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 EVAL_BATCH = 256
 
 
@@ -112,6 +114,11 @@ class Trainer:
     def probe_passes(self):
         """Forward and backward passes of this network at this rank's batch size, for the `auto` probe."""
         return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world)
+
+    def workload(self) -> dict:
+        """What the probe measures, for the machine's kept precision decision."""
+        return {"stage": STAGE, "network": self.cfg.model, "batch": max(1, self.cfg.batch_size // self.world.size),
+                "image_shape": list(self.real.image_shape), "classes": len(self.real.classes)}
 
     def use(self, decision: Decision) -> None:
         """Train from now on in `decision`'s setting (the EMA copy stays float32 and contiguous)."""
@@ -206,7 +213,8 @@ def run(params: Params) -> dict:
     with world(device) as w:
         trainer = Trainer(params, w)
         trainer.resume()
-        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
+        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision,
+                                    workload=trainer.workload()))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
             if not tracked.continued:
