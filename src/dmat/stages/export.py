@@ -100,8 +100,8 @@ def provenance(params: Params, checkpoint: dict) -> dict:
             "adversarial_mode": generated.get("diffusion", {}).get("adversarial", {}).get("mode"),
             "checkpoint_sha256": sha256_file(layout.CLASSIFIER_BEST),
             "diffusion_checkpoint_sha256": generated.get("diffusion", {}).get("checkpoint_sha256"),
-            "data_sha256": {"train": manifest["real"]["sha256"], "synthetic": manifest["synthetic"]["sha256"],
-                            "mixed_indices": manifest["indices_sha256"],
+            "data_sha256": {"train": manifest.real.sha256, "synthetic": manifest.synthetic.sha256,
+                            "mixed_indices": manifest.indices_sha256,
                             "test": reports[main].get("test_sha256")},
         },
     }
