@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.e2e.test_pipeline import build_pipeline
 
     return build_pipeline(tmp_path_factory.mktemp("tiny-pipeline"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """No test run writes to the machine's kept precision decisions, not even a module-scoped fixture that runs
+    before the per-test isolation below: the whole session decides in a cache of its own."""
+    os.environ["DMAT_CACHE_DIR"] = tempfile.mkdtemp(prefix="dmat-test-cache-")
 
 
 @pytest.fixture(autouse=True)

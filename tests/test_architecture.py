@@ -109,6 +109,8 @@ def test_the_audit_names_an_undeclared_read_and_write() -> None:
         {"stage": "train-reference", "path": "models/reference/best.pt", "write": True},  # its own output
         {"stage": "train-reference", "path": ".dmat/work/train_reference/last.pt", "write": True},  # checkpoints
         {"stage": "evaluate", "path": "metrics/evaluate_linf.json", "write": True},  # a foreach entry's output
+        {"stage": "verify", "path": "tests/e2e/.gitignore", "write": False},  # DVC's own reads: what is current
+        {"stage": "verify", "path": "dvc.lock", "write": False},
         # what a stage must declare: the held-out store is not train_reference's input, plots/ not its output
         {"stage": "train-reference", "path": "data/real/heldout/images.npy", "write": False},
         {"stage": "train-reference", "path": "plots/other.csv", "write": True},

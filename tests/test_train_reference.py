@@ -60,7 +60,9 @@ def workspace(prepared: Path, tmp_path: Path):
 def trained(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("trained") / "work"
     shutil.copytree(prepared, workdir)
-    result = run_dmat("train-reference", cwd=workdir)
+    # A cache of its own: the choice is probed here, not taken from an earlier fixture's decision.
+    cache = tmp_path_factory.mktemp("precision-cache")
+    result = run_dmat("train-reference", cwd=workdir, env={"DMAT_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stderr
     return workdir
 

@@ -24,6 +24,8 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 # Where a stage may open files without declaring them: its params, the code, the tracking store, DVC's and git's
 # own files, the resumable checkpoints it keeps until it publishes (.dmat/), and torchvision's download folder.
 UNDECLARED_OK = ("params.yaml", "src/", ".dmat/", ".dvc/", ".git/", "mlflow.db", "mlruns/", "data/downloads/")
+# What DVC reads when a stage asks it which stages are current (dmat.execution): the pipeline and its ignore files.
+DVC_OWN_FILES = ("dvc.yaml", "dvc.lock", ".gitignore", ".dvcignore")
 STAGING = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-[^/]*$")  # dmat.files.atomic_path's siblings of a target
 
 
@@ -70,7 +72,8 @@ def undeclared(records: Iterable[dict]) -> list[str]:
     problems = []
     for record in records:
         declared, path = by_command.get(record["stage"]), record["path"]
-        if declared is None or path.startswith(UNDECLARED_OK) or "/" not in path and path.endswith(".yaml"):
+        if (declared is None or path.startswith(UNDECLARED_OK) or path.rsplit("/", 1)[-1] in DVC_OWN_FILES
+                or "/" not in path and path.endswith(".yaml")):
             continue
         outputs = [str(w.path) for w in declared.writes]
         inputs = [str(r.path) for r in declared.reads]

@@ -85,17 +85,20 @@ def check_engine() -> None:
 
 def base_images() -> dict[str, str]:
     """PYTHON_IMAGE and POSTGRES_IMAGE: from the environment (the official images, where a registry is reachable),
-    else the local stand-ins, made by containers/build-local-base.sh when missing (this needs root)."""
-    images, missing = {}, []
-    for variable, (target, local) in LOCAL_BASE_IMAGES.items():
-        images[variable] = os.environ.get(variable) or local
-        if images[variable] == local and podman("image", "exists", local, check=False).returncode != 0:
-            missing.append(target)
-    if missing:
-        if os.geteuid() != 0:
-            unavailable(f"local base images {missing} missing, and building them needs root: run "
-                        f"{BUILD_LOCAL_BASE.relative_to(REPO_ROOT)} as root, or set PYTHON_IMAGE/POSTGRES_IMAGE")
-        run([str(BUILD_LOCAL_BASE), *missing], timeout=BUILD_TIMEOUT_S)
+    else the local stand-ins. As root these are always built by containers/build-local-base.sh (engine-cached, so
+    seconds when nothing changed): an image someone else tagged with the same name is never taken on trust."""
+    images, local, missing = {}, [], []
+    for variable, (target, name) in LOCAL_BASE_IMAGES.items():
+        images[variable] = os.environ.get(variable) or name
+        if images[variable] == name:
+            local.append(target)
+            if podman("image", "exists", name, check=False).returncode != 0:
+                missing.append(target)
+    if local and os.geteuid() == 0:
+        run([str(BUILD_LOCAL_BASE), *local], timeout=BUILD_TIMEOUT_S)
+    elif missing:
+        unavailable(f"local base images {missing} missing, and building them needs root: run "
+                    f"{BUILD_LOCAL_BASE.relative_to(REPO_ROOT)} as root, or set PYTHON_IMAGE/POSTGRES_IMAGE")
     return images
 
 

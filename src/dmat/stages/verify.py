@@ -269,7 +269,6 @@ def headline(report: dict) -> dict:
         "registered_version": int(registry["version"]) if registry else None,
         "champion_moved": registry.get("champion_moved"),
         "champion_p_value": (registry.get("champion_rule") or {}).get("robust_p_value"),
-        "champion_clean_p_value": (registry.get("champion_rule") or {}).get("clean_p_value"),
     }
 
 
