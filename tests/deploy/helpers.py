@@ -81,10 +81,10 @@ def tiny_classifier(*, channels: int = 3, size: int = 8, classes: tuple[str, ...
             "input": {"name": "image", "shape": [channels, size, size], "dtype": "float32", "range": [0, 1],
                       "layout": "NCHW"},
             "threat": {"norm": "Linf", "eps": 0.0313725},
-            "metrics": {"clean_accuracy": 0.52, "robust_accuracy": 0.31, "n": 1000, "attack": "autoattack-standard"},
+            "metrics": {"clean_acc": 0.52, "robust_acc": 0.31, "n": 1000, "attack": "autoattack-standard"},
             "lineage": {"git_commit": "0" * 40, "train_run_id": "abc", "evaluate_run_ids": {"autoattack": "def"},
                         "data_sha256": {"train": "1" * 64}},
-            "evaluations": {"linf": {"norm": "Linf", "eps": 0.0313725, "robust_accuracy": 0.31}},
+            "evaluations": {"linf": {"norm": "Linf", "eps": 0.0313725, "robust_acc": 0.31}},
         }.items()})
     onnx.checker.check_model(model, full_check=True)
     return model

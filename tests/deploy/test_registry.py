@@ -29,7 +29,7 @@ def register(model: Path, robust: int, threat: dict = LINF, rows_id: str = ROWS,
              attacks: tuple[str, ...] = ("apgd-ce", "apgd-t")) -> dict:
     params = parse_params({"base": {"experiment": "registry-test"}, "verify": {"registered_model": "tiny"}})
     example = np.zeros((1, 3, 8, 8), dtype=np.float32)
-    card = {**threat, "robust_accuracy": robust / N, "clean_accuracy": clean / N, "n": N}
+    card = {**threat, "robust_acc": robust / N, "clean_acc": clean / N, "n": N}
     suite = attack_suite(threat["norm"], threat["eps"], "custom", attacks, BUDGETS)
     candidate = EvaluationSummary(threat["norm"], threat["eps"], rows_id, outcomes(robust), outcomes(clean), suite)
     with stage_run("verify", params, ("base",)) as tracked:

@@ -85,9 +85,9 @@ def test_health_and_metadata_describe_the_model(server: str, tiny_model: Path) -
     assert metadata["input"] == {"name": "image", "shape": [3, 8, 8], "dtype": "float32", "range": [0, 1],
                                  "layout": "NCHW"}
     assert metadata["threat"] == {"norm": "Linf", "eps": 0.0313725}
-    assert metadata["metrics"]["robust_accuracy"] == 0.31
+    assert metadata["metrics"]["robust_acc"] == 0.31
     assert metadata["lineage"]["train_run_id"] == "abc"
-    assert metadata["evaluations"]["linf"]["robust_accuracy"] == 0.31  # other dmat.* entries pass through
+    assert metadata["evaluations"]["linf"]["robust_acc"] == 0.31  # other dmat.* entries pass through
     assert metadata["sha256"] == hashlib.sha256(tiny_model.read_bytes()).hexdigest()
     assert metadata["opset"] == {"ai.onnx": 17} and metadata["ir_version"] == 8
     assert metadata["limits"] == {"max_batch": MAX_BATCH, "max_body_bytes": MAX_BODY_BYTES}

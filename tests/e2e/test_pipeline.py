@@ -215,7 +215,7 @@ def test_verify_passes_every_gate_and_registers_the_model(pipeline: Path) -> Non
 
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("e2e-model", "champion")
-    assert champion.tags["dmat.norm"] == "Linf" and float(champion.tags["dmat.robust_accuracy"]) == pytest.approx(
+    assert champion.tags["dmat.norm"] == "Linf" and float(champion.tags["dmat.robust_acc"]) == pytest.approx(
         json.loads((pipeline / "metrics/evaluate_linf.json").read_text())["linf_robust_acc"])
 
 
@@ -229,7 +229,7 @@ def test_robustness_command_on_the_exported_artifacts(pipeline: Path, tmp_path: 
          "--attacks", "square", "--square-queries", "30", "--json", str(tmp_path / "onnx.json")], pipeline)
     black_box = json.loads((tmp_path / "onnx.json").read_text())
     assert black_box["gradient_free_only"] and black_box["attacks"] == ["square"]
-    assert black_box["clean_accuracy"] == white_box["clean_accuracy"]
+    assert black_box["clean_acc"] == white_box["clean_acc"]
 
 
 EXP_SHOW_COLUMN_BUDGET = 200  # today about 165: metrics ~57, params ~58 (tiny params), deps ~50

@@ -97,7 +97,7 @@ def test_the_imported_model_is_evaluated_exported_and_served_like_a_trained_one(
     x, y = first_points(ArrayStore.open(store), 8)
     with torch.no_grad():
         logits = source(x)
-    assert report["clean_accuracy"] == float((logits.argmax(1) == y).double().mean())
+    assert report["clean_acc"] == float((logits.argmax(1) == y).double().mean())
     assert report["settings"]["model_kind"] == "dmat-checkpoint"
 
     with running_server(serve_command(str(onnx)), tmp_path / "serve.log") as (url, _):

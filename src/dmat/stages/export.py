@@ -83,14 +83,14 @@ def provenance(params: Params, checkpoint: dict) -> dict:
         "input": {"name": INPUT_NAME, "shape": _chw(checkpoint["model_config"]["input_shape"]), "dtype": "float32",
                   "range": [0, 1], "layout": "NCHW"},
         "threat": {"name": main, "norm": reports[main]["norm"], "eps": reports[main]["eps"]},
-        "metrics": {"clean_accuracy": reports[main]["clean_acc"], "robust_accuracy": reports[main]["robust_acc"],
-                    "clean_accuracy_ci": reports[main]["clean_acc_ci"],
-                    "robust_accuracy_ci": reports[main]["robust_acc_ci"], "confidence": reports[main]["confidence"],
+        "metrics": {"clean_acc": reports[main]["clean_acc"], "robust_acc": reports[main]["robust_acc"],
+                    "clean_acc_ci": reports[main]["clean_acc_ci"],
+                    "robust_acc_ci": reports[main]["robust_acc_ci"], "confidence": reports[main]["confidence"],
                     "n": reports[main]["n"], "rows_id": reports[main]["rows"]["rows_id"],
                     "attack": f"autoattack-{reports[main]['version']}", "attack_suite": reports[main].get("suite"),
                     "sanity_passed": reports[main]["sanity_passed"]},
-        "evaluations": {name: {"norm": r["norm"], "eps": r["eps"], "clean_accuracy": r["clean_acc"],
-                               "robust_accuracy": r["robust_acc"], "n": r["n"], "mlflow_run_id": r.get("mlflow_run_id")}
+        "evaluations": {name: {"norm": r["norm"], "eps": r["eps"], "clean_acc": r["clean_acc"],
+                               "robust_acc": r["robust_acc"], "n": r["n"], "mlflow_run_id": r.get("mlflow_run_id")}
                         for name, r in reports.items()},
         "lineage": {
             "git_commit": git_commit(project_root()),

@@ -170,8 +170,8 @@ def run(params: Params) -> dict:
         if not failed and cfg.register:
             metrics = manifest["metrics"]
             card = {"norm": manifest["threat"]["norm"], "eps": manifest["threat"]["eps"],
-                    "robust_accuracy": metrics["robust_accuracy"], "robust_accuracy_ci": metrics["robust_accuracy_ci"],
-                    "clean_accuracy": metrics["clean_accuracy"], "clean_accuracy_ci": metrics["clean_accuracy_ci"],
+                    "robust_acc": metrics["robust_acc"], "robust_acc_ci": metrics["robust_acc_ci"],
+                    "clean_acc": metrics["clean_acc"], "clean_acc_ci": metrics["clean_acc_ci"],
                     "n": metrics["n"], "train_run_id": manifest["lineage"]["train_run_id"],
                     "onnx_sha256": manifest["files"][onnx_path.name]}
             outcomes = load_outcomes(layout.eval_dir(threat) / layout.OUTCOMES_FILE)

@@ -350,7 +350,7 @@ def _export_classifier(ws: Workspace, node: Node, info: dict) -> None:
     lineage, threat, metrics = info.get("lineage", {}), info.get("threat", {}), info.get("metrics", {})
     node.details.update({
         "threat": f"{threat.get('name')}: {threat.get('norm')} eps={_num(threat.get('eps'))}",
-        "accuracy": f"clean {_num(metrics.get('clean_accuracy'))}, robust {_num(metrics.get('robust_accuracy'))} "
+        "accuracy": f"clean {_num(metrics.get('clean_acc'))}, robust {_num(metrics.get('robust_acc'))} "
                     f"({metrics.get('attack')}, n={metrics.get('n')}, sanity "
                     f"{'passed' if metrics.get('sanity_passed') else 'FAILED'})",
         "classes": len(info.get("classes", [])), "git_commit": lineage.get("git_commit"),
@@ -360,8 +360,8 @@ def _export_classifier(ws: Workspace, node: Node, info: dict) -> None:
     for threat_name, run_id in lineage.get("evaluate_run_ids", {}).items():
         target = node_key("evaluation", ws.root / layout.eval_dir(threat_name))
         node.record(target, "run_id", run_id, f"{by}.evaluate_run_ids.{threat_name}")
-        accuracy = info.get("evaluations", {}).get(threat_name, {}).get("robust_accuracy")
-        node.record(target, "robust_acc", accuracy, f"{where}evaluations.{threat_name}.robust_accuracy")
+        accuracy = info.get("evaluations", {}).get(threat_name, {}).get("robust_acc")
+        node.record(target, "robust_acc", accuracy, f"{where}evaluations.{threat_name}.robust_acc")
     classifier = node_key("classifier", ws.root / layout.CLASSIFIER_BEST)
     node.record(classifier, "sha256", lineage.get("checkpoint_sha256"), f"{by}.checkpoint_sha256")
     node.record(classifier, "run_id", lineage.get("train_run_id"), f"{by}.train_run_id")

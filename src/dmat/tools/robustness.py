@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(err), 2)
     if not w.is_main:
         return 0
-    report = {"clean_accuracy": report.pop("clean_acc"), "robust_accuracy": report.pop("robust_acc"), **report,
+    report = {"clean_acc": report.pop("clean_acc"), "robust_acc": report.pop("robust_acc"), **report,  # headline first
               "settings": {"model": str(args.model), "model_kind": kind, "data": str(args.data), "processes": w.size,
                            "data_sha256": store.digest, "norm": args.norm, "eps": args.eps, "version": args.version,
                            "attacks": args.attacks, "seed": args.seed, "batch_size": args.batch_size,
@@ -124,7 +124,7 @@ def _emit(report: dict, out: str | None, write_json) -> None:
 
     if out:
         write_json(out, report)
-        print(f"robustness: clean {report['clean_accuracy']:.4f} robust {report['robust_accuracy']:.4f} "
+        print(f"robustness: clean {report['clean_acc']:.4f} robust {report['robust_acc']:.4f} "
               f"(n={report['n']}) -> {out}", file=sys.stderr)
     else:
         print(json.dumps(report, indent=2, sort_keys=True))
