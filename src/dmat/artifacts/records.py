@@ -1,4 +1,5 @@
-"""What stages hand each other, as typed records: checkpoint headers, the mix manifest, the evaluation report.
+"""What stages hand each other, as typed records (today: the mix manifest that `mix` writes for `train` and
+`evaluate_diffusion`).
 
 Each record is a frozen dataclass with `to_json()` (plain data: JSON files, or the non-tensor part of a checkpoint,
 loadable with `weights_only=True`) and `from_json(data, where)`, which refuses data of another shape — a file
@@ -71,73 +72,8 @@ def _value(tp: Any, value: Any, where: str, key: str) -> Any:
         return tuple(_value(item, v, where, f"{key}[{i}]") for i, v in enumerate(value))
     expected = {int: int, float: (int, float), str: str, bool: bool, dict: dict, list: list}.get(origin or tp)
     if expected is not None and (not isinstance(value, expected) or (tp in (int, float) and isinstance(value, bool))):
-        raise RecordError(f"{where}: {key} = {value!r} is not a {getattr(tp, '__name__', tp)}")
+        raise RecordError(f"{where}: {key} = {value!r} is not of type {getattr(tp, '__name__', tp)}")
     return float(value) if tp is float else value
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Threat:
-    norm: str
-    eps: float
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierConfig:
-    """What rebuilds a classifier from the registry: its name, classes and the input normalisation it carries."""
-
-    name: str
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    dataset: str = ""
-    input_shape: tuple[int, ...] = ()  # H, W, C of the store it trained on
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierHeader:
-    """A classifier checkpoint without its tensors (robust: `train`; reference: `train_reference`; imported)."""
-
-    format: str
-    model_config: ClassifierConfig
-    classes: tuple[str, ...]
-    mlflow_run_id: str | None = None
-    fingerprint: str = ""
-    epoch: int = 0
-    history: tuple[dict, ...] = ()
-    train_config: dict = dataclasses.field(default_factory=dict)
-    precision: dict | None = None
-    threat: Threat | None = None  # the threat model it was trained against (robust checkpoints)
-    source: dict | None = None  # where an imported checkpoint came from (file, sha256, key layout)
-
-
-@dataclasses.dataclass(frozen=True)
-class DenoiserConfig:
-    """What rebuilds a denoiser from the registry."""
-
-    name: str
-    img_resolution: int
-    in_channels: int
-    num_classes: int
-    label_dropout: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class DiffusionHeader:
-    """A diffusion checkpoint (`train_diffusion`) without its tensors."""
-
-    format: str
-    model_config: DenoiserConfig
-    classes: tuple[str, ...]
-    mlflow_run_id: str | None = None
-    fingerprint: str = ""
-    step: int = 0
-    adversarial: dict = dataclasses.field(default_factory=dict)
-    train_config: dict = dataclasses.field(default_factory=dict)
-    precision: dict | None = None
-    log: tuple[dict, ...] = ()
 
 
 # --- the mix manifest -------------------------------------------------------------------------------------------
