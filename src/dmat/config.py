@@ -138,11 +138,11 @@ class DiffusionATParams:
     step_size: float = allowed(1.0, min=0, max=10)  # adversarial step, as a fraction of the radius
     detach_clean: bool = False  # stop gradients through D(x) in the regulariser
     fraction: float = allowed(1.0, above=0, max=1)  # share of each batch regularised (1 = all, as the paper)
+    RELATIVE_KEYS: typing.ClassVar[bool] = True  # also the known-distribution pipeline's train.adversarial
 
     def check(self) -> None:
         if self.floor_min > self.floor_max:
-            raise ParamsError(f"train_diffusion.adversarial.floor_min = {self.floor_min} is not allowed: "
-                              f"expected <= floor_max ({self.floor_max})")
+            raise ParamsError(f"floor_min = {self.floor_min} is not allowed: expected <= floor_max ({self.floor_max})")
 
 
 @dataclass(frozen=True)
@@ -384,6 +384,9 @@ class VerifyConfig:
 class Params:
     """The whole params.yaml."""
 
+    PARAMS_FILE: typing.ClassVar[str] = "params.yaml"  # the committed file, relative to the project root
+    DVC_FILE: typing.ClassVar[str] = "dvc.yaml"  # the pipeline these params drive
+
     base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train_diffusion: TrainDiffusionConfig = field(default_factory=TrainDiffusionConfig)
@@ -404,8 +407,9 @@ class Params:
 # --------------------------------------------------------------------------------------------
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; raises ParamsError naming the first bad key."""
+def load_params(path: str | Path = "params.yaml", schema: type = Params) -> Any:
+    """Read and validate a params file (as `schema`, a params dataclass); raises ParamsError naming the first bad
+    key."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -418,7 +422,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except ValueError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     try:
-        return parse_params(raw)
+        return parse_params(raw, schema)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
 
@@ -450,9 +454,9 @@ def to_yaml(data: Any) -> str:
     return stream.getvalue()
 
 
-def parse_params(raw: Any) -> Params:
-    """Validate an already-parsed params mapping."""
-    return _parse_dataclass(Params, raw, key="")
+def parse_params(raw: Any, schema: type = Params) -> Any:
+    """Validate an already-parsed params mapping (as `schema`: `Params`, or another pipeline's params class)."""
+    return _parse_dataclass(schema, raw, key="")
 
 
 def as_dict(config: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmat.config import ParamsError, as_dict, flatten, parse_params, read_yaml
+from dmat.config import Params, ParamsError, as_dict, flatten, parse_params, read_yaml
 
 SEED_KEY = "base.seed"
 BASELINE = "baseline"  # the variant label of runs with the committed params
@@ -40,14 +40,14 @@ def git_commit(root: Path) -> str:
     return out.strip() if out is not None else "unknown"
 
 
-def committed_params(root: Path, path: str = "params.yaml") -> dict[str, Any] | None:
-    """A params file (params.yaml or a profile) at HEAD, resolved (defaults filled in) and flattened; None when
-    there is none or it is invalid."""
+def committed_params(root: Path, path: str = "params.yaml", schema: type = Params) -> dict[str, Any] | None:
+    """A params file (params.yaml or a profile; another pipeline's with its `schema`) at HEAD, resolved (defaults
+    filled in) and flattened; None when there is none or it is invalid."""
     text = _git(root, "show", f"HEAD:{path}")
     if text is None:
         return None
     try:
-        return flatten(as_dict(parse_params(read_yaml(text))))
+        return flatten(as_dict(parse_params(read_yaml(text), schema)))
     except (ValueError, ParamsError):
         return None
 
@@ -76,7 +76,8 @@ def current_execution(params: Any, root: Path) -> Execution:
     else:
         digest = hashlib.sha256(json.dumps(as_dict(params), sort_keys=True).encode()).hexdigest()[:12]
         key, name = f"repro:{commit[:12]}:{digest}", f"repro@{commit[:8]}"
-    reference = committed_params(root, params.base.profile or "params.yaml")
+    schema = type(params)  # the pipeline's params class knows its committed file
+    reference = committed_params(root, params.base.profile or schema.PARAMS_FILE, schema)
     return Execution(key=key, name=name, variant=variant_label(params, reference),
                      seed=params.base.seed, commit=commit)
 

@@ -31,19 +31,48 @@ def save_png(path: str | Path, image: np.ndarray, scale: int = 1) -> None:
 
 
 def save_curve(path: str | Path, x: list[float], series: dict[str, list[float]], *, xlabel: str, ylabel: str,
-               title: str) -> None:
-    """A line chart (one line per series) written atomically as PNG."""
+               title: str, ylim: tuple[float, float] | None = (0, 1), log_axes: bool = False) -> None:
+    """A line chart (one line per series) written atomically as PNG; `ylim` None fits the data, `log_axes`
+    makes both axes logarithmic."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for label, values in series.items():
+        axes.plot(x, values, marker="o", label=label)
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if ylim is not None:
+        axes.set_ylim(ylim)
+    if log_axes:
+        axes.set(xscale="log", yscale="log")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    _save_figure(plt, figure, path)
+
+
+def save_scatter_over_density(path: str | Path, xs: np.ndarray, ys: np.ndarray, log_density: np.ndarray,
+                              layers: list[tuple[str, np.ndarray, str]], *, title: str) -> None:
+    """2-D points over the contours of a density: `log_density[i, j]` is its log at (xs[j], ys[i]); each layer
+    is (label, points (n, 2), colour), drawn in order. Written atomically as PNG."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    top = float(log_density.max())
+    axes.contour(xs, ys, log_density, levels=np.linspace(top - 12, top, 7), colors="0.55", linewidths=0.7)
+    for label, points, colour in layers:
+        axes.scatter(points[:, 0], points[:, 1], s=3, alpha=0.5, color=colour, label=label, linewidths=0)
+    axes.set(title=title, xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]), aspect="equal")
+    axes.legend(loc="upper right", fontsize=7, markerscale=3)
+    _save_figure(plt, figure, path)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to a file
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(5, 3.5), dpi=100)
-    for label, values in series.items():
-        axes.plot(x, values, marker="o", label=label)
-    axes.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1))
-    axes.grid(alpha=0.3)
-    axes.legend()
+    return plt
+
+
+def _save_figure(plt, figure, path: str | Path) -> None:
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")

@@ -2,7 +2,8 @@
 
 DVC's queue snapshots the workspace's params.yaml when an experiment is queued, so for the time it
 queues, this puts the grid's profile in params.yaml and passes each variant's changes and the seed as
-`-S KEY=VALUE`; params.yaml is restored afterwards, whatever happens. Experiments are queued variant
+`-S KEY=VALUE`; params.yaml is restored afterwards, whatever happens. A grid of another pipeline (its
+`pipeline` key) does the same with that pipeline's params file (`-S FILE:KEY=VALUE`) and runs its dvc.yaml. Experiments are queued variant
 by variant, each over all the seeds, in the grid's order. That keeps the queue workers off one seed at the
 start: two runs of one seed starting together would both train the models they share (the seed's reference
 classifier), leaving DVC's run cache two entries with different bytes; it restores the newest, so a later
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(shlex.join(cmd) for _, cmd in commands))
         return EXIT_OK
-    queued = _queue_with_profile(root / "params.yaml", grid.profile_text, commands)
+    queued = _queue_with_profile(root / grid.params_file, grid.profile_text, commands)
     if len(queued) < len(commands):
         print(f"dmat queue: error: `dvc exp run --queue` failed for {commands[len(queued)][0]}; queued before it: "
               f"{', '.join(queued) or 'none'}", file=sys.stderr)
@@ -86,20 +87,25 @@ def run(args: argparse.Namespace) -> int:
 def queue_commands(grid: Grid, only: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """(experiment name, `dvc exp run --queue` argv) per (variant, seed), variant-major; `only`: these variants."""
     commands = []
+    file = "" if grid.params_file == "params.yaml" else f"{grid.params_file}:"  # DVC's default params file
+    targets = list(grid.targets)
+    if grid.pipeline != "dvc.yaml":  # DVC's default pipeline: another one is named, with its stages
+        targets = [f"{grid.pipeline}:{target}" for target in targets] or [grid.pipeline]
     for variant, changes in grid.variants.items():
         if only and variant not in only:
             continue
-        sets = [arg for key, value in changes.items() for arg in ("-S", f"{key}={_yaml_value(value)}")]
+        sets = [arg for key, value in changes.items() for arg in ("-S", f"{file}{key}={_yaml_value(value)}")]
         for seed in grid.seeds:
             name = grid.experiment_name(variant, seed)
-            commands.append((name, ["dvc", "exp", "run", "--queue", "-n", name, *sets, "-S", f"base.seed={seed}",
-                                    *grid.targets]))
+            commands.append((name, ["dvc", "exp", "run", "--queue", "-n", name, *sets, "-S", f"{file}base.seed={seed}",
+                                    *targets]))
     return commands
 
 
 def _queue_with_profile(params_file: Path, profile_text: str, commands: list[tuple[str, list[str]]]) -> list[str]:
-    """Queue the commands with the profile as params.yaml; restore params.yaml; the names queued."""
-    from dmat.files import atomic_path
+    """Queue the commands (from the project root) with the profile as the params file; restore it; the names
+    queued."""
+    from dmat.files import atomic_path, project_root
 
     original = params_file.read_bytes()
     queued: list[str] = []
@@ -108,7 +114,7 @@ def _queue_with_profile(params_file: Path, profile_text: str, commands: list[tup
             tmp.write_text(profile_text, encoding="utf-8")
         for name, cmd in commands:
             print(f"dmat queue: {name}", file=sys.stderr)
-            if subprocess.run(cmd, cwd=params_file.parent).returncode:
+            if subprocess.run(cmd, cwd=project_root(params_file.parent)).returncode:
                 break
             queued.append(name)
     finally:
