@@ -88,9 +88,11 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never write to the user's MLflow server: each uses the store of its own working dir."""
+def _isolated_tracking(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never write to the user's MLflow server: each uses the store of its own working dir. Nor to the
+    machine's kept precision decisions: each test's stages decide in a cache of their own."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DMAT_CACHE_DIR", str(tmp_path_factory.mktemp("dmat-cache")))
 
 
 def write_params(path: Path, text: str) -> Path:

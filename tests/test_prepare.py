@@ -14,9 +14,10 @@ from tests.conftest import run_dmat, write_params
 from tests.torchvision_files import NO_NETWORK, dmat_launcher, fixture_images, write_cifar
 
 
-def _prepare(workdir: Path, data_path: Path, extra: str = "") -> dict:
+def _prepare(workdir: Path, data_path: Path, extra: str = "", seed: int = 3) -> dict:
+    workdir.mkdir(exist_ok=True)
     write_params(workdir / "params.yaml",
-                 f"base: {{seed: 3}}\ndata:\n  name: tiny\n  path: {data_path}\n{extra}")
+                 f"base: {{seed: {seed}}}\ndata:\n  name: tiny\n  path: {data_path}\n{extra}")
     result = run_dmat("prepare", cwd=workdir)
     assert result.returncode == 0, result.stderr
     return json.loads((workdir / "reports" / "prepare.json").read_text())  # per store: images, sha256, class counts
@@ -41,6 +42,16 @@ def test_prepare_twice_gives_identical_bytes(tmp_path: Path, image_archive: Path
     first = _prepare(tmp_path, image_archive, "  val_size: 3\n")
     second = _prepare(tmp_path, image_archive, "  val_size: 3\n")
     assert first == second
+
+
+def test_every_training_seed_is_scored_on_the_same_test_points(tmp_path: Path, image_archive: Path) -> None:
+    limits = "  val_size: 3\n  train_limit: 15\n  test_limit: 6\n"
+    seed_3, seed_4 = (_prepare(tmp_path / str(seed), image_archive, limits, seed=seed) for seed in (3, 4))
+    assert seed_3["train"]["sha256"] != seed_4["train"]["sha256"]  # the seed varies training...
+    assert seed_3["test"]["sha256"] == seed_4["test"]["sha256"]  # ...not the yardstick
+    other_rows = _prepare(tmp_path / "other", image_archive, limits + "  test_seed: 1\n", seed=3)
+    assert other_rows["test"]["sha256"] != seed_3["test"]["sha256"]
+    assert other_rows["train"]["sha256"] == seed_3["train"]["sha256"]
 
 
 def test_prepare_logs_mlflow_run_with_digests(tmp_path: Path, image_archive: Path) -> None:

@@ -90,6 +90,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "queue": ("dmat.tools.queue",
               "Queue an experiment grid (a profile, its variants, the seeds) as DVC experiments, one per variant and "
               "seed; `dmat compare --grid` reads them back."),
+    "precision": ("dmat.tools.precision",
+                  "Show or clear the precision decisions this machine keeps for base.precision auto (one per "
+                  "stage, network and batch): `dmat precision show`, `dmat precision clear [KEY ...]`."),
     "params": ("dmat.tools.params",
                "Validate a params file without running a stage: `dmat params check [FILE]` (exit 0 valid, 2 not)."),
 }

@@ -112,6 +112,9 @@ class DataConfig:
     val_size: int = allowed(1024, min=0)  # held out of the training images before any subsetting
     train_limit: int | None = allowed(None, min=1)  # class-stratified seeded subset; null = all
     test_limit: int | None = allowed(None, min=1)
+    # Seed of the test subset and its order: not base.seed, so that every seed of a comparison is scored on the
+    # same test points (the seed varies training, not the yardstick)
+    test_seed: int = allowed(0, min=0, max=2**31 - 1)
     # data/real/heldout: a class-stratified seeded draw of training images in neither train nor val (the
     # held-out-real control: what a perfect generator would score); 0 = an empty store
     heldout_size: int = allowed(0, min=0)

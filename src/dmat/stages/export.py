@@ -105,7 +105,7 @@ def provenance(params: Params, checkpoint: dict) -> dict:
                     "clean_accuracy_ci": reports[main]["clean_acc_ci"],
                     "robust_accuracy_ci": reports[main]["robust_acc_ci"], "confidence": reports[main]["confidence"],
                     "n": reports[main]["n"], "rows_id": reports[main]["rows"]["rows_id"],
-                    "attack": f"autoattack-{reports[main]['version']}",
+                    "attack": f"autoattack-{reports[main]['version']}", "attack_suite": reports[main].get("suite"),
                     "sanity_passed": reports[main]["sanity_passed"]},
         "evaluations": {name: {"norm": r["norm"], "eps": r["eps"], "clean_accuracy": r["clean_acc"],
                                "robust_accuracy": r["robust_acc"], "n": r["n"], "mlflow_run_id": r.get("mlflow_run_id")}

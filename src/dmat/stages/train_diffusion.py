@@ -118,6 +118,11 @@ class DiffusionTrainer:
         return network_passes(self.model, [t.to(self.world.device) for t in inputs], self.world.device,
                               backward=True)
 
+    def workload(self) -> dict:
+        """What the probe measures, for the machine's kept precision decision."""
+        return {"stage": STAGE, "network": self.cfg.model, "batch": max(1, self.cfg.batch_size // self.world.size),
+                "image_shape": list(self.real.image_shape)}
+
     def use(self, decision: Decision) -> None:
         """Train from now on in `decision`'s setting (the EMA copy stays float32 and contiguous)."""
         self.precision = decision
@@ -202,7 +207,8 @@ def run(params: Params) -> dict:
     with world(device) as w:
         trainer = DiffusionTrainer(params, w)
         trainer.resume()
-        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
+        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision,
+                                    workload=trainer.workload()))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
             if not tracked.continued:

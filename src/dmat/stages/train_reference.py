@@ -146,6 +146,11 @@ class ReferenceTrainer:
         """Forward and backward passes of this network at this rank's batch size, for the `auto` probe."""
         return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world)
 
+    def workload(self) -> dict:
+        """What the probe measures, for the machine's kept precision decision."""
+        return {"stage": STAGE, "network": self.cfg.model, "batch": max(1, self.cfg.batch_size // self.world.size),
+                "image_shape": list(self.real.image_shape), "classes": len(self.real.classes)}
+
     def use(self, decision: Decision) -> None:
         """Train from now on in `decision`'s setting (scoring stays float32: it calls the model directly)."""
         self.precision = decision
@@ -200,7 +205,8 @@ def run(params: Params) -> dict:
     with world(device) as w:
         trainer = ReferenceTrainer(params, w)
         trainer.resume()
-        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
+        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision,
+                                    workload=trainer.workload()))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
             if not tracked.continued:

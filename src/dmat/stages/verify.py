@@ -15,10 +15,12 @@ reports/verify.json (metrics/verify.json holds the headline numbers):
 - latency_budget (only with `latency_budget_ms`): onnxruntime p95 at batch 1;
 - denoiser_parity: denoiser.onnx vs the PyTorch EMA denoiser at several σ.
 When every gate passes the ONNX classifier is registered (alias `candidate`). `champion` moves to it only
-by evidence: when there is no champion, or when it was evaluated under the same threat model on the same
-test points as the champion and withstands attacks on significantly more of them (exact McNemar test on
-the points where the two disagree, level `champion_alpha`); different points or threat models are refused
-as not comparable. The test, its p-value and the decision are in the report and the version's tags. A
+by evidence: when there is no champion, or when it was evaluated under the same threat model and attack
+suite (pyautoattack version, attacks, budgets) on the same test points as the champion, withstands
+attacks on significantly more of them and is not significantly less accurate on the clean points (exact
+McNemar tests on the points where the two disagree, level `champion_alpha`); different points, threat
+models or attack suites are refused as not comparable. Both tests, their p-values and the decision are
+in the report, metrics/verify.json and the version's tags. A
 failed gate exits 1 and
 names the gate; nothing is registered.
 """
@@ -243,7 +245,8 @@ def run(params: Params) -> dict:
                     "onnx_sha256": manifest["files"][onnx_path.name]}
             outcomes = load_outcomes(layout.eval_dir(threat) / layout.OUTCOMES_FILE)
             candidate = EvaluationSummary(norm=card["norm"], eps=float(card["eps"]), rows_id=metrics["rows_id"],
-                                          robust_correct=outcomes.robust_correct)
+                                          robust_correct=outcomes.robust_correct,
+                                          clean_correct=outcomes.clean_correct, suite=metrics.get("attack_suite"))
             example = x[:1].numpy()
             report["registry"] = register(tracked, onnx_path, cfg, example, onnx_model.run(example), card, candidate)
         write_json(layout.report_file(STAGE), report)
@@ -259,17 +262,17 @@ def run(params: Params) -> dict:
 
 def register(tracked, onnx_path: Path, cfg, example: np.ndarray, output: np.ndarray, card: dict,
              candidate: EvaluationSummary) -> dict:
-    """A new registered version (alias `candidate`, tagged with its threat model, accuracies, test rows and
-    per-point robust outcomes); `champion` moves to it only by the evidence rule of `core.stats`."""
+    """A new registered version (alias `candidate`, tagged with its threat model, accuracies, attack suite, test
+    rows and per-point outcomes); `champion` moves to it only by the evidence rule of `core.stats`."""
     name = cfg.registered_model
     version = tracked.register_onnx_model(onnx_path, name, example, output, {**card, **outcome_tags(candidate)})
     current = tracked.model_version_tags(name, "champion")
     decision = champion_by_evidence(candidate, current, cfg.champion_alpha)
     if decision.decision == "moves":
         tracked.set_model_alias(name, "champion", version)
-    record = {"test": "exact McNemar on the discordant test points", "alpha": cfg.champion_alpha,
-              "decision": decision.decision, "reason": decision.reason, "p_value": decision.p_value,
-              "candidate_only": decision.candidate_only, "champion_only": decision.champion_only,
+    record = {"test": "exact McNemar on the discordant test points (conditional on these two trained models)",
+              "alpha": cfg.champion_alpha, "decision": decision.decision, "reason": decision.reason,
+              **_test_record("robust", decision.robust), **_test_record("clean", decision.clean),
               "compared_with_version": current["version"] if current else None}
     tracked.set_model_version_tags(name, version, {f"champion_rule.{key}": value for key, value in record.items()})
     moved = decision.decision == "moves"
@@ -278,22 +281,40 @@ def register(tracked, onnx_path: Path, cfg, example: np.ndarray, output: np.ndar
             "model_uri": f"models:/{name}/{version}"}
 
 
+def _test_record(kind: str, test) -> dict:
+    """One paired test of the rule, flat: p-value and the points only the candidate / only the champion got."""
+    return {f"{kind}_p_value": test.p_value if test else None, f"{kind}_candidate_only": test.a_only if test else None,
+            f"{kind}_champion_only": test.b_only if test else None}
+
+
 def champion_by_evidence(candidate: EvaluationSummary, current: dict | None, alpha: float) -> ChampionDecision:
-    """The champion rule against the version `champion` points at, read from its registry tags."""
+    """The champion rule against the version `champion` points at, read from its registry tags (a version
+    registered without per-point outcomes or its attack suite is refused as not comparable)."""
     if current is None:
         return champion_decision(candidate, None, alpha)
     if "robust_outcomes" not in current:
         return ChampionDecision("refused", f"not comparable: champion v{current['version']} was registered without "
                                            "per-point outcomes")
-    champion = EvaluationSummary(norm=current["norm"], eps=float(current["eps"]), rows_id=current["rows_id"],
-                                 robust_correct=unpack_outcomes(current["robust_outcomes"], int(current["n"])))
+    n = int(current["n"])
+    champion = EvaluationSummary(
+        norm=current["norm"], eps=float(current["eps"]), rows_id=current["rows_id"],
+        robust_correct=unpack_outcomes(current["robust_outcomes"], n),
+        clean_correct=unpack_outcomes(current["clean_outcomes"], n) if "clean_outcomes" in current else None,
+        suite=json.loads(current["attack_suite"]) if "attack_suite" in current else None)
     return champion_decision(candidate, champion, alpha)
 
 
 def outcome_tags(summary: EvaluationSummary) -> dict[str, str]:
-    """Registry tags that let a later version be compared with this one point by point."""
-    packed = np.packbits(np.asarray(summary.robust_correct, dtype=bool))
-    return {"rows_id": summary.rows_id, "robust_outcomes": base64.b64encode(packed.tobytes()).decode()}
+    """Registry tags that let a later version be compared with this one point by point, under the same suite."""
+    tags = {"rows_id": summary.rows_id, "robust_outcomes": pack_outcomes(summary.robust_correct),
+            "attack_suite": json.dumps(summary.suite, sort_keys=True)}
+    if summary.clean_correct is not None:
+        tags["clean_outcomes"] = pack_outcomes(summary.clean_correct)
+    return tags
+
+
+def pack_outcomes(correct) -> str:
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode()
 
 
 def unpack_outcomes(text: str, n: int) -> np.ndarray:
@@ -316,7 +337,8 @@ def headline(report: dict) -> dict:
         "onnx_vs_torch_throughput_ratio_batch64": report["onnx_vs_torch_throughput_ratio_batch64"],
         "registered_version": int(registry["version"]) if registry else None,
         "champion_moved": registry.get("champion_moved"),
-        "champion_p_value": (registry.get("champion_rule") or {}).get("p_value"),
+        "champion_p_value": (registry.get("champion_rule") or {}).get("robust_p_value"),
+        "champion_clean_p_value": (registry.get("champion_rule") or {}).get("clean_p_value"),
     }
 
 
