@@ -93,6 +93,10 @@ TOOLS: dict[str, tuple[str, str]] = {
     "precision": ("dmat.tools.precision",
                   "Show or clear the precision decisions this machine keeps for base.precision auto (one per "
                   "stage, network and batch): `dmat precision show`, `dmat precision clear [KEY ...]`."),
+    "known-distribution": ("dmat.tools.known_distribution",
+                           "The known-distribution benchmark (experiments/known-distribution/dvc.yaml): diffusion AT "
+                           "on Gaussian mixtures, measured exactly against the truth; its stages train and evaluate, "
+                           "and report (a grid's runs as per-seed and summary tables)."),
     "params": ("dmat.tools.params",
                "Validate a params file without running a stage: `dmat params check [FILE]` (exit 0 valid, 2 not)."),
 }

@@ -151,6 +151,16 @@ class GaussianMixture:
         return (r[..., None] * posterior_means).sum(dim=1).reshape(x.shape).to(x.dtype)
 
 
+def log_density_grid(truth: GaussianMixture, limit: float, points: int = 200) -> tuple[Tensor, Tensor]:
+    """A 2-D truth's log-density on a square mesh over [−limit, limit]²: (ticks (points,), log p (points, points))
+    with log p[i, j] at x = ticks[j], y = ticks[i] (rows: y), as contour plots take it."""
+    if truth.dim != 2:
+        raise ValueError(f"a density mesh needs a 2-D truth, this one has D = {truth.dim}")
+    ticks = torch.linspace(-limit, limit, points, dtype=torch.float64)
+    mesh = torch.cartesian_prod(ticks, ticks)[:, [1, 0]]  # (y, x) pairs, y major -> (x, y) points
+    return ticks, truth.log_prob(mesh).reshape(points, points)
+
+
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).to(torch.float64)
 
@@ -214,7 +224,8 @@ def corrupt(x: Tensor, fraction: float, sigma: float, generator: torch.Generator
 
 
 def replace_with_outliers(x: Tensor, labels: Tensor, truth: GaussianMixture, fraction: float,
-                          generator: torch.Generator, radii: tuple[float, float] = (1.5, 3.0)) -> tuple[Tensor, Tensor, Tensor]:
+                          generator: torch.Generator,
+                          radii: tuple[float, float] = (1.5, 3.0)) -> tuple[Tensor, Tensor, Tensor]:
     """Replace a seeded choice of ``fraction`` of the points by outliers: uniformly random directions at a
     radius uniform in [radii[0], radii[1]] × the truth's extent (far from every mode), with random classes.
     Returns the points, their labels and which were replaced."""

@@ -20,7 +20,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 STAGES = {
     "train": ("dmat.stages.known_distribution.train",
               "Draw the truth's training set under the data condition and train the denoiser (AT mode "
-              "train.adversarial.mode) -> models/<truth>/denoiser.pt, data/<truth>/train.npz, metrics/train_<truth>.json."),
+              "train.adversarial.mode) -> models/<truth>/denoiser.pt, data/<truth>/train.npz, "
+              "metrics/train_<truth>.json."),
     "evaluate": ("dmat.stages.known_distribution.evaluate",
                  "The exact measures of the trained denoiser against the truth -> metrics/evaluate_<truth>.json, "
                  "plots/<truth>/ (error per noise level, samples), data/<truth>/samples.npz."),
@@ -34,18 +35,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--truth", required=True, metavar="NAME", help="an entry of the params file's `truths`")
         sub.add_argument("--params", default="params.yaml", metavar="FILE",
                          help="params file (default: params.yaml of the working directory, as DVC runs the stage)")
-    from dmat.tools import known_distribution_report
-
+    report_module = _report_module()
     report = commands.add_parser("report", help="per-seed and summary tables of a grid's runs",
-                                 description=known_distribution_report.__doc__.split("\n\n")[0])
-    known_distribution_report.configure(report)
+                                 description=report_module.__doc__.split("\n\n")[0])
+    report_module.configure(report)
+
+
+def _report_module():
+    # Imported by name, as the CLI imports tools: the stages do not run the report, so it is no code dependency
+    # of theirs (a change to it must not make DVC retrain every model).
+    return importlib.import_module("dmat.tools.known_distribution_report")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.kd_command == "report":
-        from dmat.tools import known_distribution_report
-
-        return known_distribution_report.run(args)
+        return _report_module().run(args)
     from dmat.config import ParamsError
     from dmat.errors import USER_ERRORS
 

@@ -2,8 +2,7 @@
 
 DVC's queue snapshots the workspace's params.yaml when an experiment is queued, so for the time it
 queues, this puts the grid's profile in params.yaml and passes each variant's changes and the seed as
-`-S KEY=VALUE`; params.yaml is restored afterwards, whatever happens. A grid of another pipeline (its
-`pipeline` key) does the same with that pipeline's params file (`-S FILE:KEY=VALUE`) and runs its dvc.yaml. Experiments are queued variant
+`-S KEY=VALUE`; params.yaml is restored afterwards, whatever happens. Experiments are queued variant
 by variant, each over all the seeds, in the grid's order. That keeps the queue workers off one seed at the
 start: two runs of one seed starting together would both train the models they share (the seed's reference
 classifier), leaving DVC's run cache two entries with different bytes; it restores the newest, so a later
@@ -11,6 +10,9 @@ run of that seed gets a reference the first variant's samples were not scored wi
 instead of taking them from the cache. With at least as many seeds as workers this cannot happen. `--start N`
 then starts N queue workers (`dvc queue start -j N`). The command to read the outcomes back is
 printed at the end: `dmat compare --grid GRID`.
+
+A grid of another pipeline (its `pipeline` key) is queued the same way with that pipeline's params file
+(`-S FILE:KEY=VALUE`), running its dvc.yaml.
 
 Exit 0 when everything was queued; 1 when `dvc` failed (it names the experiments queued so far);
 2 for a bad grid file (nothing queued).

@@ -29,7 +29,7 @@ from torch import Tensor
 from dmat.artifacts import known_distribution as layout
 from dmat.config import as_dict
 from dmat.core import exact_measures as measures
-from dmat.core.known_distribution import GaussianMixture
+from dmat.core.known_distribution import GaussianMixture, log_density_grid
 from dmat.core.rng import seeded_generator
 from dmat.core.samplers import edm_sigma_steps, heun_sampler, to_uint8
 from dmat.core.sampling_attack import attack_latents, random_direction
@@ -50,8 +50,9 @@ Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
 def error_curve(denoiser: Denoiser, truth: GaussianMixture, ev: KnownEvaluateConfig, key: int) -> list[dict]:
-    return [vars(measures.denoiser_error(denoiser, truth, sigma, ev.n_denoiser, seeded_generator(ev.seed, CURVE, key, i)))
-            for i, sigma in enumerate(ev.sigmas)]
+    generators = [seeded_generator(ev.seed, CURVE, key, i) for i in range(len(ev.sigmas))]
+    return [vars(measures.denoiser_error(denoiser, truth, sigma, ev.n_denoiser, generator))
+            for sigma, generator in zip(ev.sigmas, generators, strict=True)]
 
 
 def sample_measures(samples: Tensor, labels: Tensor, truth: GaussianMixture, reference: Tensor, training: Tensor,
@@ -89,7 +90,7 @@ def _suffixed(metrics: dict[str, float], suffix: str) -> dict[str, float]:
 
 
 def run(params: KnownDistributionParams, truth: str) -> dict:
-    cfg, ev = params.truth(truth), params.evaluate
+    cfg = params.truth(truth)
     apply_torch(params.base)
     mixture, key = layout.truth_of(cfg), layout.truth_key(truth)
     denoiser, header = layout.load_denoiser(layout.model_file(truth))
@@ -136,8 +137,8 @@ def evaluate(denoiser: Denoiser, mixture: GaussianMixture, training: Tensor, par
 
     attacked = slice(0, ev.attack_n)
     for suffix, network in (("", denoiser), ("_exact", mixture.denoise)):
-        metrics.update(_suffixed(attack_measures(network, latents[attacked], labels[attacked], sigmas, mixture, ev, key),
-                                 suffix))
+        attack = attack_measures(network, latents[attacked], labels[attacked], sigmas, mixture, ev, key)
+        metrics.update(_suffixed(attack, suffix))
     return metrics, curve, {"model": model_samples, "exact": exact_samples, "labels": labels}
 
 
@@ -176,10 +177,7 @@ def write_outputs(truth: str, title: str, metrics: dict[str, float], curve: list
 def _scatter(path: Path, title: str, mixture: GaussianMixture, samples: Tensor, training: Tensor) -> None:
     """Model samples and training points over the true density's contours; the view holds the truth and
     nearly all samples (outliers of the training set beyond it are not drawn)."""
-    limit = max(1.25 * mixture.extent(), float(samples.abs().quantile(0.995)))
-    ticks = torch.linspace(-limit, limit, 200, dtype=torch.float64)
-    mesh = torch.cartesian_prod(ticks, ticks)[:, [1, 0]]  # rows: y, columns: x
-    log_density = mixture.log_prob(mesh).reshape(200, 200).numpy()
-    save_scatter_over_density(path, ticks.numpy(), ticks.numpy(), log_density,
+    ticks, log_density = log_density_grid(mixture, max(1.25 * mixture.extent(), float(samples.abs().quantile(0.995))))
+    save_scatter_over_density(path, ticks.numpy(), log_density.numpy(),
                               [("training points", training.numpy(), "0.6"), ("samples", samples.numpy(), "tab:blue")],
                               title=title)

@@ -62,7 +62,8 @@ def train_denoiser(denoiser: torch.nn.Module, training: layout.TrainingSet, cfg:
     """Adam with a cosine decay to 0 on the diffusion training loss; per interval means of the loss terms."""
     at = at_config(cfg)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
     batches, noise = seeded_generator(seed, BATCHES, stream), seeded_generator(seed, TRAINING_NOISE, stream)
     log, rows, started = [], [], time.perf_counter()
     denoiser.train()
@@ -89,7 +90,8 @@ def train_denoiser(denoiser: torch.nn.Module, training: layout.TrainingSet, cfg:
 def run(params: KnownDistributionParams, truth: str) -> dict:
     cfg = params.truth(truth)
     if cfg.model not in DENOISERS:
-        raise ParamsError(f"truths.{truth}.model = {cfg.model!r} is not allowed: expected one of {', '.join(DENOISERS)}")
+        raise ParamsError(f"truths.{truth}.model = {cfg.model!r} is not allowed: expected one of "
+                          f"{', '.join(DENOISERS)}")
     apply_torch(params.base)  # seeds torch: the initialisation is the same for every AT mode of a seed
     mixture = layout.truth_of(cfg)
     stream, seed = layout.truth_key(truth), params.base.seed
