@@ -11,11 +11,11 @@ import pytest
 from dmat.config import load_params, parse_params, read_yaml
 from dmat.known_distribution_config import PIPELINE_DIR, KnownDistributionParams
 from dmat.tools.grid import GridError, load_grid
+from dmat.tools.imports import SRC, closure, module_file
 from dmat.tools.known_distribution import STAGES
 from dmat.tools.known_distribution_report import read_per_seed, summarise
 from dmat.tools.queue import queue_commands
 from tests.conftest import REPO_ROOT, run_dmat
-from tests.import_graph import SRC, closure, module_file
 
 PIPELINE = REPO_ROOT / PIPELINE_DIR
 

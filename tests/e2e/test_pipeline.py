@@ -107,7 +107,8 @@ def build_pipeline(base: Path) -> Path:
     run(["git", "init", "-q"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "-m", "e2e"], project)
-    run([str(BIN_DIR / "dvc"), "repro"], project)
+    # every stage records the project files it opens (dmat.audit), for test_stages_open_only_what_they_declare
+    run([str(BIN_DIR / "dvc"), "repro"], project, env={"DMAT_AUDIT": str(base / "audit.jsonl")})
     return project
 
 
@@ -116,6 +117,16 @@ def test_outputs_are_canonical_stores(pipeline: Path) -> None:
              for n in ("train", "val", "test", "heldout")}
     assert sizes == {"train": 60, "val": 20, "test": 30, "heldout": 20}
     assert len(ArrayStore.open(pipeline / "data" / "synthetic", verify=True)) == 2 * 10
+
+
+def test_stages_open_only_what_they_declare(pipeline: Path) -> None:
+    """DVC reruns a stage only when a declared input changes: a stage must not read (or write) anything else."""
+    from dmat.audit import read_records, undeclared
+
+    records = read_records(pipeline.parent / "audit.jsonl")
+    assert {r["stage"] for r in records} >= {"prepare", "train", "generate", "evaluate", "verify", "export"}
+    assert any(r["path"] == "data/real/train/images.npy" and not r["write"] for r in records if r["stage"] == "train")
+    assert undeclared(records) == [], "declare them in src/dmat/pipeline.py (then `dmat pipeline render`)"
 
 
 def test_every_stage_wrote_its_declared_outputs(pipeline: Path) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_mix_manifest
 from dmat.config import Params, ParamsError, ThreatEvalConfig, flatten
@@ -48,9 +49,10 @@ from dmat.plots import save_curve
 from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
-STAGE = "evaluate"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 CONFIDENCE = 0.95
-SECTIONS = ("base", "evaluate")
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 
 
 def metrics_file(threat: str) -> Path:
@@ -242,7 +244,9 @@ def log_results(tracked, name: str, report: dict, record: dict) -> None:
     for kind in ("clean", "robust"):
         metrics.update({f"per_class.{kind}.{c}": v for c, v in report["per_class"][kind].items() if v is not None})
     tracked.log_metrics(metrics)
-    tracked.set_tags({"dmat.flags": ",".join(report["flags"]) or "none"})
+    # what `dmat compare` needs to label a table: the attacks that ran and the chance level (1 / classes)
+    tracked.set_tags({"dmat.flags": ",".join(report["flags"]) or "none", "dmat.attacks": ",".join(report["attacks"]),
+                      "dmat.classes": str(len(report["classes"]))})
     tracked.log_artifact(layout.eval_dir(name) / layout.EVAL_REPORT_FILE)
     tracked.log_artifact(layout.eval_dir(name) / layout.OUTCOMES_FILE)  # what `dmat compare` pairs runs on
     tracked.set_tags({"dmat.rows_id": report["rows"]["rows_id"]})

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_denoiser, load_mix_manifest, load_reference_classifier
 from dmat.checkpoint import load_checkpoint
@@ -81,8 +82,9 @@ from dmat.files import sha256_file, write_json
 from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
-STAGE = "evaluate_diffusion"
-SECTIONS = ("base", "evaluate_diffusion")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 INCEPTION_BATCH = 32  # images per Inception-v3 call: 299×299 activations are large
 PIXEL_CHUNK = 4096  # training images per block of the nearest-neighbour search
 # metrics/evaluate_diffusion.json: each sample-quality number of the generated images next to the control's

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_denoiser, load_eval_report, load_mix_manifest
 from dmat.config import Params
@@ -28,8 +29,9 @@ from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, OUT
 from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
-STAGE = "export"
-SECTIONS = ("base", "evaluate")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 EXAMPLE_BATCH = 4  # the exporters want an example batch larger than 1 for a dynamic batch dimension (DESIGN.md §6)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_denoiser, load_reference_classifier, load_scoring_classifier
 from dmat.config import Params, ParamsError
@@ -44,8 +45,9 @@ from dmat.plots import image_grid, save_png
 from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision
 from dmat.tracking import stage_run
 
-STAGE = "generate"
-SECTIONS = ("base", "generate")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 GRID_PER_CLASS = 10
 # metrics/generate.json (each as generate_<key>); the rest of the metrics go to the report
 HEADLINE = ("images", "nfe", "guidance", "seconds", "images_per_s", "precision", "memory_format")

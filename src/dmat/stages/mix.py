@@ -16,6 +16,7 @@ import json
 
 import numpy as np
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.config import Params
 from dmat.data.splits import purpose_rng, stratified_sample
@@ -24,8 +25,9 @@ from dmat.errors import DataError
 from dmat.files import atomic_path, sha256_file
 from dmat.tracking import stage_run
 
-STAGE = "mix"
-SECTIONS = ("base", "mix")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 
 
 def check_compatible(real: ArrayStore, synthetic: ArrayStore, fraction: float) -> None:

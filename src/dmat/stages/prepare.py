@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.config import Params
 from dmat.data.sources import SplitSource, open_source
@@ -28,8 +29,9 @@ from dmat.errors import DataError
 from dmat.files import atomic_path, in_project, write_json
 from dmat.tracking import stage_run
 
-STAGE = "prepare"
-SECTIONS = ("base", "data")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 WRITE_CHUNK = 1024
 
 

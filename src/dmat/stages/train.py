@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_classifier, load_mix_manifest, open_mixed_store
 from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
@@ -50,9 +51,10 @@ from dmat.stage_setup import (
 )
 from dmat.tracking import stage_run
 
-STAGE = "train"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
-SECTIONS = ("base", "train")
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 EVAL_BATCH = 256
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
@@ -40,9 +41,10 @@ from dmat.plots import image_grid
 from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision, training_network
 from dmat.tracking import stage_run
 
-STAGE = "train_diffusion"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
-SECTIONS = ("base", "train_diffusion")
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 # Noise-level bands for the loss split: where the denoiser's work is fine detail vs global layout.
 SIGMA_BANDS = ((0.0, 0.2), (0.2, 1.0), (1.0, 5.0), (5.0, float("inf")))
 GRID_PER_CLASS = 10

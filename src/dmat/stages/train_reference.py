@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, publish, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
@@ -59,9 +60,10 @@ from dmat.stage_setup import (
 )
 from dmat.tracking import stage_run
 
-STAGE = "train_reference"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
-SECTIONS = ("base", "train_reference")
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 EVAL_BATCH = 256
 # metrics/train_reference.json, prefixed `reference_` (keys are unique across metrics files); the rest: report
 HEADLINE = ("test_acc", "test_acc_low", "test_acc_high", "train_s")

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import (
     load_adversarial_examples,
@@ -56,8 +57,9 @@ from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, OUT
 from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
-STAGE = "verify"
-SECTIONS = ("base", "verify")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 THROUGHPUT_BATCH = 64
 
 

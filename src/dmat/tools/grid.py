@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from dmat.execution import SEED_KEY, variant_label
 from dmat.known_distribution_config import KnownDistributionParams
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9\-]{0,40}$")  # DVC experiment names are built from these
-KEYS = {"profile", "name", "seeds", "baseline", "targets", "variants", "pipeline", "axes"}
+KEYS = {"profile", "name", "seeds", "baseline", "targets", "variants", "contrasts", "pipeline", "axes"}
 # The repository's pipelines: dvc.yaml -> the params class of its params file (which knows the file's path).
 PIPELINES: dict[str, type] = {schema.DVC_FILE: schema for schema in (Params, KnownDistributionParams)}
 
@@ -48,6 +48,9 @@ class Grid:
     variants: dict[str, dict[str, Any]]  # variant name -> {dotted key: value}
     labels: dict[str, str]  # variant name -> the `dmat.variant` label its runs carry
     experiment: str  # the MLflow experiment the profile's runs go into
+    # contrast name -> {variant name: weight}: per seed, the weighted sum of the variants' accuracies (e.g. an
+    # interaction of a 2×2 design: {a1b1: 1, a1b0: -1, a0b1: -1, a0b0: 1}); `dmat compare --grid` tests each
+    contrasts: dict[str, dict[str, float]] = field(default_factory=dict)
     pipeline: str = Params.DVC_FILE  # the dvc.yaml it runs, relative to the project root
     params_file: str = Params.PARAMS_FILE  # that pipeline's params file, which `dvc exp run -S` sets
     axes: dict[str, dict[str, str]] | None = None  # variant name -> {axis: value name}, for grids of `axes`
@@ -106,7 +109,8 @@ def load_grid(path: str | Path, root: Path | None = None) -> Grid:
     _check_distinct(path, labels)
     return Grid(path=path, profile=profile, profile_text=profile_text, name=name, seeds=seeds, baseline=baseline,
                 targets=tuple(targets), variants=variants, labels=labels,
-                experiment=parse_params(profile_raw, schema).base.experiment, pipeline=pipeline,
+                experiment=parse_params(profile_raw, schema).base.experiment,
+                contrasts=_contrasts(path, raw.get("contrasts", {}), variants), pipeline=pipeline,
                 params_file=schema.PARAMS_FILE, axes=axes)
 
 
@@ -195,6 +199,27 @@ def _product(path: Path, axes: Any) -> dict[str, dict[str, Any]]:
             raise GridError(f"{path}: two combinations of the axes are both named {name!r}")
         variants[name] = changes
     return variants
+
+
+def _contrasts(path: Path, contrasts: Any, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    if not isinstance(contrasts, dict):
+        raise GridError(f"{path}: contrasts must be a mapping of name -> {{variant: weight}}")
+    out = {}
+    for name, weights in contrasts.items():
+        if not isinstance(name, str) or not NAME.match(name):
+            raise GridError(f"{path}: contrast name {name!r} is not allowed: lower-case letters, digits and '-'")
+        if (not isinstance(weights, dict) or len(weights) < 2
+                or not all(isinstance(w, int | float) and not isinstance(w, bool) and w for w in weights.values())):
+            raise GridError(f"{path}: contrast {name!r}: expected at least two variants with non-zero number weights")
+        unknown = [v for v in weights if v not in variants]
+        if unknown:
+            raise GridError(f"{path}: contrast {name!r}: {unknown[0]!r} is not one of the variants: "
+                            f"{', '.join(variants)}")
+        if abs(sum(weights.values())) > 1e-9:
+            raise GridError(f"{path}: contrast {name!r}: its weights must sum to 0 (a difference of accuracies), "
+                            f"they sum to {sum(weights.values()):g}")
+        out[name] = {variant: float(weight) for variant, weight in weights.items()}
+    return out
 
 
 def _check_distinct(path: Path, labels: dict[str, str]) -> None:
