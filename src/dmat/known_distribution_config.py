@@ -98,7 +98,7 @@ class KnownEvaluateConfig:
     rho: float = allowed(7.0, above=0)
     projections: int = allowed(256, min=1)  # random directions of the sliced Wasserstein distance
     memorisation_quantile: float = allowed(0.01, above=0, max=0.5)  # of fresh true samples' training-set distances
-    attack_n: int = allowed(256, min=1)  # first samples whose starting noise is attacked
+    attack_n: int = allowed(128, min=1)  # first samples whose starting noise is attacked
     attack_eps: float = allowed(0.05, above=0)  # L2 radius per coordinate of the latent: ‖δ‖ <= eps·√D
     attack_steps: int = allowed(10, min=1)
 
