@@ -389,6 +389,7 @@ class Params:
 
     PARAMS_FILE: typing.ClassVar[str] = "params.yaml"  # the committed file, relative to the project root
     DVC_FILE: typing.ClassVar[str] = "dvc.yaml"  # the pipeline these params drive
+    GRID_REPORT: typing.ClassVar[str] = "dmat compare --grid"  # reads a grid of this pipeline back
 
     base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -117,6 +117,7 @@ class KnownDistributionParams:
 
     PARAMS_FILE: typing.ClassVar[str] = f"{PIPELINE_DIR}/params.yaml"  # relative to the project root
     DVC_FILE: typing.ClassVar[str] = f"{PIPELINE_DIR}/dvc.yaml"
+    GRID_REPORT: typing.ClassVar[str] = "dmat known-distribution report --grid"
 
     base: KnownDistributionBase = field(default_factory=KnownDistributionBase)
     truths: dict[str, TruthConfig] = field(default_factory=lambda: {"ring": TruthConfig()})

@@ -54,6 +54,7 @@ class Grid:
     pipeline: str = Params.DVC_FILE  # the dvc.yaml it runs, relative to the project root
     params_file: str = Params.PARAMS_FILE  # that pipeline's params file, which `dvc exp run -S` sets
     axes: dict[str, dict[str, str]] | None = None  # variant name -> {axis: value name}, for grids of `axes`
+    report: str = Params.GRID_REPORT  # the command that reads the grid's runs back
 
     def experiment_name(self, variant: str, seed: int) -> str:
         return f"{self.name}-{variant}-s{seed}"
@@ -111,7 +112,7 @@ def load_grid(path: str | Path, root: Path | None = None) -> Grid:
                 targets=tuple(targets), variants=variants, labels=labels,
                 experiment=parse_params(profile_raw, schema).base.experiment,
                 contrasts=_contrasts(path, raw.get("contrasts", {}), variants), pipeline=pipeline,
-                params_file=schema.PARAMS_FILE, axes=axes)
+                params_file=schema.PARAMS_FILE, axes=axes, report=schema.GRID_REPORT)
 
 
 def apply_changes(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

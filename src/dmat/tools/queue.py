@@ -12,9 +12,11 @@ then starts N queue workers (`dvc queue start -j N`). The command to read the ou
 printed at the end: `dmat compare --grid GRID`.
 
 A grid of another pipeline (its `pipeline` key) is queued the same way with that pipeline's params file
-(`-S FILE:KEY=VALUE`), running its dvc.yaml.
+(`-S FILE:KEY=VALUE`), running its dvc.yaml; the command printed at the end is that pipeline's report.
 
-Exit 0 when everything was queued; 1 when `dvc` failed (it names the experiments queued so far);
+Before queueing it creates the MLflow tracking store if there is none yet (queue workers starting together on a
+new store would race on its creation). Exit 0 when everything was queued; 1 when the tracking store cannot be
+used or `dvc` failed (it names the experiments queued so far);
 2 for a bad grid file (nothing queued).
 """
 
@@ -62,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(shlex.join(cmd) for _, cmd in commands))
         return EXIT_OK
+    from dmat.errors import TrackingError
+    from dmat.tracking import prepare_store
+
+    try:  # before any queue worker can start: parallel first uses of a new store would race on its creation
+        prepare_store()
+    except TrackingError as err:
+        print(f"dmat queue: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     queued = _queue_with_profile(root / grid.params_file, grid.profile_text, commands)
     if len(queued) < len(commands):
         print(f"dmat queue: error: `dvc exp run --queue` failed for {commands[len(queued)][0]}; queued before it: "
@@ -82,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dmat queue: started {args.start} queue worker(s)", file=sys.stderr)
     print(("" if args.start else "start them:    dvc queue start\n")
           + "watch them:    dvc queue status\n"
-          + f"compare them:  dmat compare --grid {shlex.quote(str(args.grid))}", file=sys.stderr)
+          + f"compare them:  {grid.report} {shlex.quote(str(args.grid))}", file=sys.stderr)
     return EXIT_OK
 
 
