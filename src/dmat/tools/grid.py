@@ -78,8 +78,8 @@ def load_grid(path: str | Path, root: Path | None = None) -> Grid:
         raise GridError(f"{path}: not valid YAML: {err}") from None
     if (not isinstance(raw, dict) or set(raw) - KEYS or "profile" not in raw
             or ("variants" in raw) == ("axes" in raw)):
-        raise GridError(f"{path}: expected a mapping with 'profile' and either 'variants' or 'axes' (and optionally "
-                        "'name', 'seeds', 'baseline', 'targets', 'pipeline'); got "
+        raise GridError(f"{path}: expected a mapping with 'profile' and 'variants' (or instead 'axes'; optionally "
+                        "'name', 'seeds', 'baseline', 'targets', 'contrasts', 'pipeline'); got "
                         f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
     pipeline = str(raw.get("pipeline", Params.DVC_FILE))
     if pipeline not in PIPELINES:
