@@ -40,6 +40,15 @@ def test_the_committed_params_are_valid_and_name_themselves() -> None:
     assert {cfg.distribution for cfg in params.truths.values()} >= {"ring", "patterns"}
 
 
+def test_params_check_validates_the_benchmarks_file_against_its_own_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmat.config import Params
+    from dmat.tools.params import schema_of
+
+    monkeypatch.chdir(REPO_ROOT)
+    assert schema_of(f"{PIPELINE_DIR}/params.yaml") is KnownDistributionParams
+    assert schema_of("params.yaml") is Params
+
+
 def dvc_stages() -> dict[str, dict]:
     stages = read_yaml((PIPELINE / "dvc.yaml").read_text())["stages"]
     return {name: stage.get("do", stage) for name, stage in stages.items()}

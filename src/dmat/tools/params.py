@@ -1,13 +1,15 @@
 """`dmat params check [FILE]`: validate a params file without running a stage.
 
 Exit 0 when every section is valid (with `--resolved`, the fully resolved config is printed as
-YAML, defaults included); exit 2 with the same one-line message a stage would give otherwise.
+YAML, defaults included); exit 2 with the same one-line message a stage would give otherwise. Another
+pipeline's params file (e.g. experiments/known-distribution/params.yaml) is checked against its own schema.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_INVALID = 0, 2
 
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from dmat.config import ParamsError, as_dict, load_params, to_yaml
 
     try:
-        params = load_params(args.file)
+        params = load_params(args.file, schema_of(args.file))
     except ParamsError as err:
         print(f"dmat params: error: {err}", file=sys.stderr)
         return EXIT_INVALID
@@ -36,3 +38,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{args.file}: valid")
     return EXIT_OK
+
+
+def schema_of(file: str) -> type:
+    """The params class of the pipeline whose params file `file` is (the repository's params.yaml otherwise)."""
+    from dmat.config import Params
+    from dmat.files import project_root
+    from dmat.tools.grid import PIPELINES
+
+    path = Path(file).resolve()
+    return next((schema for schema in PIPELINES.values() if (project_root() / schema.PARAMS_FILE).resolve() == path),
+                Params)
