@@ -182,6 +182,7 @@ class Comparison:
     p_holm: float | None
     floor_true: float | None
     floor_exact: float | None
+    seeds_for_power: int | None  # seeds a paired t-test at 0.05 needs for 80% power, if the differences spread so
     verdict: str
 
 
@@ -216,6 +217,7 @@ def summarise(rows: list[dict[str, Any]], axes: dict[str, dict[str, str]], axis:
                         mean=statistics.fmean(_number(runs[s], metric) for s in seeds), difference=interval.mean,
                         ci_low=interval.low, ci_high=interval.high, p_t=stats.paired_t_p(differences),
                         p_sign_flip=stats.sign_flip_p(differences),
+                        seeds_for_power=stats.seeds_for_power(interval.mean, interval.std),
                         floor_true=_mean_of(list(base.values()) + list(runs.values()), f"{metric}_true"),
                         floor_exact=_mean_of(list(base.values()) + list(runs.values()), f"{metric}_exact")))
             for entry, adjusted in zip(family, stats.holm([e["p_t"] for e in family]), strict=True):
@@ -246,22 +248,24 @@ def markdown(summary: list[Comparison], axis: str, reference: str, seeds: int) -
     out = io.StringIO()
     out.write(f"Each {axis} against `{reference}` on the same seeds ({seeds} seeds): mean difference with its 95% "
               "t-interval, paired t p-value, exact sign-flip p-value, Holm-adjusted paired t p-value (over the "
-              f"{axis} × condition comparisons of each truth and measure). `true`: fresh true samples (the "
-              "finite-sample floor); `exact`: the Bayes-optimal denoiser through the same sampler. Lower is better "
-              f"except {', '.join(sorted(HIGHER_IS_BETTER))}.\n")
+              f"{axis} × condition comparisons of each truth and measure), the seeds a paired t-test at 0.05 would "
+              "need for 80% power at the observed spread. `true`: fresh true samples (the finite-sample floor); "
+              "`exact`: the Bayes-optimal denoiser through the same sampler. Lower is better except "
+              f"{', '.join(sorted(HIGHER_IS_BETTER))}.\n")
     for letter, claim, condition, metrics in CLAIMS:
         rows = [c for c in summary if c.condition == condition and c.metric in metrics]
         if not rows:
             continue
         out.write(f"\n### ({letter}) {claim}: condition `{condition}`\n\n")
         out.write(f"| truth | measure | {axis} | {reference} | {axis} value | difference [95% CI] | p (t) "
-                  "| p (sign-flip) | p (Holm) | verdict | true | exact |\n")
-        out.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+                  "| p (sign-flip) | p (Holm) | verdict | seeds for power | true | exact |\n")
+        out.write("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for c in sorted(rows, key=lambda c: (c.truth, metrics.index(c.metric))):
             interval = "" if c.ci_low is None else f" [{_fmt(c.ci_low)}, {_fmt(c.ci_high)}]"
             out.write(f"| {c.truth} | {c.metric} | {c.value} | {_fmt(c.reference_mean)} | {_fmt(c.mean)} | "
                       f"{_fmt(c.difference)}{interval} | {_fmt_p(c.p_t)} | {_fmt_p(c.p_sign_flip)} "
-                      f"| {_fmt_p(c.p_holm)} | {c.verdict} | {_fmt(c.floor_true)} | {_fmt(c.floor_exact)} |\n")
+                      f"| {_fmt_p(c.p_holm)} | {c.verdict} | {c.seeds_for_power or '–'} | {_fmt(c.floor_true)} "
+                      f"| {_fmt(c.floor_exact)} |\n")
     return out.getvalue()
 
 
