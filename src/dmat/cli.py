@@ -42,6 +42,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "pipeline": ("dmat.tools.pipeline",
                  "Render dvc.yaml and the README's stage table from the stage declarations (src/dmat/pipeline.py): "
                  "`dmat pipeline render`, `check`, `show`."),
+    "ui": ("dmat.tools.ui",
+           "Start the MLflow UI on the project's tracking store and print the links to its pipeline runs (one row per "
+           "pipeline execution with its variant and headline metrics) and to the same rows grouped by variant."),
     "known-distribution": ("dmat.tools.known_distribution",
                            "The known-distribution benchmark (experiments/known-distribution/dvc.yaml): diffusion AT "
                            "on Gaussian mixtures, measured exactly against the truth; its stages train and evaluate, "

@@ -57,7 +57,7 @@ def test_wilson_interval_agrees_with_scipy() -> None:
 
 
 def test_wilson_interval_width_at_the_sizes_design_quotes() -> None:
-    """DESIGN.md §8: about ±9 points at n = 100 and ±3 at n = 1,000 (at p = 0.6)."""
+    """docs/evidence.md: about ±9 points at n = 100 and ±3 at n = 1,000 (at p = 0.6)."""
     for n, half_width in [(100, 0.095), (1000, 0.031)]:
         low, high = wilson_interval(int(0.6 * n), n)
         assert (high - low) / 2 == pytest.approx(half_width, abs=0.002)

@@ -1,9 +1,7 @@
 """Variants as evidence, end to end: two variants × three seeds through `dvc exp run --queue`, then `dmat compare`,
 and the MLflow structure users compare them in (one parent run per pipeline execution, read through the REST API).
 
-The copy of the session's tiny pipeline has seed 1 and synthetic fraction 0.5 committed; a grid file queued with
-`dmat queue` (as the CPU-scale experiment is) adds seeds 2 and 3 and fraction 0, from a committed profile that is those
-params. Only the stages up to `evaluate@linf` run; DVC's run cache shares what the grid's points share.
+The grid's store is the session fixture `variants` (tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,42 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN_DIR
-from tests.e2e.test_pipeline import project_copy, run
-from tests.e2e.test_variants import wait_for_queue
+from tests.e2e.conftest import REAL_ONLY
+from tests.e2e.test_pipeline import run
 from tests.test_team_tracking import key_values, mlflow_server, rest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-REAL_ONLY = "mix.synthetic_fraction=0.0"  # labels show the validated value (a float), however typed
-
-
-@pytest.fixture(scope="module")
-def variants(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = project_copy(tiny_pipeline, tmp_path_factory.mktemp("variants"))
-    params = (project / "params.yaml").read_text()
-    profile = params.replace("compile: false}", f"compile: false, profile: {PROFILE}}}", 1)
-    assert profile != params
-    (project / PROFILE).write_text(profile)
-    (project / "grid.yaml").write_text(GRID)
-    run(["git", "add", PROFILE, "grid.yaml"], project)
-    run(["git", "commit", "-q", "-m", "e2e grid"], project)
-    committed = (project / "params.yaml").read_bytes()
-    run([str(BIN_DIR / "dmat"), "queue", "grid.yaml", "--start", "1"], project)
-    assert (project / "params.yaml").read_bytes() == committed  # the profile is not left behind
-    wait_for_queue(project, timeout=1800)
-    return project
-
-
-PROFILE = "profiles/e2e.yaml"
-GRID = f"""profile: {PROFILE}
-name: e2e
-seeds: [1, 2, 3]
-baseline: generated
-targets: [evaluate@linf]
-variants:
-  generated: {{}}
-  real-only: {{mix.synthetic_fraction: 0}}
-"""
 
 
 def test_compare_tests_the_variants_at_the_seed_level(variants: Path, tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ def diffusion_training_loss(
     *,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-sample training loss L = w(σ)·(‖D(x) − x0‖² + λ·R), x = x0 + σ·n (EDM Eq. 2 and 8; DESIGN.md §5).
+    """Per-sample training loss L = w(σ)·(‖D(x) − x0‖² + λ·R), x = x0 + σ·n (EDM Eq. 2 and 8; docs/method.md).
 
     ``generator`` drives σ, the noise n, the radius floor and ω. Returns the loss, shape (N,), to be
     averaged by the caller, and detached per-sample statistics ``sigma``, ``denoise_loss`` (the

@@ -184,7 +184,7 @@ def run_autoattack(
         for index, start in enumerate(range(0, len(x), batch_size)):
             adversary = _autoattack(model, planned, version, num_classes, norm=norm, eps=eps, device=device,
                                     seed=batch_seed(seed, first_batch + index), square_queries=square_queries)
-            # AutoAttack's L2 and L1 attacks fail on non-contiguous input (DESIGN.md §6).
+            # AutoAttack's L2 and L1 attacks fail on non-contiguous input (docs/method.md).
             rows = slice(start, start + batch_size)
             x_adv, _ = adversary.run_standard_evaluation(x[rows].contiguous(), y[rows].contiguous(),
                                                          batch_size=batch_size)

@@ -1,4 +1,4 @@
-"""The canonical array store (DESIGN.md §3): every dataset the pipeline writes.
+"""The canonical array store (docs/method.md): every dataset the pipeline writes.
 
 A store is a directory holding
   images.npy  uint8, N×H×W×C, always opened memory-mapped,

@@ -1,6 +1,6 @@
 """`evaluate_diffusion`: how robust the diffusion model's denoiser is, and how good its samples are.
 
-Denoiser robustness (DESIGN.md §5), on the first `n_denoiser` images of data/real/test at every σ of
+Denoiser robustness (docs/method.md), on the first `n_denoiser` images of data/real/test at every σ of
 `sigmas`: the denoising error, and the change of the denoised output under a random and under an
 adversarial (PGD, `attack_steps`) perturbation inside the box r(σ) = g(σ)^radius_rho + radius_floor.
 That box is this stage's yardstick, not the box the model was trained with: a model trained with AT

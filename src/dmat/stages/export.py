@@ -32,7 +32,7 @@ from dmat.tracking import stage_run
 DECLARED = pipeline.for_module(__name__)
 STAGE = DECLARED.name
 SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
-EXAMPLE_BATCH = 4  # the exporters want an example batch larger than 1 for a dynamic batch dimension (DESIGN.md §6)
+EXAMPLE_BATCH = 4  # the exporters want an example batch larger than 1 for a dynamic batch dimension (docs/method.md)
 
 
 class DenoiserForExport(nn.Module):

@@ -1,4 +1,4 @@
-"""`train`: adversarial training of the classifier on mixed real/generated batches (DESIGN.md §4).
+"""`train`: adversarial training of the classifier on mixed real/generated batches (docs/method.md).
 
 TRADES (or PGD-AT) with SGD + Nesterov, weight decay except on BatchNorm, a one-cycle learning
 rate, and weight averaging (EMA). After every epoch the EMA model is scored on data/real/val

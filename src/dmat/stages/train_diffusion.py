@@ -1,4 +1,4 @@
-"""`train_diffusion`: class-conditional EDM on data/real/train, with adversarial training (DESIGN.md §5).
+"""`train_diffusion`: class-conditional EDM on data/real/train, with adversarial training (docs/method.md).
 
 The diffusion model sees only the real training split (never val or test). Optionally a fixed
 share of the training images is corrupted with Gaussian noise (`train_diffusion.corrupt`): the

@@ -40,7 +40,7 @@ class GridError(ValueError):
 class Grid:
     path: Path
     profile: str  # path of the profile, relative to the project root (as committed)
-    profile_text: str
+    profile_text: str  # the complete params.yaml the profile makes (defaults + its changes)
     name: str
     seeds: tuple[int, ...]
     baseline: str
@@ -133,11 +133,23 @@ def apply_changes(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
 
 
 def _read_profile(path: Path, root: Path, profile: str, schema: type) -> tuple[dict[str, Any], str]:
-    file = root / profile
+    """The params the profile makes (plain data) and the complete params file text `dmat queue` puts in place. Another
+    pipeline's profile is a complete params file of its schema, naming itself in base.profile."""
+    from dmat.profiles import load_profile, profile_title, render
+
+    if schema is not Params:
+        return _read_complete_profile(path, root, profile, schema)
     try:
-        text = file.read_text(encoding="utf-8")
-        raw = read_yaml(text)
-        params = parse_params(raw, schema)
+        params, reasons = load_profile(profile, root)
+    except ValueError as err:  # ParamsError included
+        raise GridError(f"{path}: profile {profile}: {err}") from None
+    return as_dict(params), render(params, reasons, profile_title(profile))
+
+
+def _read_complete_profile(path: Path, root: Path, profile: str, schema: type) -> tuple[dict[str, Any], str]:
+    try:
+        text = (root / profile).read_text(encoding="utf-8")
+        params = parse_params(read_yaml(text), schema)
     except OSError as err:
         raise GridError(f"{path}: profile {profile}: cannot read it: {err}") from None
     except ValueError as err:  # ParamsError included
@@ -145,7 +157,7 @@ def _read_profile(path: Path, root: Path, profile: str, schema: type) -> tuple[d
     if params.base.profile != profile:
         raise GridError(f"{path}: profile {profile} must name itself in base.profile (it says "
                         f"{params.base.profile!r}): the runs' variant labels are the changes from it")
-    return raw, text
+    return as_dict(params), text
 
 
 def _seeds(path: Path, seeds: Any) -> tuple[int, ...]:

@@ -559,10 +559,13 @@ BUILDERS: dict[str, Callable[[Workspace, Node], Any]] = {
 
 
 def _layout_upstream(ws: Workspace, node: Node) -> None:
-    """Upstream stages of an artifact that is not there to say so: from the standard layout."""
-    upstream = {"classifier": [layout.MIXED_DIR], "mixed": [layout.REAL_TRAIN, layout.SYNTHETIC_DIR],
-                "synthetic": [layout.DIFFUSION_DIR], "diffusion": [layout.REAL_TRAIN]}
-    node.upstream += [k for k in (locate(ws.root, ws.root / p) for p in upstream.get(node.kind, [])) if k]
+    """Upstream stages of an artifact that is not there to say so: the declared inputs of the stage that writes
+    it (dmat.pipeline)."""
+    from dmat.pipeline import producer
+
+    declared = producer(node.path.relative_to(ws.root)) if node.path.is_relative_to(ws.root) else None
+    if declared is not None:
+        node.upstream += [k for k in (locate(ws.root, ws.root / read.path) for read in declared.reads) if k]
 
 
 def _checkpoint(node: Node) -> dict:
