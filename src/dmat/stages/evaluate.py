@@ -72,8 +72,8 @@ def upstream_recipe(checkpoint: dict) -> dict:
                       "train_steps": diffusion.get("train_steps"), "run_id": diffusion.get("mlflow_run_id")},
         "generate": {**{k: generated.get(k) for k in ("sampler", "steps", "guidance", "filter_keep")},
                      "filter_scorer": generated.get("filter", {}).get("scorer")},
-        "mix": {"source": manifest.get("source", "generated"), "synthetic_fraction": manifest["synthetic_fraction"],
-                "generated_images_used": manifest["synthetic"]["used"], "real_images": manifest["real"]["images"]},
+        "mix": {"source": manifest.source, "synthetic_fraction": manifest.synthetic_fraction,
+                "generated_images_used": manifest.synthetic.used, "real_images": manifest.real.images},
         "train": {**checkpoint["train_config"], "run_id": checkpoint["mlflow_run_id"]},
     }
 
