@@ -21,7 +21,8 @@ from tests.conftest import REPO_ROOT
 
 # Layers from the ground up: a module may import its own layer and the layers below it.
 LAYERS = [
-    ("foundation", ("dmat", "dmat.errors", "dmat.files", "dmat.config", "dmat.onnx_contract")),
+    ("foundation", ("dmat", "dmat.errors", "dmat.files", "dmat.config", "dmat.onnx_contract",
+                    "dmat.known_distribution_config")),
     ("core", ("dmat.core",)),
     ("data", ("dmat.data",)),
     ("artifacts and tracking", ("dmat.artifacts", "dmat.tracking", "dmat.execution", "dmat.checkpoint",

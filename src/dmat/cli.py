@@ -49,6 +49,10 @@ TOOLS: dict[str, tuple[str, str]] = {
     "ui": ("dmat.tools.ui",
            "Start the MLflow UI on the project's tracking store and print the links to its pipeline runs (one row per "
            "pipeline execution with its variant and headline metrics) and to the same rows grouped by variant."),
+    "known-distribution": ("dmat.tools.known_distribution",
+                           "The known-distribution benchmark (experiments/known-distribution/dvc.yaml): diffusion AT "
+                           "on Gaussian mixtures, measured exactly against the truth; its stages train and evaluate, "
+                           "and report (a grid's runs as per-seed and summary tables)."),
     "params": ("dmat.tools.params",
                "Validate a params file without running a stage: `dmat params check [FILE]` (exit 0 valid, 2 not)."),
 }

@@ -155,11 +155,11 @@ class DiffusionATParams:
     detach_clean: bool = allowed(False, "stop gradients through D(x) in the regulariser")
     fraction: float = allowed(0.25, "share of each batch regularised (unbiased; 1 = all, as the paper): 1.9x faster",
                               above=0, max=1)
+    RELATIVE_KEYS: typing.ClassVar[bool] = True  # also the known-distribution pipeline's train.adversarial
 
     def check(self) -> None:
         if self.floor_min > self.floor_max:
-            raise ParamsError(f"train_diffusion.adversarial.floor_min = {self.floor_min} is not allowed: "
-                              f"expected <= floor_max ({self.floor_max})")
+            raise ParamsError(f"floor_min = {self.floor_min} is not allowed: expected <= floor_max ({self.floor_max})")
 
 
 @dataclass(frozen=True)
@@ -421,6 +421,10 @@ class VerifyConfig:
 class Params:
     """The whole params.yaml: the CPU default profile (the whole pipeline on a 2-core laptop)."""
 
+    PARAMS_FILE: typing.ClassVar[str] = "params.yaml"  # the committed file, relative to the project root
+    DVC_FILE: typing.ClassVar[str] = "dvc.yaml"  # the pipeline these params drive
+    GRID_REPORT: typing.ClassVar[str] = "dmat compare --grid"  # reads a grid of this pipeline back
+
     base: BaseConfig = subsection(BaseConfig)
     data: DataConfig = subsection(DataConfig)
     train_reference: TrainReferenceConfig = subsection(TrainReferenceConfig)
@@ -441,8 +445,9 @@ class Params:
 # --------------------------------------------------------------------------------------------
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; raises ParamsError naming the first bad key."""
+def load_params(path: str | Path = "params.yaml", schema: type = Params) -> Any:
+    """Read and validate a params file (as `schema`, a params dataclass); raises ParamsError naming the first bad
+    key."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -455,7 +460,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except ValueError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     try:
-        return parse_params(raw)
+        return parse_params(raw, schema)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
 
@@ -487,9 +492,9 @@ def to_yaml(data: Any) -> str:
     return stream.getvalue()
 
 
-def parse_params(raw: Any) -> Params:
-    """Validate an already-parsed params mapping."""
-    return _parse_dataclass(Params, raw, key="")
+def parse_params(raw: Any, schema: type = Params) -> Any:
+    """Validate an already-parsed params mapping (as `schema`: `Params`, or another pipeline's params class)."""
+    return _parse_dataclass(schema, raw, key="")
 
 
 def as_dict(config: Any) -> dict[str, Any]:

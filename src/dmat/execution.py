@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dmat.artifacts import layout
-from dmat.config import ParamsError, as_dict, flatten, parse_params, read_yaml
+from dmat.config import Params, ParamsError, as_dict, flatten, parse_params, read_yaml
 
 SEED_KEY = "base.seed"
 PROFILE_KEY = "base.profile"
@@ -51,16 +51,20 @@ def git_commit(root: Path) -> str:
     return out.strip() if out is not None else "unknown"
 
 
-def committed_params(root: Path, path: str = "params.yaml") -> dict[str, Any] | None:
+def committed_params(root: Path, path: str = "params.yaml", schema: type = Params) -> dict[str, Any] | None:
     """params.yaml, or the params a profile makes, at HEAD, resolved (defaults filled in) and flattened; None when
-    there is none or it is invalid."""
+    there is none or it is invalid. Another pipeline's params file (its `schema` is not `Params`) is complete, read
+    as it is."""
     from dmat.profiles import load_profile
 
     text = _git(root, "show", f"HEAD:{path}")
     if text is None:
         return None
     try:
-        params = parse_params(read_yaml(text)) if path == "params.yaml" else load_profile(path, text=text)[0]
+        if schema is not Params:
+            params = parse_params(read_yaml(text), schema)
+        else:
+            params = parse_params(read_yaml(text)) if path == "params.yaml" else load_profile(path, text=text)[0]
     except (ValueError, ParamsError):
         return None
     return flatten(as_dict(params))
@@ -94,7 +98,8 @@ def current_execution(params: Any, root: Path) -> Execution:
     else:
         digest = hashlib.sha256(json.dumps(as_dict(params), sort_keys=True).encode()).hexdigest()[:12]
         key, name = f"repro:{commit[:12]}:{digest}", f"repro@{commit[:8]}"
-    reference = committed_params(root, params.base.profile or "params.yaml")
+    schema = type(params)  # the pipeline's params class knows its committed file
+    reference = committed_params(root, params.base.profile or schema.PARAMS_FILE, schema)
     described = {**(variant_changes(params, reference) if reference is not None else {}),
                  SEED_KEY: params.base.seed, PROFILE_KEY: params.base.profile}
     return Execution(key=key, name=name, variant=variant_label(params, reference),

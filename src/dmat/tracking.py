@@ -56,6 +56,22 @@ def check_reachable(uri: str) -> None:
                             "MLFLOW_TRACKING_URI to use the local mlflow.db") from None
 
 
+def prepare_store(uri: str | None = None) -> str:
+    """Create, or migrate, the tracking store now, from one process, and return its URI. Several processes using a
+    new local database for the first time at once (the queue workers of a grid) would each run its schema
+    migrations, and the loser leaves it half-migrated: every later run then fails."""
+    uri = uri or tracking_uri()
+    check_reachable(uri)
+    with _quiet_mlflow():
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as err:  # the store itself is broken: say which one
+            raise TrackingError(f"cannot use MLflow tracking store {uri}: {err}") from None
+    return uri
+
+
 # --- read-only lookups (`dmat lineage`): never start, change or create anything -------------------------
 
 def download_model_version(name: str, destination: Path, *, alias: str | None = None,

@@ -18,9 +18,10 @@ Configurations:
   network's operations); trains usefully on 32×32 images on a 2-core CPU in minutes.
 - ``ddpmpp-cifar``: EDM's DDPM++ CIFAR-10 configuration (Table 7 of EDM: 128 channels, multipliers
   2-2-2, 4 blocks per resolution, attention at 16×16, dropout 0.13), about 56M parameters.
-- ``mlp-2d``: a residual MLP for low-dimensional toy data; it flattens ``x`` to
-  ``in_channels·img_resolution²`` features, so 2-D points of shape (N, 2) use ``in_channels=2,
-  img_resolution=1``.
+- ``mlp-2d``: a residual MLP for points of any dimension D (2-D toy data, the known-distribution
+  benchmark's 64-D image-shaped mixtures); it flattens ``x`` to ``in_channels·img_resolution²`` features
+  and returns its shape, so flat points of shape (N, D) use ``in_channels=D, img_resolution=1`` and
+  (N, 1, 8, 8) images ``in_channels=1, img_resolution=8``.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ class MLPBlock(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """Residual MLP raw network for low-dimensional data (the 2-D known-answer tests)."""
+    """Residual MLP raw network for flat points of any dimension (known-answer tests and benchmark)."""
 
     def __init__(
         self,
@@ -327,7 +328,7 @@ DENOISERS: dict[str, DenoiserSpec] = {
     "mlp-2d": DenoiserSpec(
         MLPDenoiser,
         MappingProxyType({"hidden": 128, "num_blocks": 3}),
-        "residual MLP for low-dimensional toy data",
+        "residual MLP for flat points of any dimension (toy data, known-distribution benchmark)",
     ),
 }
 

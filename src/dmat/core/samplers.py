@@ -74,6 +74,13 @@ def heun_sampler(denoiser: Denoiser, latents: Tensor, class_labels: Tensor | Non
     ``latents`` are unit Gaussian noise, scaled here by σ_0. The last step is plain Euler to σ = 0, so N
     steps cost 2·N − 1 network evaluations. Returns float64 samples.
     """
+    return heun_integrate(denoiser, latents, class_labels, sigmas, churn=churn, randn_like=randn_like)
+
+
+def heun_integrate(denoiser: Denoiser, latents: Tensor, class_labels: Tensor | None, sigmas: Tensor, *,
+                   churn: Churn = Churn(), randn_like: Callable[[Tensor], Tensor] = torch.randn_like) -> Tensor:
+    """The integration of :func:`heun_sampler` with autograd left as the caller has it: the samples are
+    differentiable with respect to the latents (and the network), for attacks on sampling."""
     num_steps = len(sigmas) - 1
     x = latents.to(torch.float64) * sigmas[0]
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):

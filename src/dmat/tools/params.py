@@ -1,7 +1,8 @@
 """`dmat params check | render | apply | diff`: the params files, without running a stage.
 
 - `check [FILE]`: validate a params file (or a profile) as the stages would (with `--resolved`, print the fully
-  resolved config, defaults included). Exit 0 valid, 2 not.
+  resolved config, defaults included); another pipeline's params file (experiments/known-distribution/params.yaml)
+  against its own schema. Exit 0 valid, 2 not.
 - `render [--check]`: write params.yaml from the defaults in src/dmat/config.py (`--check`: exit 1 when the
   committed file differs).
 - `apply PROFILE [--out FILE]`: write the complete params file a profile makes (defaults + its changes, each marked
@@ -47,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from dmat.config import as_dict, to_yaml
+    from dmat.config import Params, as_dict, load_params, to_yaml
     from dmat.profiles import load_any
 
-    params = load_any(args.file)
+    schema = schema_of(args.file)
+    params = load_any(args.file) if schema is Params else load_params(args.file, schema)
     print(to_yaml(as_dict(params)) if args.resolved else f"{args.file}: valid", end="" if args.resolved else "\n")
     return EXIT_OK
 
@@ -75,6 +77,17 @@ def _diff(args: argparse.Namespace) -> int:
     for key, value in profile_changes(load_any(args.file)).items():
         print(f"{key}: {format_value(value)}")
     return EXIT_OK
+
+
+def schema_of(file: str) -> type:
+    """The params class of the pipeline whose params file `file` is (the repository's params.yaml otherwise)."""
+    from dmat.config import Params
+    from dmat.files import project_root
+    from dmat.tools.grid import PIPELINES
+
+    path = Path(file).resolve()
+    return next((schema for schema in PIPELINES.values() if (project_root() / schema.PARAMS_FILE).resolve() == path),
+                Params)
 
 
 def _write(path: Path, text: str, only_check: bool = False) -> int:

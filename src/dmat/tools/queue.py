@@ -11,7 +11,12 @@ instead of taking them from the cache. With at least as many seeds as workers th
 then starts N queue workers (`dvc queue start -j N`). The command to read the outcomes back is
 printed at the end: `dmat compare --grid GRID`.
 
-Exit 0 when everything was queued; 1 when `dvc` failed (it names the experiments queued so far);
+A grid of another pipeline (its `pipeline` key) is queued the same way with that pipeline's params file
+(`-S FILE:KEY=VALUE`), running its dvc.yaml; the command printed at the end is that pipeline's report.
+
+Before queueing it creates the MLflow tracking store if there is none yet (queue workers starting together on a
+new store would race on its creation). Exit 0 when everything was queued; 1 when the tracking store cannot be
+used or `dvc` failed (it names the experiments queued so far);
 2 for a bad grid file (nothing queued).
 """
 
@@ -59,7 +64,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(shlex.join(cmd) for _, cmd in commands))
         return EXIT_OK
-    queued = _queue_with_profile(root / "params.yaml", grid.profile_text, commands)
+    from dmat.errors import TrackingError
+    from dmat.tracking import prepare_store
+
+    try:  # before any queue worker can start: parallel first uses of a new store would race on its creation
+        prepare_store()
+    except TrackingError as err:
+        print(f"dmat queue: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    queued = _queue_with_profile(root / grid.params_file, grid.profile_text, commands)
     if len(queued) < len(commands):
         print(f"dmat queue: error: `dvc exp run --queue` failed for {commands[len(queued)][0]}; queued before it: "
               f"{', '.join(queued) or 'none'}", file=sys.stderr)
@@ -79,27 +92,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"dmat queue: started {args.start} queue worker(s)", file=sys.stderr)
     print(("" if args.start else "start them:    dvc queue start\n")
           + "watch them:    dvc queue status\n"
-          + f"compare them:  dmat compare --grid {shlex.quote(str(args.grid))}", file=sys.stderr)
+          + f"compare them:  {grid.report} {shlex.quote(str(args.grid))}", file=sys.stderr)
     return EXIT_OK
 
 
 def queue_commands(grid: Grid, only: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """(experiment name, `dvc exp run --queue` argv) per (variant, seed), variant-major; `only`: these variants."""
     commands = []
+    file = "" if grid.params_file == "params.yaml" else f"{grid.params_file}:"  # DVC's default params file
+    targets = list(grid.targets)
+    if grid.pipeline != "dvc.yaml":  # DVC's default pipeline: another one is named, with its stages
+        targets = [f"{grid.pipeline}:{target}" for target in targets] or [grid.pipeline]
     for variant, changes in grid.variants.items():
         if only and variant not in only:
             continue
-        sets = [arg for key, value in changes.items() for arg in ("-S", f"{key}={_yaml_value(value)}")]
+        sets = [arg for key, value in changes.items() for arg in ("-S", f"{file}{key}={_yaml_value(value)}")]
         for seed in grid.seeds:
             name = grid.experiment_name(variant, seed)
-            commands.append((name, ["dvc", "exp", "run", "--queue", "-n", name, *sets, "-S", f"base.seed={seed}",
-                                    *grid.targets]))
+            commands.append((name, ["dvc", "exp", "run", "--queue", "-n", name, *sets, "-S", f"{file}base.seed={seed}",
+                                    *targets]))
     return commands
 
 
 def _queue_with_profile(params_file: Path, profile_text: str, commands: list[tuple[str, list[str]]]) -> list[str]:
-    """Queue the commands with the profile as params.yaml; restore params.yaml; the names queued."""
-    from dmat.files import atomic_path
+    """Queue the commands (from the project root) with the profile as the params file; restore it; the names
+    queued."""
+    from dmat.files import atomic_path, project_root
 
     original = params_file.read_bytes()
     queued: list[str] = []
@@ -108,7 +126,7 @@ def _queue_with_profile(params_file: Path, profile_text: str, commands: list[tup
             tmp.write_text(profile_text, encoding="utf-8")
         for name, cmd in commands:
             print(f"dmat queue: {name}", file=sys.stderr)
-            if subprocess.run(cmd, cwd=params_file.parent).returncode:
+            if subprocess.run(cmd, cwd=project_root(params_file.parent)).returncode:
                 break
             queued.append(name)
     finally:
