@@ -117,13 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(module_name: str, params_file: str, **options: object) -> None:
+def run_stage(module_name: str, params_file: str, argv: Sequence[str] = (), **options: object) -> None:
+    """Run a stage; a stage that runs under torchrun (its module's TORCHRUN) and `base.nproc` > 1 re-executes
+    `dmat ARGV` under torchrun instead."""
     from dmat.config import load_params
     from dmat.stage_setup import apply_base
 
     params = load_params(params_file)  # validated before anything is imported or written
     apply_base(params.base)
-    importlib.import_module(module_name).run(params, **options)
+    module = importlib.import_module(module_name)
+    if getattr(module, "TORCHRUN", False):
+        from dmat.distributed import relaunch_under_torchrun
+
+        relaunch_under_torchrun(params.base, argv)
+    module.run(params, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         options = {flag.lstrip("-"): getattr(args, flag.lstrip("-")) for flag in STAGE_OPTIONS.get(args.command, {})}
-        run_stage(args.stage_module, args.params, **options)
+        run_stage(args.stage_module, args.params, sys.argv[1:] if argv is None else argv, **options)
     except ParamsError as err:
         return _fail(args.command, err, EXIT_USAGE)
     except USER_ERRORS as err:

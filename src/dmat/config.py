@@ -91,6 +91,9 @@ class BaseConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     compile: bool = False  # torch.compile the training networks (train, train_diffusion)
+    # Processes for the stages that run under torchrun (train_reference, train_diffusion, generate, train,
+    # evaluate): above 1, `dmat <stage>` starts torchrun itself; 0 = one per visible GPU (1 without GPUs).
+    nproc: int = allowed(1, min=0, max=1024)
     # The committed profile these params start from (e.g. profiles/cpu-experiment.yaml): every run's `dmat.variant`
     # label is what differs from that file at HEAD. null = HEAD's params.yaml.
     profile: str | None = allowed(None, pattern=r"^[\w.\-]+(/[\w.\-]+)*\.ya?ml$")
@@ -160,6 +163,9 @@ class TrainDiffusionConfig:
     model: str = allowed("unet-tiny", pattern=r"^[a-z0-9\-]{1,64}$")  # dmat.core.denoisers registry
     steps: int = allowed(2000, min=1)  # optimiser steps
     batch_size: int = allowed(64, min=1)  # global batch (split across torchrun processes)
+    # Images per forward/backward on one process; each process's share of batch_size is split into
+    # ceil(share / micro_batch) micro-batches whose gradients add up before one optimiser step. null = the whole share.
+    micro_batch: int | None = allowed(None, min=1)
     lr: float = allowed(1e-3, min=0)  # Adam learning rate
     warmup_steps: int = allowed(100, min=0)  # linear learning-rate ramp
     ema_half_life_images: float = allowed(20000, min=1)  # EMA half-life in training images (EDM)
@@ -251,6 +257,9 @@ class TrainConfig:
     loss: Literal["trades", "pgd-at"] = "trades"
     epochs: int = allowed(10, min=1)  # an epoch is ceil(N_real / batch_size) steps
     batch_size: int = allowed(128, min=1)  # global batch (split across torchrun processes)
+    # Images per forward/backward on one process; each process's share of batch_size is split into
+    # ceil(share / micro_batch) micro-batches whose gradients add up before one optimiser step. null = the whole share.
+    micro_batch: int | None = allowed(None, min=1)
     lr: float = allowed(0.2, min=0)  # peak of the one-cycle schedule
     warmup_fraction: float = allowed(0.025, min=0, max=1)
     momentum: float = allowed(0.9, min=0, max=1)
@@ -275,7 +284,10 @@ class TrainReferenceConfig:
 
     model: str = allowed("wrn-16-1", pattern=r"^[a-z0-9\-]{1,64}$")  # dmat.core.classifiers registry
     epochs: int = allowed(15, min=1)
-    batch_size: int = allowed(128, min=1)
+    batch_size: int = allowed(128, min=1)  # global batch (split across torchrun processes)
+    # Images per forward/backward on one process; each process's share of batch_size is split into
+    # ceil(share / micro_batch) micro-batches whose gradients add up before one optimiser step. null = the whole share.
+    micro_batch: int | None = allowed(None, min=1)
     lr: float = allowed(0.1, min=0)  # peak learning rate
     warmup_fraction: float = allowed(0.025, min=0, max=1)  # linear warm-up, then cosine decay; 0 = plain cosine
     momentum: float = allowed(0.9, min=0, max=1)
