@@ -15,7 +15,8 @@ class WeightAverage:
     copied from the live model at every update, as the reference's `update_bn` does (DM-Improves-AT,
     gowal21uncovering/utils/watrain.py): averaged weights are evaluated with the live model's
     statistics. The copy is frozen (no `requires_grad`) and in eval mode; `module` is the model to
-    evaluate and export.
+    evaluate and export. (Under torchrun each rank's live statistics are its own: stages that score on
+    every rank first give them rank 0's, `distributed.broadcast_buffers`.)
     """
 
     def __init__(self, model: nn.Module) -> None:
