@@ -36,8 +36,8 @@ STAGES: dict[str, tuple[str, str]] = {
                         "under torchrun for several processes."),
     "generate": ("dmat.stages.generate",
                  "Sample generate.per_class images per class from the EMA denoiser -> data/synthetic (canonical "
-                 "store, byte-identical for any batch size or number of torchrun processes), metrics/generate.json, "
-                 "plots/generate_grid.png."),
+                 "store, byte-identical on one machine for any batch size or number of torchrun processes), "
+                 "metrics/generate.json, plots/generate_grid.png."),
     "mix": ("dmat.stages.mix",
             "Choose the generated (or, mix.source heldout_real, held-out real) images the classifier may use and "
             "their share of every batch -> data/mixed/ (manifest with both stores' paths and sha256 digests, and the "

@@ -115,11 +115,12 @@ def training_network(model, decision: Decision, w: World, *, compile: bool, scal
 
     to_memory_format(model, decision.setting)
     training_kernels(w.device)
-    # broadcast_buffers=False: DDP would otherwise broadcast rank 0's buffers before every forward that follows a
+    # forward_sync_buffers=False: DDP would otherwise broadcast rank 0's buffers before every forward that follows a
     # synchronised one, and ranks that run different numbers of forwards (uneven shares in micro-batches, a share
     # with no image outside the regularised part) would wait on each other for ever. Rank 0's buffers are its own
-    # either way; the stages broadcast them before every rank scores (`distributed.broadcast_buffers`).
-    network = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if w.joined else model
+    # either way (DDP still copies them to every rank once, at construction); the stages broadcast them before
+    # every rank scores (`distributed.broadcast_buffers`).
+    network = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False) if w.joined else model
     seed_ranks(torch.initial_seed(), w)  # the seed apply_torch gave torch: base.seed
     if compile:
         network = torch.compile(network)
