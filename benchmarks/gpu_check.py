@@ -282,10 +282,10 @@ def determinism(device: str, small: bool) -> dict:
         after_training = sample_all(SETTINGS[name], 12)
         found[f"generate_{name}"] = first == other_batch == after_training
     model = classifier("wrn-16-1", device).eval()
-    x, y = cifar_like(64, device, seed=7)
-    x, y = x.cpu(), y.cpu()
-    settings = EvaluationSettings(norm="Linf", eps=8 / 255, version="custom", attacks=("apgd-ce", "apgd-t"), seed=0,
-                                  batch_size=32, sweep=(4 / 255,), large_eps=0.5, sweep_steps=5)
+    x, y = cifar_like(16 if small else 64, "cpu", seed=7)
+    settings = EvaluationSettings(norm="Linf", eps=8 / 255, version="custom", seed=0, batch_size=32,
+                                  attacks=("apgd-ce",) if small else ("apgd-ce", "apgd-t"), sweep=(4 / 255,),
+                                  large_eps=0.5, sweep_steps=5)
     runs = [evaluate_robustness(model, x, y, [str(c) for c in range(10)], settings) for _ in range(2)]
     found["autoattack_x_adv"] = bool(torch.equal(runs[0][1], runs[1][1]))
     found["autoattack_report"] = _strip_times(runs[0][0]) == _strip_times(runs[1][0])
@@ -376,7 +376,7 @@ train_diffusion: {{model: unet-tiny, steps: 4, batch_size: 24, micro_batch: 8, l
 generate: {{per_class: 8, batch_size: 16, network_batch: 8, steps: 4}}
 mix: {{synthetic_fraction: 0.5}}
 train: {{epochs: 2, batch_size: 24, micro_batch: 8, val_limit: 12, attack: {{steps: 2}}, val_attack_steps: 3}}
-evaluate: {{n: 30, version: custom, attacks: [apgd-ce], sweep_steps: 2,
+evaluate: {{n: 12, version: custom, attacks: [apgd-ce], sweep_steps: 2,
            threats: {{linf: {{norm: Linf, eps: 8/255, sweep: [0, 8/255], large_eps: 0.5}}}}}}
 """
 
@@ -398,11 +398,25 @@ def image_folder(root: Path, per_class: int, classes: int = 3, size: int = 32) -
     return root
 
 
+def run_command(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """(exit code, stderr) of `command`; past `timeout` seconds its whole process group is killed (torchrun's
+    workers too), exit code -9."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+        return process.returncode, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        _, stderr = process.communicate()
+        return -9, f"timed out after {timeout:g} s\n{stderr}"
+
+
 def stages(device: str) -> dict:
     """The real stages on tiny data, each multi-process one under torchrun: one process in a real process group
     (`torchrun --nproc_per_node=1`), or with two GPUs `base.nproc` 2 and plain `dmat <stage>`, as `dvc repro` runs."""
     gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
-    nproc = 2 if gpus >= 2 else 1
+    nproc, timeout = 2 if gpus >= 2 else 1, 300 if gpus else 1200  # a stage's seconds: tiny data, a shared CPU
     found = {"processes": nproc}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -418,11 +432,10 @@ def stages(device: str) -> dict:
         for stage in ("prepare", "train-reference", "train-diffusion", "generate", "mix", "train", "evaluate"):
             under_torchrun = stage not in ("prepare", "mix") and nproc == 1
             started = time.perf_counter()
-            result = subprocess.run((torchrun if under_torchrun else dmat) + [stage], cwd=work, env=env,
-                                    capture_output=True, text=True, timeout=300)
-            found[stage] = {"exit": result.returncode, "seconds": round(time.perf_counter() - started, 1)}
-            if result.returncode:
-                found[stage]["stderr"] = result.stderr[-2000:]
+            code, stderr = run_command((torchrun if under_torchrun else dmat) + [stage], work, env, timeout)
+            found[stage] = {"exit": code, "seconds": round(time.perf_counter() - started, 1)}
+            if code:
+                found[stage]["stderr"] = stderr[-2000:]
                 break
         found["passed"] = "evaluate" in found and all(v["exit"] == 0 for v in found.values() if isinstance(v, dict))
     return found
