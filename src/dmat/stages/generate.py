@@ -248,8 +248,10 @@ def run(params: Params) -> dict:
         denoiser, state = load_denoiser(device=w.device)
         classes, config = state["classes"], state["model_config"]
         shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
-        # Decided once (rank 0, in the parent of any workers): the setting changes the images' last bits.
-        decision = choose_setting(params.base, w, lambda: probe_passes(denoiser, params, shape, w.device))
+        # Decided once (rank 0, in the parent of any workers): the setting changes the images' last bits. Timed
+        # with the kernels that sampling uses.
+        with exact_kernels():
+            decision = choose_setting(params.base, w, lambda: probe_passes(denoiser, params, shape, w.device))
         network = sampling_network(denoiser, state, params, decision.setting, w.device)
         per_class = candidates_per_class(params)
         scorer = load_scorer(params, w.device) if w.is_main and params.generate.filter_keep < 1 else None
