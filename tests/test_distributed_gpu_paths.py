@@ -28,6 +28,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow  # three torchrun processes
 def test_interval_metrics_gather_shares_of_different_sizes_on_three_processes(ranks: dict) -> None:
     """A global batch of 8 on 3 processes is 3 + 3 + 2 rows: the gathered metrics are the single process's."""
     ranks = ranks["uneven"]
@@ -39,6 +40,7 @@ def test_interval_metrics_gather_shares_of_different_sizes_on_three_processes(ra
             assert math.isclose(found["metrics"][key], value, rel_tol=1e-12), key
 
 
+@pytest.mark.slow  # three torchrun processes
 def test_ranks_draw_their_own_dropout_masks_from_the_same_weights(ranks: dict) -> None:
     first, *others = ranks["seeding"]
     assert all(other["weights"] == first["weights"] for other in others)  # built before the generators part ways
@@ -46,6 +48,7 @@ def test_ranks_draw_their_own_dropout_masks_from_the_same_weights(ranks: dict) -
     assert len({tuple(m) for m in masks}) == len(masks) and len(set(draws)) == len(draws)
 
 
+@pytest.mark.slow  # three torchrun processes
 def test_every_rank_scores_with_rank_zeros_batchnorm_statistics(ranks: dict) -> None:
     first, *others = ranks["buffers"]
     assert all(other["before"] != first["before"] for other in others)  # each rank's forward moved its own
