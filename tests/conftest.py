@@ -21,6 +21,8 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TINY_CLASSES = ("apple", "banana", "cherry")
+# A params `data` section's lines that take every image of a tiny data set (the defaults are CIFAR-10's CPU sizes).
+EVERY_IMAGE = "  train_limit: null\n  test_limit: null\n  heldout_size: 0\n"
 BIN_DIR = Path(sys.executable).parent
 
 
@@ -88,9 +90,11 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never write to the user's MLflow server: each uses the store of its own working dir."""
+def _isolated_tracking(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never write to the user's MLflow server: each uses the store of its own working dir. Nor to the
+    machine's kept precision decisions: each test's stages decide in a cache of their own."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DMAT_CACHE_DIR", str(tmp_path_factory.mktemp("dmat-cache")))
 
 
 def write_params(path: Path, text: str) -> Path:

@@ -1,6 +1,7 @@
 """The layering of docs/ARCHITECTURE.md, checked on the code: no stage imports another stage, serving imports
-neither torch nor training code, and every stage's code deps in dvc.yaml cover every module the stage runs
-(otherwise `dvc repro` silently reuses outputs built by older code)."""
+neither torch nor training code, dvc.yaml is the rendering of the stage declarations (src/dmat/pipeline.py),
+whose code deps cover every module each stage runs (otherwise `dvc repro` silently reuses outputs built by older
+code), and the audit of what stages open names undeclared reads."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from dmat.audit import undeclared, unstaged
 from dmat.cli import STAGES
 from dmat.config import read_yaml
+from dmat.pipeline import stage
+from dmat.tools.imports import SRC, all_modules, closure, dmat_imports, module_file, third_party_imports
+from dmat.tools.pipeline import render_dvc_yaml, stage_table
 from tests.conftest import REPO_ROOT
-from tests.import_graph import SRC, all_modules, closure, dmat_imports, module_file, third_party_imports
 
 # Layers from the ground up: a module may import its own layer and the layers below it.
 LAYERS = [
@@ -21,7 +25,8 @@ LAYERS = [
     ("core", ("dmat.core",)),
     ("data", ("dmat.data",)),
     ("artifacts and tracking", ("dmat.artifacts", "dmat.tracking", "dmat.execution", "dmat.checkpoint",
-                                "dmat.distributed", "dmat.stage_setup", "dmat.plots")),
+                                "dmat.distributed", "dmat.stage_setup", "dmat.plots", "dmat.pipeline", "dmat.audit",
+                                "dmat.precision_decisions")),
     ("stages", ("dmat.stages",)),
     ("tools and serving", ("dmat.tools", "dmat.deploy")),
     ("cli", ("dmat.cli",)),
@@ -71,10 +76,12 @@ def dvc_stages() -> dict[str, dict]:
     return {name: stage.get("do", stage) for name, stage in stages.items()}
 
 
-def stage_module(stage: dict) -> str:
-    command = stage["cmd"].split()
-    assert command[0] == "dmat" and command[1] in STAGES, stage["cmd"]
-    return STAGES[command[1]][0]
+def test_dvc_yaml_is_the_rendering_of_the_stage_declarations() -> None:
+    assert (REPO_ROOT / "dvc.yaml").read_text() == render_dvc_yaml(), (
+        "dvc.yaml differs from src/dmat/pipeline.py's declarations: run `dmat pipeline render` (edit the "
+        "declarations, not dvc.yaml)")
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert stage_table() in readme, "the README's stage table is stale: run `dmat pipeline render`"
 
 
 def covered(path: Path, deps: list[str]) -> bool:
@@ -84,15 +91,30 @@ def covered(path: Path, deps: list[str]) -> bool:
 
 @pytest.mark.parametrize("name", sorted(dvc_stages()))
 def test_dvc_yaml_code_deps_cover_the_stage_import_closure(name: str) -> None:
-    stage = dvc_stages()[name]
-    deps = [dep for dep in stage.get("deps", []) if isinstance(dep, str)]
-    modules = closure(stage_module(stage), "dmat.cli")  # `dmat <stage>` runs the CLI, then the stage module
+    dvc_stage = dvc_stages()[name]
+    deps = [dep for dep in dvc_stage.get("deps", []) if isinstance(dep, str)]
+    modules = closure(stage(name).module, "dmat.cli")  # `dmat <stage>` runs the CLI, then the stage module
     missing = sorted(str(module_file(m).relative_to(SRC.parent)) for m in modules if not covered(module_file(m), deps))
-    lines = "\n".join(f"  - {m}" for m in missing)
-    assert not missing, (f"dvc.yaml stage {name!r} runs modules its deps do not list, so `dvc repro` would reuse "
-                         f"stale outputs after they change; add to its deps:\n{lines}")
+    assert not missing, f"dvc.yaml stage {name!r} lacks code deps {missing}: run `dmat pipeline render`"
 
 
 def test_every_stage_command_has_a_dvc_stage() -> None:
-    commands = {stage["cmd"].split()[1] for stage in dvc_stages().values()}
+    commands = {dvc_stage["cmd"].split()[1] for dvc_stage in dvc_stages().values()}
     assert commands == set(STAGES)
+
+
+def test_the_audit_names_an_undeclared_read_and_write() -> None:
+    records = [
+        {"stage": "train-reference", "path": "data/real/train/images.npy", "write": False},  # declared
+        {"stage": "train-reference", "path": "models/reference/best.pt", "write": True},  # its own output
+        {"stage": "train-reference", "path": ".dmat/work/train_reference/last.pt", "write": True},  # checkpoints
+        {"stage": "evaluate", "path": "metrics/evaluate_linf.json", "write": True},  # a foreach entry's output
+        # what a stage must declare: the held-out store is not train_reference's input, plots/ not its output
+        {"stage": "train-reference", "path": "data/real/heldout/images.npy", "write": False},
+        {"stage": "train-reference", "path": "plots/other.csv", "write": True},
+        {"stage": "mix", "path": "models/reference/best.pt", "write": False},
+    ]
+    assert undeclared(records) == ["mix reads models/reference/best.pt",
+                                   "train_reference reads data/real/heldout/images.npy",
+                                   "train_reference writes plots/other.csv"]
+    assert unstaged("data/.real.tmp-abc123/train/images.npy") == "data/real/train/images.npy"

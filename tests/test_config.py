@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dmat.config import ParamsError, as_dict, flatten, load_params, parse_params
+from dmat.profiles import load_profile
 from tests.conftest import REPO_ROOT, run_dmat, write_params
 
 
@@ -88,7 +89,7 @@ def test_cli_exits_2_before_writing_anything(tmp_path: Path, image_archive: Path
 
 
 def test_paper_profile_is_the_reference_recipe() -> None:
-    params = load_params(REPO_ROOT / "profiles" / "paper-cifar10.yaml")
+    params, _ = load_profile("profiles/paper-cifar10.yaml", REPO_ROOT)
     assert params.train_diffusion.model == "ddpmpp-cifar" and params.train_diffusion.adversarial.mode == "adversarial"
     assert params.generate.steps == 20
     # select_1M: 5M candidates, the 20% per class the standard (non-robust) WRN-28-10 is most sure of
@@ -150,7 +151,7 @@ def test_evaluate_diffusion_rejects_bad_values(raw: dict, allowed: str) -> None:
 
 def test_evaluate_diffusion_measures_every_profile_in_one_box() -> None:
     """The box is the same yardstick at CPU and paper scale, whatever AT mode trained the model."""
-    cpu, paper = (load_params(REPO_ROOT / name).evaluate_diffusion for name in ("params.yaml",
-                                                                                "profiles/paper-cifar10.yaml"))
+    cpu = load_params(REPO_ROOT / "params.yaml").evaluate_diffusion
+    paper = load_profile("profiles/paper-cifar10.yaml", REPO_ROOT)[0].evaluate_diffusion
     assert (cpu.radius_rho, cpu.radius_floor, cpu.sigmas) == (paper.radius_rho, paper.radius_floor, paper.sigmas)
     assert paper.n_real == 10_000 and cpu.inception_weights is None and paper.inception_weights is None

@@ -1,5 +1,6 @@
-"""The committed params.yaml and every profile survive `dvc exp run -S` (DVC rewrites the file as YAML 1.2),
-and `dmat params check` validates a file without running a stage."""
+"""One set of defaults: params.yaml is the rendering of the defaults in src/dmat/config.py, each profile holds only
+what it changes (with a reason each); the params files they make survive `dvc exp run -S` (DVC rewrites the file as
+YAML 1.2); `dmat params check/apply/diff` work without running a stage."""
 
 from __future__ import annotations
 
@@ -8,10 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from dmat.config import ParamsError, as_dict, load_params, read_yaml
+from dmat.config import Params, ParamsError, as_dict, flatten, load_params, read_yaml
+from dmat.profiles import load_profile, profile_title, read_profile, render
 from tests.conftest import REPO_ROOT, run_dmat
 
-PARAM_FILES = [REPO_ROOT / "params.yaml", *sorted((REPO_ROOT / "profiles").glob("*.yaml"))]
+PROFILES = sorted((REPO_ROOT / "profiles").glob("*.yaml"))
+
+
+@pytest.fixture(params=["params.yaml", *(p.relative_to(REPO_ROOT).as_posix() for p in PROFILES)])
+def committed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """params.yaml, or the params file a profile makes (`dmat params apply`)."""
+    if request.param == "params.yaml":
+        return REPO_ROOT / "params.yaml"
+    params, reasons = load_profile(request.param, REPO_ROOT)
+    path = tmp_path_factory.mktemp("applied") / "params.yaml"
+    path.write_text(render(params, reasons, profile_title(request.param)))
+    return path
 
 
 def dvc_set_params(path: Path, *overrides: str) -> None:
@@ -21,11 +34,36 @@ def dvc_set_params(path: Path, *overrides: str) -> None:
     apply_overrides(str(path), list(overrides))
 
 
-def test_there_are_profiles_to_check() -> None:
-    assert len(PARAM_FILES) >= 2, PARAM_FILES
+def test_params_yaml_is_the_rendering_of_the_defaults() -> None:
+    assert (REPO_ROOT / "params.yaml").read_text() == render(Params()), (
+        "params.yaml differs from the defaults in src/dmat/config.py: change defaults there, then `dmat params "
+        "render`")
 
 
-@pytest.mark.parametrize("committed", PARAM_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_a_profile_holds_only_its_changes_each_with_a_reason(profile: Path) -> None:
+    changes, reasons = read_profile(profile.read_text(), str(profile))
+    assert len(changes) >= 5 and all("." in key for key in changes)  # dotted keys: a list of differences
+    assert set(reasons) == set(changes), f"no reason given for {sorted(set(changes) - set(reasons))}"
+    applied = flatten(as_dict(load_profile(profile.relative_to(REPO_ROOT), REPO_ROOT)[0]))
+    defaults = flatten(as_dict(Params()))
+    same = [key for key in changes if not isinstance(changes[key], dict) and applied[key] == defaults[key]]
+    assert not same, f"{profile.name} spells defaults again: {same}"
+
+
+def test_params_apply_writes_what_the_profile_makes(tmp_path: Path) -> None:
+    (tmp_path / "profiles").mkdir()
+    shutil.copy(REPO_ROOT / "profiles/cpu-experiment.yaml", tmp_path / "profiles")
+    result = run_dmat("params", "apply", "profiles/cpu-experiment.yaml", "--out", "made.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    made = load_params(tmp_path / "made.yaml")
+    assert made == load_profile("profiles/cpu-experiment.yaml", REPO_ROOT)[0]
+    assert made.base.profile == "profiles/cpu-experiment.yaml" and made.train.epochs == 40
+    assert "(profile; default 3)" in (tmp_path / "made.yaml").read_text()
+    diff = run_dmat("params", "diff", "made.yaml", cwd=tmp_path)
+    assert "train.epochs: 40" in diff.stdout.splitlines() and "mix.synthetic_fraction: 0.5" in diff.stdout
+
+
 def test_dvc_round_trip_keeps_the_resolved_config(committed: Path, tmp_path: Path) -> None:
     copy = tmp_path / "params.yaml"
     shutil.copy(committed, copy)
@@ -36,7 +74,6 @@ def test_dvc_round_trip_keeps_the_resolved_config(committed: Path, tmp_path: Pat
     assert as_dict(load_params(copy)) == before
 
 
-@pytest.mark.parametrize("committed", PARAM_FILES, ids=lambda p: p.name)
 def test_a_dvc_override_changes_exactly_its_key(committed: Path, tmp_path: Path) -> None:
     copy = tmp_path / "params.yaml"
     shutil.copy(committed, copy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,69 @@ def test_stages_refuse_fp16_on_the_cpu_before_writing(tmp_path: Path, stage: str
     result = run_dmat(stage, cwd=tmp_path)
     assert result.returncode == 2 and "base.precision = 'fp16' is not allowed on cpu" in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def sleeping_passes(milliseconds: dict[str, float]):
+    """Pass factories that take the given time per setting: a probe under a chosen, fake machine load."""
+    def make(setting: Setting):
+        return lambda: time.sleep(milliseconds[setting.name] / 1000)
+
+    return lambda: make
+
+
+BF16_FAST = {"fp32_contiguous": 30, "bf16_contiguous": 3}
+FP32_FAST = {"fp32_contiguous": 3, "bf16_contiguous": 30}
+WORKLOAD = {"stage": "train", "network": "wrn-16-1", "batch": 64}
+
+
+def test_auto_decides_once_per_machine_whatever_the_later_load() -> None:
+    requested = base(memory_format="contiguous")
+    first = choose_setting(requested, CPU, sleeping_passes(BF16_FAST), workload=WORKLOAD)
+    assert first.setting == Setting("bf16", "contiguous") and first.source == "probe" and first.key
+    # A later run on the same machine, measured under a load that would favour fp32, keeps the first choice
+    # without probing; it reports the probe that decided it.
+    again = choose_setting(requested, CPU, must_not_probe, workload=WORKLOAD)
+    assert again.setting == first.setting and again.source == "machine" and again.key == first.key
+    assert again.timings == first.timings
+    # Another workload (batch) is another decision: probed, and here the fake load favours fp32.
+    other = choose_setting(requested, CPU, sleeping_passes(FP32_FAST), workload={**WORKLOAD, "batch": 128})
+    assert other.setting == Setting("fp32", "contiguous") and other.source == "probe" and other.key != first.key
+    assert other.summary()["precision_key"] == other.key
+
+
+def test_two_processes_deciding_at_once_both_use_the_first_kept_decision() -> None:
+    from dmat import precision_decisions as decisions
+
+    names = ["fp32_contiguous", "bf16_contiguous"]
+    machine = decisions.machine("cpu")
+    key = decisions.decision_key(machine, {**WORKLOAD, "world_size": 1}, names)
+    winner = Decision(Setting("bf16", "contiguous"), "probe", {"fp32_contiguous": [0.03], "bf16_contiguous": [0.003]})
+    decisions.keep(key, winner.record(), machine, WORKLOAD, names)
+    # The second process probed too, and its load favoured fp32: its choice is not kept, it adopts the first.
+    late = choose_setting(base(memory_format="contiguous"), CPU, sleeping_passes(FP32_FAST), workload=WORKLOAD)
+    assert late.setting == winner.setting and late.source == "machine"
+
+
+def test_dmat_precision_shows_and_clears_the_kept_decisions(tmp_path: Path) -> None:
+    choose_setting(base(memory_format="contiguous"), CPU, sleeping_passes(BF16_FAST), workload=WORKLOAD)
+    shown = run_dmat("precision", "show", cwd=tmp_path)
+    assert shown.returncode == 0 and "1 decision(s)" in shown.stdout
+    assert "train wrn-16-1 batch 64 x1 -> bf16 contiguous" in shown.stdout, shown.stdout
+    cleared = run_dmat("precision", "clear", cwd=tmp_path)
+    assert cleared.returncode == 0 and "removed 1 decision(s)" in cleared.stderr
+    again = choose_setting(base(memory_format="contiguous"), CPU, sleeping_passes(FP32_FAST), workload=WORKLOAD)
+    assert again.source == "probe" and again.setting == Setting("fp32", "contiguous")
+
+
+def test_evaluation_runs_float32_in_the_layout_asked_for_by_name() -> None:
+    from dmat.stage_setup import evaluation_network
+
+    model = tiny_bn_net(4, 3).eval()
+    x = torch.rand(5, 3, 8, 8)
+    assert evaluation_network(model, base(), "cpu") is model  # auto: the layout evaluation always had
+    assert evaluation_network(model, base(precision="bf16"), "cpu") is model  # precision never applies
+    wrapped = evaluation_network(tiny_bn_net(4, 3).eval(), base(precision="bf16", memory_format="channels_last"), "cpu")
+    with torch.no_grad():
+        out = wrapped(x)
+    assert out.dtype == torch.float32 and not wrapped.training
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)  # fp32: only the kernels differ

@@ -61,12 +61,20 @@ class Bounds:
                 and (self.above is None or value > self.above))
 
 
-def allowed(default: Any, *, min: float | None = None, max: float | None = None, pattern: str | None = None,
-            above: float | None = None):
-    """A dataclass field with a default and bounds checked at load time (``above``: strictly greater)."""
+def allowed(default: Any, doc: str = "", *, min: float | None = None, max: float | None = None,
+            pattern: str | None = None, above: float | None = None, per255: bool = False):
+    """A dataclass field: its default (the one place defaults live), the one-line `doc` that params.yaml shows
+    beside it, and bounds checked at load time (``above``: strictly greater). ``per255``: params.yaml writes
+    the value in 1/255 steps (8/255), as image-intensity radii are read."""
     if isinstance(default, list | dict):
         raise TypeError("use immutable defaults (tuples) in config dataclasses")
-    return field(default=default, metadata={"bounds": Bounds(min, max, pattern, above)})
+    return field(default=default, metadata={"bounds": Bounds(min, max, pattern, above), "doc": doc,
+                                            "per255": per255})
+
+
+def subsection(cls: type, doc: str = ""):
+    """A nested section: its defaults are its own class's."""
+    return field(default_factory=cls, metadata={"doc": doc})
 
 
 def _fmt(number: float) -> str:
@@ -74,7 +82,9 @@ def _fmt(number: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Sections. Each stage reads only its own section (plus `base`).
+# Sections. Each stage reads only its own section (plus `base`). The defaults below are the CPU default
+# profile: params.yaml is rendered from them (`dmat params render`), and the profiles in profiles/ hold only
+# what they change.
 # --------------------------------------------------------------------------------------------
 
 
@@ -82,44 +92,48 @@ def _fmt(number: float) -> str:
 class BaseConfig:
     """Settings every stage shares."""
 
-    seed: int = allowed(0, min=0, max=2**31 - 1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = allowed(0, min=0, max=1024)  # 0 = let torch decide
-    experiment: str = allowed("dmat", pattern=r"^[\w.\- /]{1,200}$")  # MLflow experiment name
-    # Numerics of the networks that train and generate (train, train_diffusion, generate; never evaluation):
-    # auto = measured at stage start, see dmat.core.precision. fp16 needs CUDA.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
-    compile: bool = False  # torch.compile the training networks (train, train_diffusion)
-    # Processes for the stages that run under torchrun (train_reference, train_diffusion, generate, train,
-    # evaluate): above 1, `dmat <stage>` starts torchrun itself; 0 = one per visible GPU (1 without GPUs).
-    nproc: int = allowed(1, min=0, max=1024)
-    # The committed profile these params start from (e.g. profiles/cpu-experiment.yaml): every run's `dmat.variant`
-    # label is what differs from that file at HEAD. null = HEAD's params.yaml.
-    profile: str | None = allowed(None, pattern=r"^[\w.\-]+(/[\w.\-]+)*\.ya?ml$")
+    seed: int = allowed(0, "every random choice in the pipeline derives from it", min=0, max=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = allowed("auto", "auto | cpu | cuda")
+    threads: int = allowed(0, "CPU threads for torch; 0 = torch's default", min=0, max=1024)
+    experiment: str = allowed("dmat", "MLflow experiment that every stage's run goes into",
+                              pattern=r"^[\w.\- /]{1,200}$")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = allowed(
+        "auto", "auto | fp32 | bf16 | fp16 (CUDA only): the networks that train and generate; never evaluation. "
+                "auto = the fastest in a short probe, decided once per machine (dmat precision show)")
+    memory_format: Literal["auto", "contiguous", "channels_last"] = allowed(
+        "auto", "auto | contiguous | channels_last; auto = the fastest in a short probe, as precision")
+    compile: bool = allowed(False, "torch.compile the training networks (minutes to compile on a CPU)")
+    nproc: int = allowed(1, "processes for the stages that run under torchrun (train_reference, train_diffusion, "
+                            "generate, train, evaluate): above 1, `dmat <stage>` starts torchrun itself; "
+                            "0 = one per visible GPU (1 without GPUs)", min=0, max=1024)
+    profile: str | None = allowed(
+        None, "the committed profile these params come from (set by `dmat params apply`): variant labels are the "
+              "changes from it; null = params.yaml at HEAD", pattern=r"^[\w.\-]+(/[\w.\-]+)*\.ya?ml$")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The `prepare` stage: where real data comes from and how it is split."""
+    """The `fetch` and `prepare` stages: where real data comes from and how it is split."""
 
-    # Dataset name: picks the torchvision dataset and the classifier's normalisation constants.
-    name: str = allowed("cifar10", pattern=r"^[a-z0-9_\-]{1,64}$")
-    # auto: data.path when it exists (as imagefolder), else torchvision's files in data.download_dir.
-    source: Literal["auto", "imagefolder", "npz", "torchvision"] = "auto"
-    # imagefolder: a directory or .tar/.tar.gz with train/<class>/* and test/<class>/*;
-    # npz: a directory with train.npz and test.npz.
-    path: str = allowed("../shared/data/cifar10-jpeg.tar.gz", pattern=r"^.{1,4096}$")
-    # torchvision (and auto's fallback): its files are used when there, else downloaded there once.
-    download_dir: str = allowed("data/downloads", pattern=r"^.{1,4096}$")
-    val_size: int = allowed(1024, min=0)  # held out of the training images before any subsetting
-    train_limit: int | None = allowed(None, min=1)  # class-stratified seeded subset; null = all
-    test_limit: int | None = allowed(None, min=1)
-    # data/real/heldout: a class-stratified seeded draw of training images in neither train nor val (the
-    # held-out-real control: what a perfect generator would score); 0 = an empty store
-    heldout_size: int = allowed(0, min=0)
-    resize: tuple[int, int] | None = allowed(None, min=1, max=4096)  # [height, width]; null = reject other sizes
-    classes: tuple[str, ...] | None = None  # class names for npz files that carry none
+    name: str = allowed("cifar10", "dataset name (picks torchvision's dataset and the normalisation constants)",
+                        pattern=r"^[a-z0-9_\-]{1,64}$")
+    source: Literal["auto", "imagefolder", "npz", "torchvision"] = allowed(
+        "auto", "auto (data.path if it exists, else torchvision) | imagefolder | npz | torchvision")
+    path: str = allowed("../shared/data/cifar10-jpeg.tar.gz",
+                        "image folder or .tar/.tar.gz with train/<class>/* and test/<class>/* (the offline "
+                        "CIFAR-10), or a directory with train.npz and test.npz", pattern=r"^.{1,4096}$")
+    download_dir: str = allowed("data/downloads", "torchvision's files: used when there, else downloaded once "
+                                                  "(checksums verified)", pattern=r"^.{1,4096}$")
+    val_size: int = allowed(1024, "held out of the training images for checkpoint selection", min=0)
+    train_limit: int | None = allowed(5000, "class-stratified seeded subset of the rest; null = all", min=1)
+    test_limit: int | None = allowed(2000, "class-stratified seeded subset of the test split; null = all", min=1)
+    test_seed: int = allowed(0, "seed of that subset and its order, not base.seed: every seed is scored on the same "
+                                "points", min=0, max=2**31 - 1)
+    heldout_size: int = allowed(1000, "data/real/heldout: a stratified draw of training images in neither train nor "
+                                      "val (the held-out-real control); 0 = empty", min=0)
+    resize: tuple[int, int] | None = allowed(None, "[height, width] to resize images of another size to; null = "
+                                                   "reject them", min=1, max=4096)
+    classes: tuple[str, ...] | None = allowed(None, "class names for npz files that carry none")
 
     def check(self) -> None:
         if self.source == "torchvision" and self.name not in TORCHVISION_DATASETS:
@@ -131,16 +145,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DiffusionATParams:
-    """Adversarial training of the diffusion model (DESIGN.md §5); see dmat.core.diffusion_at."""
+    """Adversarial training of the diffusion model (docs/method.md); see dmat.core.diffusion_at."""
 
-    mode: Literal["none", "random", "adversarial", "invariance"] = "none"
-    lam: float = allowed(0.3, min=0)  # weight λ of the regulariser
-    rho: float = allowed(2.0, min=0)  # radius exponent: r = g(σ)^ρ + floor
-    floor_min: float = allowed(8 / 255, min=0)  # random floor of the radius, uniform in [min, max]
-    floor_max: float = allowed(16 / 255, min=0)
-    step_size: float = allowed(1.0, min=0, max=10)  # adversarial step, as a fraction of the radius
-    detach_clean: bool = False  # stop gradients through D(x) in the regulariser
-    fraction: float = allowed(1.0, above=0, max=1)  # share of each batch regularised (1 = all, as the paper)
+    mode: Literal["none", "random", "adversarial", "invariance"] = allowed(
+        "adversarial", "none | random | adversarial | invariance (the naive ablation)")
+    lam: float = allowed(0.3, "weight λ of the regulariser", min=0)
+    rho: float = allowed(2.0, "box radius r = (σ/√(1+σ²))^ρ + floor", min=0)
+    floor_min: float = allowed(8 / 255, "the radius's random floor, uniform in [floor_min, floor_max]", min=0,
+                               per255=True)
+    floor_max: float = allowed(16 / 255, "", min=0, per255=True)
+    step_size: float = allowed(1.0, "adversarial step, as a fraction of r", min=0, max=10)
+    detach_clean: bool = allowed(False, "stop gradients through D(x) in the regulariser")
+    fraction: float = allowed(0.25, "share of each batch regularised (unbiased; 1 = all, as the paper): 1.9x faster",
+                              above=0, max=1)
 
     def check(self) -> None:
         if self.floor_min > self.floor_max:
@@ -150,69 +167,71 @@ class DiffusionATParams:
 
 @dataclass(frozen=True)
 class CorruptParams:
-    """Optional corruption of the diffusion model's training images (how the AT claim is tested)."""
+    """Corruption of a share of the diffusion model's training images (how the AT claim is tested); off."""
 
-    fraction: float = allowed(0.0, min=0, max=1)  # share of training images corrupted (fixed per image)
-    sigma: float = allowed(0.2, min=0)  # std of the added Gaussian noise, in [-1, 1] image units
+    fraction: float = allowed(0.0, "share of training images corrupted (fixed per image)", min=0, max=1)
+    sigma: float = allowed(0.2, "std of the added Gaussian noise, in [-1, 1] image units", min=0)
 
 
 @dataclass(frozen=True)
 class TrainDiffusionConfig:
-    """The `train_diffusion` stage: class-conditional EDM on data/real/train."""
+    """The `train_diffusion` stage: class-conditional EDM with adversarial training of the diffusion model."""
 
-    model: str = allowed("unet-tiny", pattern=r"^[a-z0-9\-]{1,64}$")  # dmat.core.denoisers registry
-    steps: int = allowed(2000, min=1)  # optimiser steps
-    batch_size: int = allowed(64, min=1)  # global batch (split across torchrun processes)
-    # Images per forward/backward on one process; each process's share of batch_size is split into
-    # ceil(share / micro_batch) micro-batches whose gradients add up before one optimiser step. null = the whole share.
-    micro_batch: int | None = allowed(None, min=1)
-    lr: float = allowed(1e-3, min=0)  # Adam learning rate
-    warmup_steps: int = allowed(100, min=0)  # linear learning-rate ramp
-    ema_half_life_images: float = allowed(20000, min=1)  # EMA half-life in training images (EDM)
-    ema_rampup_ratio: float | None = allowed(0.05, min=0)  # half-life <= ratio × images seen; null = off
-    label_dropout: float = allowed(0.0, min=0, max=1)  # for classifier-free / unconditional use
-    # Training noise levels, ln σ ~ N(p_mean, p_std²): EDM's -1.2 and 1.2 by default.
-    p_mean: float = allowed(-1.2, min=-10, max=10)
-    p_std: float = allowed(1.2, min=0.01, max=10)
-    augment: bool = False  # horizontal flips of the training images
-    adversarial: DiffusionATParams = field(default_factory=DiffusionATParams)
-    corrupt: CorruptParams = field(default_factory=CorruptParams)
-    log_every: int = allowed(50, min=1)  # steps between MLflow metric points
-    checkpoint_every: int = allowed(250, min=1)  # steps between resumable checkpoints
-    grid_steps: int = allowed(18, min=1, max=1000)  # sampler steps for the end-of-training sample grid
+    model: str = allowed("unet-tiny", "unet-tiny (CPU) | ddpmpp-cifar (paper scale, ~56M parameters)",
+                         pattern=r"^[a-z0-9\-]{1,64}$")
+    steps: int = allowed(360, "optimiser steps", min=1)
+    batch_size: int = allowed(32, "global batch (split across torchrun processes)", min=1)
+    micro_batch: int | None = allowed(None, "images per forward/backward on one process (gradients accumulate "
+                                            "before each optimiser step); null = its whole share", min=1)
+    lr: float = allowed(0.002, "Adam's learning rate", min=0)
+    warmup_steps: int = allowed(50, "linear learning-rate ramp", min=0)
+    ema_half_life_images: float = allowed(5000.0, "EMA half-life in training images (EDM)", min=1)
+    ema_rampup_ratio: float | None = allowed(0.05, "half-life <= ratio x images seen; null = off", min=0)
+    label_dropout: float = allowed(0.1, "trains the unconditional denoiser too, for generate.guidance", min=0, max=1)
+    p_mean: float = allowed(-1.2, "training noise levels ln σ ~ N(p_mean, p_std²), as EDM", min=-10, max=10)
+    p_std: float = allowed(1.2, "", min=0.01, max=10)
+    augment: bool = allowed(True, "horizontal flips")
+    adversarial: DiffusionATParams = subsection(DiffusionATParams)
+    corrupt: CorruptParams = subsection(CorruptParams)
+    log_every: int = allowed(25, "steps between MLflow metric points", min=1)
+    checkpoint_every: int = allowed(100, "steps between resumable checkpoints", min=1)
+    grid_steps: int = allowed(18, "sampler steps of the end-of-training sample grid", min=1, max=1000)
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     """The `generate` stage: class-conditional samples from the EMA denoiser into data/synthetic."""
 
-    per_class: int = allowed(500, min=1)
-    batch_size: int = allowed(128, min=1)  # images per sampler call; does not change the output
-    # The network always sees exactly this many images (the last chunk padded), so the output is
-    # byte-identical for any batch_size and process count. Small on CPU (it is also faster there);
-    # larger on GPUs. Changing it may change the images in their last bits.
-    network_batch: int = allowed(16, min=1)
-    sampler: Literal["heun", "euler"] = "heun"
-    steps: int = allowed(18, min=1, max=1000)  # Heun: NFE = 2·steps − 1
-    sigma_min: float = allowed(0.002, min=0)
-    sigma_max: float = allowed(80.0, min=0)
-    rho: float = allowed(7.0, min=0)
-    s_churn: float = allowed(0.0, min=0)  # stochastic churn (0 = deterministic)
-    s_min: float = allowed(0.0, min=0)
-    s_max: float | None = allowed(None, min=0)  # null = no upper bound
-    s_noise: float = allowed(1.0, min=0)
-    # Scores the candidates when filter_keep < 1: "reference" (models/reference/best.pt, the standard classifier
-    # of train_reference, as Wang et al.'s select_1M) or the path of another DMAT classifier checkpoint (a
-    # robust one is accepted when named; add the file to generate's deps in dvc.yaml)
-    filter_scorer: str | None = allowed(None, pattern=r"^.{1,4096}$")
-    filter_keep: float = allowed(1.0, above=0, max=1)  # top share kept per class, by the conditioning class's prob.
-    # Classifier-free guidance weight w (1 = none, as the paper); > 1 needs a denoiser trained with
-    # train_diffusion.label_dropout > 0. Applied for σ in (guidance_interval[0], guidance_interval[1]].
-    guidance: float = allowed(1.0, min=1, max=100)
-    guidance_interval: tuple[float, float] | None = allowed(None, min=0)  # [σ_lo, σ_hi]; null = every σ
-    # CPU processes sharing the work when not under torchrun (one thread each, so the store is the
-    # same for any count); 0 = one per available core. Ignored on GPUs.
-    workers: int = allowed(0, min=0, max=1024)
+    source: Literal["sample", "external"] = allowed(
+        "sample", "sample (the EMA denoiser) | external: the files `external` names, streamed into data/synthetic "
+                  "(docs/published.md); then only filter_scorer and filter_keep (the share kept per class) apply")
+    external: tuple[str, ...] = allowed(
+        (), "external: .npz files in the reference's layout (several: the parts of one set, in order), or one image "
+            "folder or DMAT store; relative to the project root", pattern=r"^.{1,4096}$")
+    per_class: int = allowed(100, "images per class", min=1)
+    batch_size: int = allowed(64, "images per sampler call; does not change the output", min=1)
+    network_batch: int = allowed(16, "the network always sees this many images (the last chunk padded), so the output "
+                                     "is byte-identical for any batch_size and process count", min=1)
+    sampler: Literal["heun", "euler"] = allowed("heun", "heun (EDM Algorithm 1) | euler")
+    steps: int = allowed(10, "Heun: 2·steps − 1 network evaluations per image, plus guided ones", min=1, max=1000)
+    sigma_min: float = allowed(0.002, "", min=0)
+    sigma_max: float = allowed(80.0, "", min=0)
+    rho: float = allowed(7.0, "", min=0)
+    s_churn: float = allowed(0.0, "stochastic churn (0 = deterministic)", min=0)
+    s_min: float = allowed(0.0, "", min=0)
+    s_max: float | None = allowed(None, "null = no upper bound", min=0)
+    s_noise: float = allowed(1.0, "", min=0)
+    filter_scorer: str | None = allowed(
+        None, "reference (models/reference/best.pt) or a classifier checkpoint path (add it to generate's deps); "
+              "null = no filter", pattern=r"^.{1,4096}$")
+    filter_keep: float = allowed(1.0, "generate per_class/filter_keep candidates, keep the top share per class by the "
+                                      "scorer's probability of the conditioning class", above=0, max=1)
+    guidance: float = allowed(3.0, "classifier-free guidance weight (1 = none, as the paper); > 1 needs "
+                                   "train_diffusion.label_dropout > 0", min=1, max=100)
+    guidance_interval: tuple[float, float] | None = allowed(
+        (0.28, 5.42), "σ range where guidance applies (Kynkäänniemi et al. 2024); null = every σ", min=0)
+    workers: int = allowed(0, "CPU worker processes; 0 = one per core (the same images for any count); ignored on "
+                              "GPUs", min=0, max=1024)
 
     def check(self) -> None:
         if self.sigma_min >= self.sigma_max:
@@ -224,102 +243,107 @@ class GenerateConfig:
         if self.filter_keep < 1 and self.filter_scorer is None:
             raise ParamsError(f"generate.filter_keep = {self.filter_keep} is not allowed without "
                               "generate.filter_scorer: name the classifier checkpoint that scores images")
+        if self.source == "external" and not self.external:
+            raise ParamsError("generate.external = [] is not allowed with generate.source = 'external': name the "
+                              ".npz file(s), image folder or DMAT store to read")
+        if len(self.external) > 1 and not all(path.endswith(".npz") for path in self.external):
+            raise ParamsError(f"generate.external = {list(self.external)} is not allowed: several sources must be "
+                              ".npz files (the parts of one set); an image folder or a DMAT store is given alone")
 
 
 @dataclass(frozen=True)
 class MixConfig:
     """The `mix` stage: which generated images the classifier may use, and in what share."""
 
-    synthetic_fraction: float = allowed(0.5, min=0, max=1)  # share of every batch that is generated
-    synthetic_limit: int | None = allowed(None, min=1)  # seeded random draw of generated images; null = all
-    # The store that supplies the "synthetic" share: generated (data/synthetic) or heldout_real
-    # (data/real/heldout, the held-out-real control: real images the pipeline did not train on)
-    source: Literal["generated", "heldout_real"] = "generated"
+    synthetic_fraction: float = allowed(0.3, "share of every training batch that is generated (paper: 0.7)", min=0,
+                                        max=1)
+    synthetic_limit: int | None = allowed(None, "seeded stratified draw of generated images; null = all", min=1)
+    source: Literal["generated", "heldout_real"] = allowed(
+        "generated", "generated (data/synthetic) | heldout_real (data/real/heldout: the real-data control)")
 
 
 @dataclass(frozen=True)
 class ThreatConfig:
-    """A threat model and the PGD attack used against it."""
+    """The training attack and threat model."""
 
-    norm: Literal["Linf", "L2"] = "Linf"
-    eps: float = allowed(8 / 255, min=0)
-    # null = derived from eps and steps as the reference does (dmat.core.attacks.default_step_size):
-    # Linf 2.5·eps/steps (2/255 at 8/255, 10 steps), L2 2·eps/steps (its L2 solver's learning rate)
-    step_size: float | None = allowed(None, above=0)
-    steps: int = allowed(10, min=0)
+    norm: Literal["Linf", "L2"] = allowed("Linf", "")
+    eps: float = allowed(8 / 255, "radius; the paper trains L2 at 128/255", min=0, per255=True)
+    step_size: float | None = allowed(None, "null = from eps and steps, as the reference: Linf 2.5·eps/steps (2/255 "
+                                            "here), L2 2·eps/steps", above=0, per255=True)
+    steps: int = allowed(10, "", min=0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The `train` stage: adversarial training of the classifier on mixed batches (DESIGN.md §4)."""
+    """The `train` stage: adversarial training of the classifier on mixed batches (TRADES, as the paper)."""
 
-    model: str = allowed("wrn-16-1", pattern=r"^[a-z0-9\-]{1,64}$")  # dmat.core.classifiers registry
-    loss: Literal["trades", "pgd-at"] = "trades"
-    epochs: int = allowed(10, min=1)  # an epoch is ceil(N_real / batch_size) steps
-    batch_size: int = allowed(128, min=1)  # global batch (split across torchrun processes)
-    # Images per forward/backward on one process; each process's share of batch_size is split into
-    # ceil(share / micro_batch) micro-batches whose gradients add up before one optimiser step. null = the whole share.
-    micro_batch: int | None = allowed(None, min=1)
-    lr: float = allowed(0.2, min=0)  # peak of the one-cycle schedule
-    warmup_fraction: float = allowed(0.025, min=0, max=1)
-    momentum: float = allowed(0.9, min=0, max=1)
-    nesterov: bool = True
-    weight_decay: float = allowed(5e-4, min=0)  # not applied to BatchNorm parameters
-    beta: float = allowed(5.0, min=0)  # TRADES robustness weight
-    label_smoothing: float = allowed(0.1, min=0, max=0.99)  # TRADES' clean CE term only (PGD-AT: plain CE)
-    ema_tau: float = allowed(0.995, min=0, max=1)
-    augment: bool = True  # crop + flip (never for SVHN)
-    attack: ThreatConfig = field(default_factory=ThreatConfig)
-    val_attack_steps: int = allowed(40, min=1)  # PGD-CW steps for checkpoint selection on data/real/val
-    val_limit: int | None = allowed(None, min=1)  # first n validation images; null = all
+    model: str = allowed("wrn-16-1", "dmat.core.classifiers registry", pattern=r"^[a-z0-9\-]{1,64}$")
+    loss: Literal["trades", "pgd-at"] = allowed("trades", "trades | pgd-at")
+    epochs: int = allowed(3, "an epoch is ceil(N_real / batch_size) steps", min=1)
+    batch_size: int = allowed(64, "global batch (split across torchrun processes)", min=1)
+    micro_batch: int | None = allowed(None, "images per forward/backward on one process (gradients accumulate "
+                                            "before each optimiser step); null = its whole share", min=1)
+    lr: float = allowed(0.1, "peak of the one-cycle schedule", min=0)
+    warmup_fraction: float = allowed(0.025, "", min=0, max=1)
+    momentum: float = allowed(0.9, "", min=0, max=1)
+    nesterov: bool = allowed(True, "")
+    weight_decay: float = allowed(5e-4, "not applied to BatchNorm parameters", min=0)
+    beta: float = allowed(5.0, "TRADES' robustness weight", min=0)
+    label_smoothing: float = allowed(0.1, "TRADES' clean CE term only; PGD-AT trains on plain CE (as the reference)",
+                                     min=0, max=0.99)
+    ema_tau: float = allowed(0.995, "", min=0, max=1)
+    augment: bool = allowed(True, "random crop (pad 4) + horizontal flip (never for SVHN)")
+    attack: ThreatConfig = subsection(ThreatConfig)
+    val_attack_steps: int = allowed(40, "PGD-CW steps of checkpoint selection on data/real/val", min=1)
+    val_limit: int | None = allowed(256, "first n validation images; null = all", min=1)
 
 
 @dataclass(frozen=True)
 class TrainReferenceConfig:
-    """The `train_reference` stage: standard (non-adversarial) training of a classifier on data/real/train only.
+    """The `train_reference` stage: standard training on data/real/train only (the yardstick)."""
 
-    The fixed yardstick of generated data (evaluate_diffusion) and the scorer of generate's filter: it never
-    sees generated data and does not depend on the diffusion model, so every diffusion variant shares it.
-    """
-
-    model: str = allowed("wrn-16-1", pattern=r"^[a-z0-9\-]{1,64}$")  # dmat.core.classifiers registry
-    epochs: int = allowed(15, min=1)
-    batch_size: int = allowed(128, min=1)  # global batch (split across torchrun processes)
-    # Images per forward/backward on one process; each process's share of batch_size is split into
-    # ceil(share / micro_batch) micro-batches whose gradients add up before one optimiser step. null = the whole share.
-    micro_batch: int | None = allowed(None, min=1)
-    lr: float = allowed(0.1, min=0)  # peak learning rate
-    warmup_fraction: float = allowed(0.025, min=0, max=1)  # linear warm-up, then cosine decay; 0 = plain cosine
-    momentum: float = allowed(0.9, min=0, max=1)
-    nesterov: bool = True
-    weight_decay: float = allowed(5e-4, min=0)  # not applied to BatchNorm parameters
-    label_smoothing: float = allowed(0.0, min=0, max=0.99)
-    augment: bool = True  # crop + flip (never for SVHN)
-    val_limit: int | None = allowed(None, min=1)  # first n validation images for checkpoint selection; null = all
+    model: str = allowed("wrn-16-1", "the smallest registry net: a few minutes on 2 cores (paper profile: wrn-28-10)",
+                         pattern=r"^[a-z0-9\-]{1,64}$")
+    epochs: int = allowed(15, "an epoch is ceil(N_train / batch_size) steps", min=1)
+    batch_size: int = allowed(128, "global batch (split across torchrun processes)", min=1)
+    micro_batch: int | None = allowed(None, "images per forward/backward on one process (gradients accumulate "
+                                            "before each optimiser step); null = its whole share", min=1)
+    lr: float = allowed(0.1, "peak learning rate", min=0)
+    warmup_fraction: float = allowed(0.025, "linear warm-up, then cosine decay to 0; 0 = plain cosine", min=0, max=1)
+    momentum: float = allowed(0.9, "", min=0, max=1)
+    nesterov: bool = allowed(True, "")
+    weight_decay: float = allowed(5e-4, "not applied to BatchNorm parameters", min=0)
+    label_smoothing: float = allowed(0.0, "", min=0, max=0.99)
+    augment: bool = allowed(True, "random crop (pad 4) + horizontal flip")
+    val_limit: int | None = allowed(None, "first n images of data/real/val for checkpoint selection (clean accuracy); "
+                                          "null = all", min=1)
 
 
 @dataclass(frozen=True)
 class EvaluateDiffusionConfig:
-    """The `evaluate_diffusion` stage: denoiser robustness and sample quality of the diffusion model.
+    """The `evaluate_diffusion` stage: denoiser robustness; sample quality under the reference classifier.
 
     The perturbation box r(σ) = (σ/√(1+σ²))^radius_rho + radius_floor is this section's yardstick, not
     the box a model was trained with, so that every model (AT mode none or adversarial) is measured alike.
     """
 
-    n_real: int = allowed(1000, min=2)  # first n images of data/real/test: the real side of FD, precision, recall
-    # seeded stratified draw from data/synthetic, outside the mix's rows when there are enough; the control
-    # is as many images of data/real/heldout
-    n_generated_per_class: int = allowed(100, min=1)
-    n_denoiser: int = allowed(128, min=1)  # first n images of data/real/test for the denoiser metrics
-    sigmas: tuple[float, ...] = allowed((0.05, 0.2, 0.5, 1.0, 2.0), min=0)  # noise levels, [-1, 1] image units
-    attack_steps: int = allowed(5, min=1)  # signed-gradient (PGD) steps of the adversarial perturbation
-    radius_rho: float = allowed(2.0, above=0)  # exponent ρ of the box radius
-    radius_floor: float = allowed(12 / 255, min=0)  # fixed floor of the box radius, in noise units
-    batch_size: int = allowed(128, min=1)
-    knn_k: int = allowed(3, min=1)  # k of the k-NN manifolds of precision and recall (Kynkäänniemi et al. 2019)
-    # memorisation threshold: this quantile of data/real/val's nearest-training-image pixel distances
-    memorisation_quantile: float = allowed(0.01, above=0, max=0.5)
-    inception_weights: str | None = allowed(None, pattern=r"^.{1,4096}$")  # local torchvision Inception-v3 file
+    n_real: int = allowed(1000, "first n images of data/real/test: the real side of FD, precision and recall", min=2)
+    n_generated_per_class: int = allowed(100, "stratified draw from data/synthetic, outside the mix's rows when "
+                                              "enough; the control: as many images of data/real/heldout", min=1)
+    n_denoiser: int = allowed(128, "first n test images for the denoiser metrics (the costly part: PGD)", min=1)
+    sigmas: tuple[float, ...] = allowed((0.05, 0.2, 0.5, 1.0, 2.0), "noise levels of the denoiser metrics, [-1, 1] "
+                                                                    "image units", min=0)
+    attack_steps: int = allowed(5, "PGD steps of the adversarial perturbation (step 2.5·r/steps)", min=1)
+    radius_rho: float = allowed(2.0, "the box's exponent ρ: the same yardstick for every model, whatever its AT mode",
+                                above=0)
+    radius_floor: float = allowed(12 / 255, "fixed floor (the mean of the training floor, 8/255..16/255)", min=0,
+                                  per255=True)
+    batch_size: int = allowed(128, "", min=1)
+    knn_k: int = allowed(3, "k-NN manifolds of precision and recall (Kynkäänniemi et al. 2019)", min=1)
+    memorisation_quantile: float = allowed(0.01, "threshold: this quantile of data/real/val's nearest-training-image "
+                                                 "pixel distances", above=0, max=0.5)
+    inception_weights: str | None = allowed(None, "local torchvision Inception-v3 state dict for FID (add it to the "
+                                                  "stage's deps); null = no FID", pattern=r"^.{1,4096}$")
 
     def check(self) -> None:
         if not self.sigmas or min(self.sigmas) <= 0:
@@ -337,10 +361,11 @@ AUTOATTACK_ATTACKS = Literal["apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "s
 class ThreatEvalConfig:
     """One threat model to evaluate: AutoAttack at `eps`, plus a cheap PGD sweep over `sweep`."""
 
-    norm: Literal["Linf", "L2"] = "Linf"
-    eps: float = allowed(8 / 255, min=0)
-    sweep: tuple[float, ...] = allowed((0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255), min=0)  # eps values, rising
-    large_eps: float = allowed(0.5, min=0)  # the "falls to chance" sanity check runs PGD here
+    norm: Literal["Linf", "L2"] = allowed("Linf", "")
+    eps: float = allowed(8 / 255, "", min=0, per255=True)
+    sweep: tuple[float, ...] = allowed((0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255), "eps values of the PGD sweep, "
+                                                                                   "rising", min=0, per255=True)
+    large_eps: float = allowed(0.5, "PGD here must bring accuracy down to chance", min=0)
     RELATIVE_KEYS: typing.ClassVar[bool] = True
 
     def check(self) -> None:
@@ -350,21 +375,28 @@ class ThreatEvalConfig:
             raise ParamsError(f"large_eps = {self.large_eps} is not allowed: expected > eps ({self.eps})")
 
 
+def _default_threats() -> dict[str, ThreatEvalConfig]:
+    return {"linf": ThreatEvalConfig(),
+            "l2": ThreatEvalConfig(norm="L2", eps=0.5, sweep=(0.0, 0.25, 0.5, 1.0), large_eps=20.0)}
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """The `evaluate` stage: robustness of the best EMA classifier on the first n test images."""
+    """The `evaluate` stage: robustness of the best EMA classifier: AutoAttack + PGD sweep + sanity checks."""
 
-    n: int | None = allowed(None, min=1)  # first n points of data/real/test (RobustBench's rule); null = all
-    batch_size: int = allowed(250, min=1)
-    version: Literal["standard", "plus", "rand", "custom"] = "standard"  # AutoAttack version
-    attacks: tuple[AUTOATTACK_ATTACKS, ...] | None = None  # version custom only, in the order to run
-    square_queries: int = allowed(5000, min=1)  # Square's query budget (AutoAttack standard: 5000)
-    pgd_steps: int = allowed(0, min=0)  # extra PGD-CE and PGD-CW on the points AutoAttack left; 0 = none
-    pgd_restarts: int = allowed(1, min=1)
-    sweep_steps: int = allowed(10, min=1)  # PGD-CE steps for the eps sweep and the sanity checks
-    sweep_n: int | None = allowed(None, min=1)  # first points used by the sweep; null = all n
-    tolerance: float = allowed(0.01, min=0, max=1)  # slack of the sanity checks, as accuracy
-    threats: dict[str, ThreatEvalConfig] = field(default_factory=lambda: {"linf": ThreatEvalConfig()})
+    n: int | None = allowed(100, "first n test images (RobustBench's rule); null = all (paper scale)", min=1)
+    batch_size: int = allowed(250, "", min=1)
+    version: Literal["standard", "plus", "rand", "custom"] = allowed("standard", "AutoAttack version")
+    attacks: tuple[AUTOATTACK_ATTACKS, ...] | None = allowed(None, "version custom only, in the order to run: e.g. "
+                                                                   "[apgd-ce, apgd-t, fab-t, square]")
+    square_queries: int = allowed(5000, "Square's query budget (AutoAttack standard: 5000)", min=1)
+    pgd_steps: int = allowed(0, "extra PGD-CE and PGD-CW on the points AutoAttack left; 0 = none", min=0)
+    pgd_restarts: int = allowed(1, "", min=1)
+    sweep_steps: int = allowed(10, "PGD-CE steps of the eps sweep and the sanity checks", min=1)
+    sweep_n: int | None = allowed(None, "first points of the sweep; null = all n", min=1)
+    tolerance: float = allowed(0.01, "slack of the sanity checks (accuracy)", min=0, max=1)
+    threats: dict[str, ThreatEvalConfig] = field(default_factory=_default_threats,
+                                                 metadata={"doc": "one `evaluate@<name>` stage each"})
 
     def check(self) -> None:
         if (self.version == "custom") != (self.attacks is not None):
@@ -374,38 +406,40 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    """The `verify` stage: deployment-side gates on models/export, then the model registry."""
+    """The `verify` stage: deployment-side gates on models/export (every measured value in metrics/verify.json)."""
 
-    parity_batches: tuple[int, ...] = allowed((1, 7, 64), min=1)  # clean test batch sizes compared with PyTorch
-    parity_atol: float = allowed(1e-4, min=0)  # max |logit difference| onnxruntime vs PyTorch
-    robust_acc_tolerance: float = allowed(0.002, min=0, max=1)  # onnxruntime vs PyTorch on the adversarial examples
-    square_n: int = allowed(50, min=1)  # first test points attacked by Square through onnxruntime
-    square_queries: int = allowed(1000, min=1)
-    square_tolerance: float = allowed(0.0, min=0, max=1)  # slack of "AutoAttack <= Square <= clean"
-    latency_runs: int = allowed(50, min=1)  # timed batch-1 calls (after warm-up) for p50/p95
-    latency_budget_ms: float | None = allowed(None, min=0)  # onnxruntime p95 at batch 1; null = record only
-    denoiser_sigmas: tuple[float, ...] = allowed((0.05, 1.0, 20.0), min=0)
-    denoiser_atol: float = allowed(1e-3, min=0)  # max |difference| of denoised outputs ([-1, 1] image units)
-    registered_model: str = allowed("dmat-classifier", pattern=r"^[A-Za-z0-9][\w.\-]{0,99}$")
-    register: bool = True  # register in MLflow after every gate passes
-    # `champion` moves to a new version only when it is significantly more robust on the champion's test points
-    champion_alpha: float = allowed(0.05, above=0, max=0.5)  # level of the exact McNemar test
+    parity_batches: tuple[int, ...] = allowed((1, 7, 64), "clean test batch sizes compared with PyTorch", min=1)
+    parity_atol: float = allowed(1e-4, "max |logit difference|, and predicted classes must be identical", min=0)
+    robust_acc_tolerance: float = allowed(0.002, "onnxruntime vs PyTorch accuracy on evaluate's adversarial examples",
+                                          min=0, max=1)
+    square_n: int = allowed(50, "first test points attacked by Square through the onnxruntime session", min=1)
+    square_queries: int = allowed(1000, "", min=1)
+    square_tolerance: float = allowed(0.0, "AutoAttack acc <= Square acc <= clean acc, within this", min=0, max=1)
+    latency_runs: int = allowed(50, "timed batch-1 calls (after warm-up) for p50/p95", min=1)
+    latency_budget_ms: float | None = allowed(None, "onnxruntime p95 at batch 1; null = record only", min=0)
+    denoiser_sigmas: tuple[float, ...] = allowed((0.05, 1.0, 20.0), "", min=0)
+    denoiser_atol: float = allowed(1e-3, "max |difference| of denoised outputs ([-1, 1] image units)", min=0)
+    registered_model: str = allowed("dmat-classifier", "MLflow registered model; aliases candidate and champion",
+                                    pattern=r"^[A-Za-z0-9][\w.\-]{0,99}$")
+    register: bool = allowed(True, "register in MLflow after every gate passes")
+    champion_alpha: float = allowed(0.05, "champion moves only to a version significantly more robust on the same "
+                                          "test points and attack suite (and not less accurate)", above=0, max=0.5)
 
 
 @dataclass(frozen=True)
 class Params:
-    """The whole params.yaml."""
+    """The whole params.yaml: the CPU default profile (the whole pipeline on a 2-core laptop)."""
 
-    base: BaseConfig = field(default_factory=BaseConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train_diffusion: TrainDiffusionConfig = field(default_factory=TrainDiffusionConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    mix: MixConfig = field(default_factory=MixConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    train_reference: TrainReferenceConfig = field(default_factory=TrainReferenceConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    verify: VerifyConfig = field(default_factory=VerifyConfig)
-    evaluate_diffusion: EvaluateDiffusionConfig = field(default_factory=EvaluateDiffusionConfig)
+    base: BaseConfig = subsection(BaseConfig)
+    data: DataConfig = subsection(DataConfig)
+    train_reference: TrainReferenceConfig = subsection(TrainReferenceConfig)
+    train_diffusion: TrainDiffusionConfig = subsection(TrainDiffusionConfig)
+    generate: GenerateConfig = subsection(GenerateConfig)
+    mix: MixConfig = subsection(MixConfig)
+    train: TrainConfig = subsection(TrainConfig)
+    evaluate: EvaluateConfig = subsection(EvaluateConfig)
+    verify: VerifyConfig = subsection(VerifyConfig)
+    evaluate_diffusion: EvaluateDiffusionConfig = subsection(EvaluateDiffusionConfig)
 
     def section(self, name: str) -> Any:
         return getattr(self, name)

@@ -52,21 +52,27 @@ def check_precision(base: BaseConfig, device: str) -> None:
 
 
 def choose_setting(base: BaseConfig, w: World, make_passes: Callable[[], PassFactory],
-                   recorded: Mapping[str, Any] | None = None) -> Decision:
+                   recorded: Mapping[str, Any] | None = None, *, workload: Mapping[str, Any] | None = None) -> Decision:
     """The precision and memory format a stage runs in (`base.precision`, `base.memory_format`), the
-    same on every torchrun rank: rank 0 decides and broadcasts (timings differ between processes)."""
-    return broadcast_object(w, _decide(base, w.device, make_passes, recorded) if w.is_main else None)
+    same on every torchrun rank: rank 0 decides and broadcasts (timings differ between processes).
+
+    `workload` (the stage, its network, its per-process batch) makes `auto` decide once per machine: the
+    first probe's choice is kept (`dmat.precision_decisions`) and every later run of the same workload on
+    this machine reuses it, whatever the machine's load. Without it every run probes anew."""
+    decision = None
+    if w.is_main:
+        workload = None if workload is None else {**workload, "world_size": w.size}
+        decision = _decide(base, w.device, make_passes, recorded, workload)
+    return broadcast_object(w, decision)
 
 
 def _decide(base: BaseConfig, device: str, make_passes: Callable[[], PassFactory],
-            recorded: Mapping[str, Any] | None) -> Decision:
+            recorded: Mapping[str, Any] | None, workload: Mapping[str, Any] | None) -> Decision:
     """A resumed run keeps the choice its checkpoint `recorded` wherever the params still say `auto`.
-    Otherwise knobs set to `auto` are probed on passes from `make_passes()` (called only when
-    needed: it may copy the network), with torch's random state restored afterwards so that the
-    probe never shifts what the stage draws."""
-    import torch
-
-    from dmat.core.precision import Decision, Setting, candidates, choose, probe
+    Otherwise knobs set to `auto` are decided by this machine's kept decision for the workload, or probed
+    on passes from `make_passes()` (called only when needed: it may copy the network), with torch's random
+    state restored afterwards so that the probe never shifts what the stage draws."""
+    from dmat.core.precision import Decision, Setting, candidates
 
     check_precision(base, device)
     if recorded is not None:
@@ -77,6 +83,34 @@ def _decide(base: BaseConfig, device: str, make_passes: Callable[[], PassFactory
     options = candidates(device, base.precision, base.memory_format)
     if len(options) == 1:
         return Decision(options[0], "requested")
+    if workload is None:
+        return _probe(device, make_passes, options)
+    return _machine_decision(device, make_passes, options, workload)
+
+
+def _machine_decision(device: str, make_passes: Callable[[], PassFactory], options: list,
+                      workload: Mapping[str, Any]) -> Decision:
+    """This machine's kept decision for `workload`, else a probe whose choice is kept for the next runs."""
+    from dmat import precision_decisions as decisions
+    from dmat.core.precision import Decision
+
+    names = [option.name for option in options]
+    machine = decisions.machine(device)
+    key = decisions.decision_key(machine, workload, names)
+    record = decisions.recall(key)
+    if record is None:
+        probed = _probe(device, make_passes, options)
+        record = decisions.keep(key, probed.record(), machine, workload, names)
+        if record["decision"] == probed.record():
+            return Decision(probed.setting, "probe", probed.timings, key)
+    return Decision.from_record(record["decision"], source="machine", key=key)
+
+
+def _probe(device: str, make_passes: Callable[[], PassFactory], options: list) -> Decision:
+    import torch
+
+    from dmat.core.precision import Decision, choose, probe
+
     on_cuda = torch.device(device).type == "cuda"
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if on_cuda else []):
         timings = probe(make_passes(), options, synchronize=torch.cuda.synchronize if on_cuda else lambda: None)
@@ -142,6 +176,18 @@ def seed_ranks(seed: int, w: World) -> None:
     random.seed(rank_seed)
     np.random.seed(rank_seed)
     torch.manual_seed(rank_seed)
+
+
+def evaluation_network(model, base: BaseConfig, device: str):
+    """The classifier as evaluation attacks it: always float32 (low precision can mask gradients), channels-last
+    when `base.memory_format` asks for it by name — a layout, not a precision: only the fp32 kernels differ (2x
+    faster for a WRN's forward and backward on a Xeon here). `auto` keeps the layout evaluation always had."""
+    if base.memory_format != "channels_last":
+        return model
+    from dmat.core.precision import Autocast, Setting, to_memory_format
+
+    setting = Setting("fp32", "channels_last")
+    return Autocast(to_memory_format(model, setting), setting, device).eval()
 
 
 def log_precision(tracked, decision: Decision) -> None:

@@ -1,6 +1,7 @@
 """Experiment tracking: the only module that imports mlflow.
 
-One MLflow run per stage execution, all in one experiment (`base.experiment`). The default store
+One MLflow run per stage execution, all in one experiment (`base.experiment`), each the child of the parent run of
+its pipeline execution (see `stage_run` for how the parent follows its stages). The default store
 is `sqlite:///<project root>/mlflow.db`, resolved to the real project root even when DVC runs the
 stage in a temporary copy under `.dvc/tmp` (`dvc exp run --temp/--queue`), so every run of the
 project lands in one database. `MLFLOW_TRACKING_URI` overrides it (e.g. a team tracking server).
@@ -11,7 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -22,13 +27,14 @@ from typing import Any
 from dmat.config import as_dict, flatten, to_yaml
 from dmat.data.store import ArrayStore
 from dmat.errors import TrackingError
-from dmat.execution import Execution, current_execution
+from dmat.execution import Execution, current_execution, headline_metrics, pipeline_status, reused_stages
 from dmat.files import project_root
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow stores a dataset digest in a 36-character column; the full sha256 goes into a tag.
 MLFLOW_DIGEST_LENGTH = 36
 PREFLIGHT_TIMEOUT_S = 5.0
+PIPELINE_SECONDS = "pipeline.seconds"
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -149,6 +155,38 @@ def download_run_artifact(run_id: str, path: str, destination: Path, uri: str | 
         raise TrackingError(f"cannot download {path} of run {run_id} from {uri}: {err}") from None
 
 
+def pipeline_metric_keys(experiment: str, uri: str | None = None) -> tuple[str, set[str]]:
+    """The id of `experiment` and the metric keys its pipeline runs carry (`dmat ui` picks its columns from them).
+    An experiment the store does not have raises LookupError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    client = _read_client(uri)
+    try:
+        with _quiet_mlflow():
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise LookupError(f"no MLflow experiment named {experiment!r} in {uri}")
+            runs = client.search_runs([found.experiment_id], "tags.`dmat.role` = 'pipeline'", max_results=5000)
+    except MlflowException as err:
+        raise TrackingError(f"cannot search MLflow tracking store {uri}: {err}") from None
+    return found.experiment_id, {key for run in runs for key in run.data.metrics}
+
+
+def set_experiment_tags(experiment_id: str, tags: Mapping[str, str], uri: str | None = None) -> None:
+    """Tag an experiment (e.g. the MLflow UI's shared views, `mlflow.sharedViewState.<key>`)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    client = _read_client(uri)
+    try:
+        with _quiet_mlflow():
+            for key, value in tags.items():
+                client.set_experiment_tag(experiment_id, key, value)
+    except MlflowException as err:
+        raise TrackingError(f"cannot tag experiment {experiment_id} in MLflow tracking store {uri}: {err}") from None
+
+
 @contextlib.contextmanager
 def tool_run(name: str, experiment: str, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
     """An MLflow run for a command that is not a stage (e.g. `dmat compare`), in `experiment`."""
@@ -193,10 +231,11 @@ def _quoted(value: str) -> str:
 class StageRun:
     """What a stage may report: metrics, datasets, files, pictures. Wraps one active MLflow run."""
 
-    def __init__(self, mlflow_module: Any, run_id: str, *, continued: bool = False):
+    def __init__(self, mlflow_module: Any, run_id: str, *, continued: bool = False, parent_id: str | None = None):
         self._mlflow = mlflow_module
         self.run_id = run_id
         self.continued = continued  # an interrupted run of this execution, reopened: its inputs are logged
+        self.parent_id = parent_id  # the pipeline execution's run
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -259,6 +298,8 @@ class StageRun:
         for key, value in tags.items():
             client.set_model_version_tag(name, version, f"dmat.{key}", str(value))
         client.set_registered_model_alias(name, "candidate", version)
+        if self.parent_id:  # the pipeline row links to the model it produced
+            client.set_tag(self.parent_id, "dmat.model_version", f"models:/{name}/{version}")
         return version
 
     def model_version_tags(self, name: str, alias: str) -> dict[str, str] | None:
@@ -292,13 +333,19 @@ class NullRun:
 @contextlib.contextmanager
 def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_id: str | None = None,
               enabled: bool = True) -> Iterator[StageRun | NullRun]:
-    """Open the MLflow run of one stage execution; it ends FAILED if the stage raises.
+    """Open the MLflow run of one stage execution; it ends FAILED if the stage raises, KILLED if it is interrupted
+    (Ctrl-C, or SIGTERM: turned into KeyboardInterrupt while the run is open, so the stage cleans up as for Ctrl-C).
 
     `sections` are the params sections the stage reads; they are logged flattened as run params.
     `resume_run_id` continues the run of an interrupted execution (its checkpoint knows the id) when that run
     belongs to this pipeline execution; a checkpoint reused by another execution (a queued experiment resuming
     from the committed checkpoint) gets a new run under its own parent. `tracked.continued` says which.
     `enabled=False` (torchrun ranks other than 0) yields a run that records nothing.
+
+    The run is a child of its pipeline execution's parent run (`_pipeline_run`), which follows its stages: DVC
+    starts each stage as a process of its own, so each one sets the parent RUNNING when it starts and, when it
+    ends, copies its headline numbers to the parent and sets the parent's status and end time from all its
+    stage runs (`_settle_pipeline`).
     """
     if not enabled:
         yield NullRun()
@@ -311,9 +358,10 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
 
         mlflow.set_tracking_uri(uri)
         try:
+            client = mlflow.MlflowClient()
             experiment_id = _use_experiment(mlflow, params.base.experiment, uri)
-            parent_id = _pipeline_run(mlflow.MlflowClient(), experiment_id, execution)
-            continued = bool(resume_run_id) and _run_of(mlflow.MlflowClient(), resume_run_id, execution)
+            parent_id = _pipeline_run(client, experiment_id, execution)
+            continued = bool(resume_run_id) and _run_of(client, resume_run_id, execution)
         except Exception as err:  # the store itself is broken: say which one
             raise TrackingError(f"cannot use MLflow tracking store {uri}: {err}") from None
     exp_name = os.environ.get("DVC_EXP_NAME", "")
@@ -323,14 +371,49 @@ def stage_run(stage: str, params: Any, sections: tuple[str, ...], *, resume_run_
             "dmat.variant": execution.variant, "dmat.seed": execution.seed, "dmat.pipeline": execution.key,
             "mlflow.parentRunId": parent_id}
     if continued:
-        run_context = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id)
     else:
-        run_context = mlflow.start_run(run_name=run_name, tags={k: str(v) for k, v in tags.items()})
-    with run_context as run:
-        tracked = StageRun(mlflow, run.info.run_id, continued=continued)
-        if not continued:
-            _log_config(tracked, params, sections)
-        yield tracked
+        run = mlflow.start_run(run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    tracked = StageRun(mlflow, run.info.run_id, continued=continued, parent_id=parent_id)
+    status = "FAILED"
+    try:
+        with _sigterm_interrupts():
+            if not continued:
+                _log_config(tracked, params, sections)
+            yield tracked
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+        try:
+            with _quiet_mlflow():
+                _settle_pipeline(client, experiment_id, parent_id, stage, tracked.run_id, status)
+        except Exception as err:  # the stage's outcome stands; only its summary on the pipeline run is missing
+            print(f"dmat: the pipeline run {parent_id} was not updated after {stage}: {err}", file=sys.stderr)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a queue worker stopped, torchrun ending its other ranks) while a stage run is open."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises `_Terminated` (a KeyboardInterrupt): the run then ends KILLED and the
+    stage's own cleanup runs, where Python's default would end the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_of(client: Any, run_id: str, execution: Execution) -> bool:
@@ -367,18 +450,66 @@ def _use_experiment(mlflow_module: Any, name: str, uri: str) -> str:
 
 
 def _pipeline_run(client: Any, experiment_id: str, execution: Execution) -> str:
-    """The parent run of a pipeline execution, created (and marked finished) by its first stage; its stage runs
-    are children, so the UI groups one `dvc repro` or `dvc exp run` into one row."""
+    """The parent run of a pipeline execution, created by its first stage run, and set RUNNING: a stage of it runs
+    now. Its stage runs are its children, so the UI shows one `dvc repro` or `dvc exp run` as one row; it carries
+    the variant (tags `dmat.variant`, `dmat.seed` to group by; the changed params, the seed and the profile as
+    params, in the children's formatting)."""
     query = f"tags.`dmat.role` = 'pipeline' AND tags.`dmat.pipeline` = {_quoted(execution.key)}"
     found = client.search_runs([experiment_id], query, max_results=1)
     if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=execution.name, tags={
-        "dmat.role": "pipeline", "dmat.pipeline": execution.key, "dmat.variant": execution.variant,
-        "dmat.seed": str(execution.seed), "git.commit": execution.commit,
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "")})
-    client.set_terminated(run.info.run_id, "FINISHED")
+        run = found[0]
+        client.update_run(run.info.run_id, status="RUNNING")
+    else:
+        run = client.create_run(experiment_id, run_name=execution.name, tags={
+            "dmat.role": "pipeline", "dmat.pipeline": execution.key, "dmat.variant": execution.variant,
+            "dmat.seed": str(execution.seed), "git.commit": execution.commit,
+            "mlflow.source.git.commit": execution.commit, "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "")})
+    # params cannot change once logged: a key already there (an experiment name rerun with --force) keeps its value
+    new = {k: _param_value(v) for k, v in execution.params.items() if k not in run.data.params}
+    if new:
+        from mlflow.entities import Param
+
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in new.items()])
     return run.info.run_id
+
+
+def _settle_pipeline(client: Any, experiment_id: str, parent_id: str, stage: str, run_id: str, status: str) -> None:
+    """After stage `stage` ended with `status`: copy its headline numbers and dataset inputs to the parent run, and
+    those of the stages DVC reused for this execution without running them (tag `dmat.reused_stages`); then set
+    the parent's status from all its stage runs (`execution.pipeline_status`; tag `dmat.failed_stages` names
+    the failed ones), its end time to now and `pipeline.seconds` to its duration.
+
+    The parent cannot know whether DVC will run another stage after this one (DVC does not tell a stage its
+    targets), so it ends after every stage, and the next stage of the execution sets it RUNNING again: between
+    two stages it reads FINISHED, and its duration always spans the stages that have run."""
+    from mlflow.entities import DatasetInput, Metric
+
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = {_quoted(parent_id)}",
+                                  max_results=5000)
+    parent = client.get_run(parent_id)
+    now = int(time.time() * 1000)
+    ran = {child.data.tags.get("dmat.stage", "") for child in children}
+    reused = set(filter(None, parent.data.tags.get("dmat.reused_stages", "").split(",")))
+    newly_reused = reused_stages(exclude=ran | reused | {stage})
+    metrics = headline_metrics(stage) if status == "FINISHED" else {}
+    for name in newly_reused:
+        metrics.update(headline_metrics(name))
+    metrics[PIPELINE_SECONDS] = (now - parent.info.start_time) / 1000
+    client.log_batch(parent_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    inputs = client.get_run(run_id).inputs.dataset_inputs if status == "FINISHED" else []
+    if inputs:
+        client.log_inputs(parent_id, datasets=[DatasetInput(d.dataset, d.tags) for d in inputs])
+    reused = (reused | set(newly_reused)) - ran - {stage}
+    if reused != set(filter(None, parent.data.tags.get("dmat.reused_stages", "").split(","))):
+        client.set_tag(parent_id, "dmat.reused_stages", ",".join(sorted(reused)))
+    outcome, stages = pipeline_status((c.data.tags.get("dmat.stage", ""), c.info.status, c.info.start_time)
+                                      for c in children)
+    if outcome == "FINISHED":
+        if "dmat.failed_stages" in parent.data.tags:
+            client.delete_tag(parent_id, "dmat.failed_stages")
+    else:
+        client.set_tag(parent_id, "dmat.failed_stages", ",".join(stages))
+    client.set_terminated(parent_id, outcome, end_time=now)
 
 
 def _log_config(tracked: StageRun, params: Any, sections: tuple[str, ...]) -> None:

@@ -1,9 +1,7 @@
-"""Variants as evidence, end to end: two variants × two seeds through `dvc exp run --queue`, then `dmat compare`,
+"""Variants as evidence, end to end: two variants × three seeds through `dvc exp run --queue`, then `dmat compare`,
 and the MLflow structure users compare them in (one parent run per pipeline execution, read through the REST API).
 
-The copy of the session's tiny pipeline has seed 1 and synthetic fraction 0.5 committed; a grid file queued with
-`dmat queue` (as the CPU-scale experiment is) adds seed 2 and fraction 0, from a committed profile that is those
-params. Only the stages up to `evaluate@linf` run; DVC's run cache shares what the grid's points share.
+The grid's store is the session fixture `variants` (tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,74 +13,57 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN_DIR
-from tests.e2e.test_pipeline import project_copy, run
-from tests.e2e.test_variants import wait_for_queue
+from tests.e2e.conftest import REAL_ONLY
+from tests.e2e.test_pipeline import run
 from tests.test_team_tracking import key_values, mlflow_server, rest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-REAL_ONLY = "mix.synthetic_fraction=0.0"  # labels show the validated value (a float), however typed
 
-
-@pytest.fixture(scope="module")
-def variants(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = project_copy(tiny_pipeline, tmp_path_factory.mktemp("variants"))
-    params = (project / "params.yaml").read_text()
-    profile = params.replace("compile: false}", f"compile: false, profile: {PROFILE}}}", 1)
-    assert profile != params
-    (project / PROFILE).write_text(profile)
-    (project / "grid.yaml").write_text(GRID)
-    run(["git", "add", PROFILE, "grid.yaml"], project)
-    run(["git", "commit", "-q", "-m", "e2e grid"], project)
-    committed = (project / "params.yaml").read_bytes()
-    run([str(BIN_DIR / "dmat"), "queue", "grid.yaml", "--start", "1"], project)
-    assert (project / "params.yaml").read_bytes() == committed  # the profile is not left behind
-    wait_for_queue(project, timeout=1800)
-    return project
-
-
-PROFILE = "profiles/e2e.yaml"
-GRID = f"""profile: {PROFILE}
-name: e2e
-seeds: [1, 2]
-baseline: generated
-targets: [evaluate@linf]
-variants:
-  generated: {{}}
-  real-only: {{mix.synthetic_fraction: 0}}
-"""
-
-
-def test_compare_groups_the_seeds_of_each_variant_and_tests_them_paired(variants: Path, tmp_path: Path) -> None:
+def test_compare_tests_the_variants_at_the_seed_level(variants: Path, tmp_path: Path) -> None:
     out = tmp_path / "compare"
     result = run([str(BIN_DIR / "dmat"), "compare", "--experiment", "e2e", "--format", "json", "--out", str(out)],
                  variants)
-    rows = {row["variant"]: row for row in json.loads(result.stdout)}
+    table = json.loads(result.stdout)
+    rows = {row["variant"]: row for row in table["variants"]}
     assert set(rows) == {"baseline", REAL_ONLY}, rows
-    assert rows["baseline"]["seeds"] == rows[REAL_ONLY]["seeds"] == [1, 2]
-    assert rows["baseline"]["n"] == rows[REAL_ONLY]["n"] == 30
-    paired = rows[REAL_ONLY]
-    assert paired["paired_seeds"] == 2 and 0 < paired["p_value"] <= 1
+    assert rows["baseline"]["seeds"] == rows[REAL_ONLY]["seeds"] == [1, 2, 3]
+    assert table["n"] == 30 and table["rows_id"]  # every seed scored on the same test points
+    assert table["chance"] == pytest.approx(1 / 3)
     for row in rows.values():
-        low, high = row["robust_pooled_ci"]
-        assert low <= row["robust_mean"] <= high and row["robust_std"] is not None
-    assert {path.name for path in out.iterdir()} == {"compare.md", "compare.csv", "compare.png"}
-    assert f"`{REAL_ONLY}`" in (out / "compare.md").read_text()
+        for kind in ("clean", "robust"):
+            accuracy = row[kind]
+            low, high = accuracy["t_ci"]
+            assert len(accuracy["per_seed"]) == 3 and low <= accuracy["mean"] <= high
+    comparisons = {c["metric"]: c for c in table["comparisons"]}
+    assert set(comparisons) == {"clean", "robust"}
+    for comparison in comparisons.values():
+        assert comparison["seeds"] == [1, 2, 3] and len(comparison["differences"]) == 3
+        assert 0 <= comparison["p_t"] <= 1 and comparison["p_sign_flip"] >= comparison["p_sign_flip_floor"] == 0.25
+        assert comparison["p_holm"] >= comparison["p_t"] and 0 <= comparison["mcnemar_p"] <= 1
+    assert {path.name for path in out.iterdir()} == {"compare.md", "compare.csv", "seeds.csv", "comparisons.csv",
+                                                     "contrasts.csv", "compare.json", "compare.png"}
+    seeds = (out / "seeds.csv").read_text().splitlines()
+    assert len(seeds) == 1 + 6 and seeds[0] == "name,variant,seed,n,clean_acc,robust_acc,run_id"
+    text = (out / "compare.md").read_text()
+    assert f"`{REAL_ONLY}`" in text and "conditional on these trained models" in text
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{variants / 'mlflow.db'}")
     logged = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.`dmat.stage` = 'compare'")
-    assert logged and {a.path for a in client.list_artifacts(logged[0].info.run_id)} >= {"compare.md", "compare.png"}
+    assert logged and {a.path for a in client.list_artifacts(logged[0].info.run_id)} >= {"compare.md", "seeds.csv",
+                                                                                          "compare.png"}
 
 
 def test_compare_reads_a_grid_back_under_its_variant_names(variants: Path, tmp_path: Path) -> None:
     result = run([str(BIN_DIR / "dmat"), "compare", "--grid", "grid.yaml", "--format", "json", "--no-log",
                   "--out", str(tmp_path)], variants)
-    rows = json.loads(result.stdout)
-    assert [(row["name"], row["variant"], row["seeds"]) for row in rows] == [
-        ("generated", "baseline", [1, 2]), ("real-only", REAL_ONLY, [1, 2])]
-    assert rows[1]["paired_seeds"] == 2 and "**real-only**" in (tmp_path / "compare.md").read_text()
+    table = json.loads(result.stdout)
+    assert [(row["name"], row["variant"], row["seeds"]) for row in table["variants"]] == [
+        ("generated", "baseline", [1, 2, 3]), ("real-only", REAL_ONLY, [1, 2, 3])]
+    assert [c["name"] for c in table["comparisons"]] == ["real-only", "real-only"]
+    assert "**real-only**" in (tmp_path / "compare.md").read_text()
 
 
 def test_unknown_names_exit_2_naming_them(variants: Path) -> None:

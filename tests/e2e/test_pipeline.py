@@ -107,7 +107,8 @@ def build_pipeline(base: Path) -> Path:
     run(["git", "init", "-q"], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "-m", "e2e"], project)
-    run([str(BIN_DIR / "dvc"), "repro"], project)
+    # every stage records the project files it opens (dmat.audit), for test_stages_open_only_what_they_declare
+    run([str(BIN_DIR / "dvc"), "repro"], project, env={"DMAT_AUDIT": str(base / "audit.jsonl")})
     return project
 
 
@@ -116,6 +117,16 @@ def test_outputs_are_canonical_stores(pipeline: Path) -> None:
              for n in ("train", "val", "test", "heldout")}
     assert sizes == {"train": 60, "val": 20, "test": 30, "heldout": 20}
     assert len(ArrayStore.open(pipeline / "data" / "synthetic", verify=True)) == 2 * 10
+
+
+def test_stages_open_only_what_they_declare(pipeline: Path) -> None:
+    """DVC reruns a stage only when a declared input changes: a stage must not read (or write) anything else."""
+    from dmat.audit import read_records, undeclared
+
+    records = read_records(pipeline.parent / "audit.jsonl")
+    assert {r["stage"] for r in records} >= {"prepare", "train", "generate", "evaluate", "verify", "export"}
+    assert any(r["path"] == "data/real/train/images.npy" and not r["write"] for r in records if r["stage"] == "train")
+    assert undeclared(records) == [], "declare them in src/dmat/pipeline.py (then `dmat pipeline render`)"
 
 
 def test_every_stage_wrote_its_declared_outputs(pipeline: Path) -> None:
@@ -247,7 +258,8 @@ def test_a_code_change_marks_the_stage_that_runs_it_and_what_follows(pipeline: P
     guidance = project / "src/dmat/core/guidance.py"
     guidance.write_text(guidance.read_text() + "\nGUIDANCE_EDITED = True\n")
     status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
-    status.pop("fetch", None)  # `always_changed`: it checks the data outside DVC's view on every repro
+    for always in ("fetch", "fetch_generated"):  # `always_changed`: they check data outside DVC's view on every repro
+        status.pop(always, None)
     assert status == {"generate": [{"changed deps": {"src/dmat/core/guidance.py": "modified"}}]}
     with Repo(str(project)) as repo:  # everything downstream of generate reruns once data/synthetic changes
         graph = repo.index.graph
@@ -269,6 +281,7 @@ def test_a_diffusion_variant_reruns_the_diffusion_chain_but_not_the_reference(pi
     apply_overrides(str(project / "params.yaml"), ["train_diffusion.adversarial.mode=none"])  # what `-S` does
     status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
     status.pop("fetch", None)
+    status.pop("fetch_generated", None)
     assert status == {"train_diffusion": [{"changed deps": {"params.yaml": {"train_diffusion": "modified"}}}]}
     with Repo(str(project)) as repo:
         graph = repo.index.graph
@@ -305,9 +318,11 @@ def test_params_switched_back_restore_the_trained_models_from_the_run_cache(pipe
 
 
 def test_second_repro_is_up_to_date(pipeline: Path) -> None:
-    """Only `fetch` runs again (it always looks for the data); the data has not changed, so nothing else does."""
+    """Only `fetch` and `fetch_generated` run again (they always look at the data outside DVC's view); the data has
+    not changed, so nothing else does."""
     result = run([str(BIN_DIR / "dvc"), "repro"], pipeline)
-    assert re.findall(r"Running stage '([^']+)'", result.stdout) == ["fetch"], result.stdout
+    assert sorted(re.findall(r"Running stage '([^']+)'", result.stdout)) == ["fetch", "fetch_generated"], \
+        result.stdout
 
 
 def stage_runs(client, experiment_id: str) -> dict:

@@ -203,7 +203,7 @@ def diffusion_training_loss(
     generator: torch.Generator | None = None,
     noise: TrainingNoise | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-sample training loss L = w(σ)·(‖D(x) − x0‖² + λ·R), x = x0 + σ·n (EDM Eq. 2 and 8; DESIGN.md §5).
+    """Per-sample training loss L = w(σ)·(‖D(x) − x0‖² + λ·R), x = x0 + σ·n (EDM Eq. 2 and 8; docs/method.md).
 
     ``noise``: σ, n, the radius floors and ω's start (:func:`draw_training_noise`, or a micro-batch's
     :meth:`TrainingNoise.rows` of the whole batch's); None draws them from ``generator`` here. Returns the

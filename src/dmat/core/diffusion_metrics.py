@@ -1,7 +1,7 @@
 """Evaluation of a diffusion model: denoiser robustness, Fréchet distance, conditional accuracy,
 agreement of the per-class mean images with the real ones.
 
-Denoiser robustness measures exactly what diffusion AT trains for (DESIGN.md §5, dmat.core.diffusion_at):
+Denoiser robustness measures exactly what diffusion AT trains for (docs/method.md, dmat.core.diffusion_at):
 on clean data x0 noised as x = x0 + σ·n, the denoising error ‖D(x) − x0‖², and the change of the
 denoised output R(ω) = ‖D(x + σω) − D(x)‖² under a perturbation ω in noise units inside the box
 [−r, r], r = `box_radius(σ)`, with ω uniform (random) or found by PGD (adversarial). Squared norms are
@@ -84,7 +84,7 @@ def _keep_better(best_omega: Tensor | None, best: Tensor | None, omega: Tensor,
 def denoiser_robustness(denoiser: Denoiser, x0: Tensor, labels: Tensor | None, sigma: float,
                         box: DiffusionATConfig, *, attack_steps: int,
                         generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Per-sample robustness of the denoiser at noise level σ on clean data `x0` (DESIGN.md §5).
+    """Per-sample robustness of the denoiser at noise level σ on clean data `x0` (docs/method.md).
 
     x = x0 + σ·n, n ~ N(0, I); r = box_radius(σ, box); ω ~ U[−r, r] in noise units (the input moves by
     σ·ω, as in training). `generator` (a CPU generator) drives n, the radius floor and ω. Returns

@@ -54,7 +54,7 @@ def _paired(averaged, live) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def trades_ema_decay(
     step: int, total_steps: int, tau: float = 0.995, warmup_fraction: float = 0.025
 ) -> float:
-    """Decay for the update after optimiser step `step` (1-based) of `total_steps` (DESIGN.md §4).
+    """Decay for the update after optimiser step `step` (1-based) of `total_steps` (docs/method.md).
 
     The reference's `ema_update` (watrain.py): 0, i.e. a plain copy, during the first
     `warmup_fraction` of the steps, then min(τ, (1 + t) / (10 + t)) with t the steps since warm-up

@@ -66,7 +66,7 @@ def trades_loss(
     steps: int = 10,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """TRADES (Zhang et al. 2019, eq. 5) as trained by the reference (DESIGN.md §4).
+    """TRADES (Zhang et al. 2019, eq. 5) as trained by the reference (docs/method.md).
 
     x_adv maximises KL(p(x) ‖ p(x_adv)): under Linf by PGD from uniform noise in the eps-ball, under L2
     by the reference's own solver (`attacks.l2_sgd`); `step_size` None takes `attacks.default_step_size`.
@@ -150,7 +150,7 @@ def param_groups_without_bn_decay(model: nn.Module, weight_decay: float) -> list
 
 def one_cycle_lr(step: int, total_steps: int, peak_lr: float, warmup_fraction: float = 0.025) -> float:
     """Learning rate for 0-based optimiser step `step`: linear warm-up to `peak_lr` over the first
-    `warmup_fraction` of the steps, then cosine decay to 0 at `total_steps` (DESIGN.md §4).
+    `warmup_fraction` of the steps, then cosine decay to 0 at `total_steps` (docs/method.md).
 
     The first warm-up step already gets peak_lr / warmup_steps, so no step is wasted at lr 0.
     """

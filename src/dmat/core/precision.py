@@ -65,22 +65,27 @@ BASELINE = Setting()
 class Decision:
     """The setting a stage runs in, where it came from, and the probe's seconds per pass (when it measured).
 
-    `source`: `requested` (params fixed every knob), `probe` (measured now) or `checkpoint` (a
-    resumed run keeps the choice its checkpoint recorded, so one run never mixes settings by chance).
+    `source`: `requested` (params fixed every knob), `probe` (measured now), `machine` (this machine's
+    decision for the same workload, probed by an earlier run: see `dmat.precision_decisions`) or
+    `checkpoint` (a resumed run keeps the choice its checkpoint recorded, so one run never mixes settings
+    by chance). `timings` are the probe's, now or when the machine decided; `key` names the machine's decision.
     """
 
     setting: Setting
     source: str
     timings: dict[str, list[float]] = field(default_factory=dict, compare=False)
+    key: str | None = field(default=None, compare=False)
 
     def record(self) -> dict:
         """Plain data for checkpoints (loadable with weights_only=True), metrics files and MLflow."""
-        return {"precision": self.setting.precision, "memory_format": self.setting.memory_format,
-                "source": self.source, "probe_s": {name: list(times) for name, times in self.timings.items()}}
+        record = {"precision": self.setting.precision, "memory_format": self.setting.memory_format,
+                  "source": self.source, "probe_s": {name: list(times) for name, times in self.timings.items()}}
+        return record if self.key is None else {**record, "decision_key": self.key}
 
     @classmethod
-    def from_record(cls, record: Mapping) -> Decision:
-        return cls(Setting(record["precision"], record["memory_format"]), "checkpoint", dict(record["probe_s"]))
+    def from_record(cls, record: Mapping, source: str = "checkpoint", key: str | None = None) -> Decision:
+        return cls(Setting(record["precision"], record["memory_format"]), source, dict(record["probe_s"]),
+                   key or record.get("decision_key"))
 
     def headline(self) -> dict:
         """The choice alone, for a stage's headline metrics (the probe's timings go to its report)."""
@@ -88,9 +93,10 @@ class Decision:
 
     def summary(self) -> dict:
         """What the stage's metrics file and MLflow run show: the choice and each candidate's median ms per pass."""
-        return {"precision": self.setting.precision, "memory_format": self.setting.memory_format,
-                "precision_source": self.source,
-                "probe_ms": {name: 1000 * statistics.median(times) for name, times in self.timings.items()}}
+        summary = {"precision": self.setting.precision, "memory_format": self.setting.memory_format,
+                   "precision_source": self.source,
+                   "probe_ms": {name: 1000 * statistics.median(times) for name, times in self.timings.items()}}
+        return summary if self.key is None else {**summary, "precision_key": self.key}
 
 
 def unsupported(device: str, precision: str) -> str | None:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from dmat.core.attacks import pgd
 from dmat.core.precision import full_precision
+from dmat.core.stats import attack_suite
 
 # Attack order of each AutoAttack version (pyautoattack 0.2.0, AutoAttack._set_version).
 AUTOATTACK_VERSIONS = {
@@ -183,7 +184,7 @@ def run_autoattack(
         for index, start in enumerate(range(0, len(x), batch_size)):
             adversary = _autoattack(model, planned, version, num_classes, norm=norm, eps=eps, device=device,
                                     seed=batch_seed(seed, first_batch + index), square_queries=square_queries)
-            # AutoAttack's L2 and L1 attacks fail on non-contiguous input (DESIGN.md §6).
+            # AutoAttack's L2 and L1 attacks fail on non-contiguous input (docs/method.md).
             rows = slice(start, start + batch_size)
             x_adv, _ = adversary.run_standard_evaluation(x[rows].contiguous(), y[rows].contiguous(),
                                                          batch_size=batch_size)
@@ -434,8 +435,12 @@ def evaluate_robustness(model, x: Tensor, y: Tensor, classes: Sequence[str], set
     flags += [flag for flag in points["flags"] if flag not in flags]
     sweep, checks = _sweep_and_checks(x, clean, correct, points, flags, len(classes), s)
     version = "custom" if s.gradient_free else s.version
+    attacks = list(per_attack)[1:]
+    budgets = {"square_queries": s.square_queries if "square" in attacks else None,
+               "pgd_steps": s.pgd_steps, "pgd_restarts": s.pgd_restarts if s.pgd_steps else None}
     report = {
-        "n": len(x), "norm": s.norm, "eps": s.eps, "version": version, "attacks": list(per_attack)[1:],
+        "n": len(x), "norm": s.norm, "eps": s.eps, "version": version, "attacks": attacks,
+        "suite": attack_suite(s.norm, s.eps, version, attacks, budgets),
         "seed": s.seed, "clean_acc": _fraction(clean), "robust_acc": _fraction(correct), "per_attack": per_attack,
         "per_class": {"clean": per_class_accuracy(clean, y, classes),
                       "robust": per_class_accuracy(correct, y, classes)},

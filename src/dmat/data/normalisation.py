@@ -1,4 +1,4 @@
-"""The input normalisation a classifier trained on a store carries inside it (DESIGN.md §3)."""
+"""The input normalisation a classifier trained on a store carries inside it (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The real/synthetic batch sampler (DESIGN.md §3): the method's central knob.
+"""The real/synthetic batch sampler (docs/method.md): the method's central knob.
 
 Every batch holds exactly round(f·B) generated images, drawn with replacement from the chosen
 generated images, and B − round(f·B) real images, drawn without replacement within an epoch. An

@@ -1,6 +1,6 @@
 """Store rows (uint8 N×H×W×C) as the tensors models take.
 
-Classifiers take float32 NCHW in [0, 1] (normalisation lives inside the model, DESIGN.md §3); the
+Classifiers take float32 NCHW in [0, 1] (normalisation lives inside the model, docs/method.md); the
 EDM denoiser works in [-1, 1].
 """
 

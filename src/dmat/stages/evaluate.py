@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_mix_manifest
 from dmat.config import Params, ParamsError, ThreatEvalConfig, flatten
@@ -46,13 +47,13 @@ from dmat.distributed import World, all_gather_object, world
 from dmat.errors import CheckpointError
 from dmat.files import atomic_path, sha256_file, write_json
 from dmat.plots import save_curve
-from dmat.stage_setup import apply_torch
+from dmat.stage_setup import apply_torch, evaluation_network
 from dmat.tracking import stage_run
 
-STAGE = "evaluate"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 CONFIDENCE = 0.95
-SECTIONS = ("base", "evaluate")
-TORCHRUN = True  # `base.nproc` > 1 starts this stage under torchrun
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 
 
 def metrics_file(threat: str) -> Path:
@@ -72,8 +73,8 @@ def upstream_recipe(checkpoint: dict) -> dict:
                       "train_steps": diffusion.get("train_steps"), "run_id": diffusion.get("mlflow_run_id")},
         "generate": {**{k: generated.get(k) for k in ("sampler", "steps", "guidance", "filter_keep")},
                      "filter_scorer": generated.get("filter", {}).get("scorer")},
-        "mix": {"source": manifest.get("source", "generated"), "synthetic_fraction": manifest["synthetic_fraction"],
-                "generated_images_used": manifest["synthetic"]["used"], "real_images": manifest["real"]["images"]},
+        "mix": {"source": manifest.source, "synthetic_fraction": manifest.synthetic_fraction,
+                "generated_images_used": manifest.synthetic.used, "real_images": manifest.real.images},
         "train": {**checkpoint["train_config"], "run_id": checkpoint["mlflow_run_id"]},
     }
 
@@ -88,6 +89,7 @@ def run(params: Params, threat: str | None = None) -> dict:
     device = apply_torch(params.base)
     with world(device) as w, full_precision():  # under torchrun each process attacks its share of the points
         model, checkpoint = load_classifier(layout.CLASSIFIER_BEST, w.device)
+        model = evaluation_network(model, params.base, w.device)
         test = ArrayStore.open(layout.REAL_TEST)
         x, y = first_points(test, cfg.n)
         recipe = upstream_recipe(checkpoint)
@@ -244,7 +246,9 @@ def log_results(tracked, name: str, report: dict, record: dict) -> None:
     for kind in ("clean", "robust"):
         metrics.update({f"per_class.{kind}.{c}": v for c, v in report["per_class"][kind].items() if v is not None})
     tracked.log_metrics(metrics)
-    tracked.set_tags({"dmat.flags": ",".join(report["flags"]) or "none"})
+    # what `dmat compare` needs to label a table: the attacks that ran and the chance level (1 / classes)
+    tracked.set_tags({"dmat.flags": ",".join(report["flags"]) or "none", "dmat.attacks": ",".join(report["attacks"]),
+                      "dmat.classes": str(len(report["classes"]))})
     tracked.log_artifact(layout.eval_dir(name) / layout.EVAL_REPORT_FILE)
     tracked.log_artifact(layout.eval_dir(name) / layout.OUTCOMES_FILE)  # what `dmat compare` pairs runs on
     tracked.set_tags({"dmat.rows_id": report["rows"]["rows_id"]})

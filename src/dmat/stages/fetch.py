@@ -10,12 +10,14 @@ reruns exactly when the data it would read has changed. No MLflow run: `prepare`
 
 from __future__ import annotations
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.config import Params
 from dmat.data.sources import open_source
 from dmat.files import in_project, write_json
 
-STAGE = "fetch"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 
 
 def run(params: Params) -> dict:

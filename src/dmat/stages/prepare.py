@@ -2,9 +2,11 @@
 
 The validation split (`data.val_size`) is a class-stratified seeded draw from the training data,
 taken before any subsetting; `data.train_limit` / `data.test_limit` then take stratified seeded
-subsets. `data.heldout_size` images are then drawn (class-stratified, seeded, their own random
-stream) from the training images in neither train nor val: the held-out-real control, real images
-no model of the pipeline trains on (an empty store when 0). Same params, same bytes: every random
+subsets. The test subset and its order come from `data.test_seed`, never from `base.seed`: every
+run of a comparison, whatever its training seed, is scored on the same test points.
+`data.heldout_size` images are then drawn (class-stratified, seeded, their own random stream) from
+the training images in neither train nor val: the held-out-real control, real images
+no model of the pipeline trains on (an empty store when 0). Same params, same bytes: every other random
 choice comes from `base.seed`, and the held-out draw never changes the other three stores.
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.config import Params
 from dmat.data.sources import SplitSource, open_source
@@ -26,14 +29,15 @@ from dmat.errors import DataError
 from dmat.files import atomic_path, in_project, write_json
 from dmat.tracking import stage_run
 
-STAGE = "prepare"
-SECTIONS = ("base", "data")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 WRITE_CHUNK = 1024
 
 
 def select_items(splits: dict[str, SplitSource], params: Params) -> dict[str, np.ndarray]:
     """Source indices for each output store, in the order they will be written."""
-    cfg, seed = params.data, params.base.seed
+    cfg, seed, test_seed = params.data, params.base.seed, params.data.test_seed
     n_train = len(splits["train"].labels)
     if cfg.val_size >= n_train:
         raise DataError(f"data.val_size = {cfg.val_size} leaves no training images: the source has {n_train}")
@@ -45,11 +49,12 @@ def select_items(splits: dict[str, SplitSource], params: Params) -> dict[str, np
         "val": val,
         "train": train,
         "test": _limit(np.arange(len(splits["test"].labels)), splits["test"].labels, cfg.test_limit,
-                       "data.test_limit", seed),
+                       "data.test_limit", test_seed),
         "heldout": _heldout(np.setdiff1d(rest, train), labels, cfg.heldout_size, seed),
     }
     if not splits["train"].ordered:  # class-sorted folders: write a seeded shuffle instead
-        chosen = {name: purpose_rng(seed, f"order/{name}").permutation(idx) for name, idx in chosen.items()}
+        chosen = {name: purpose_rng(test_seed if name == "test" else seed, f"order/{name}").permutation(idx)
+                  for name, idx in chosen.items()}
     return chosen
 
 
@@ -99,7 +104,8 @@ def write_split(outputs: dict[str, tuple[Path, np.ndarray, dict]], split: SplitS
 def _describe(split: SplitSource, name: str, params: Params) -> dict:
     limits = {"train": params.data.train_limit, "val": None, "test": params.data.test_limit,
               "heldout": params.data.heldout_size}
-    return {**split.description, "dataset": params.data.name, "output": name, "seed": params.base.seed,
+    seed = params.data.test_seed if name == "test" else params.base.seed
+    return {**split.description, "dataset": params.data.name, "output": name, "seed": seed,
             "val_size": params.data.val_size, "limit": limits[name]}
 
 

@@ -1,4 +1,4 @@
-"""`train`: adversarial training of the classifier on mixed real/generated batches (DESIGN.md §4).
+"""`train`: adversarial training of the classifier on mixed real/generated batches (docs/method.md).
 
 TRADES (or PGD-AT) with SGD + Nesterov, weight decay except on BatchNorm, a one-cycle learning
 rate, and weight averaging (EMA). After every epoch the EMA model is scored on data/real/val
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_classifier, load_mix_manifest, open_mixed_store
 from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
@@ -48,14 +49,15 @@ from dmat.stage_setup import (
     choose_setting,
     classifier_probe_passes,
     log_precision,
+    probe_batch,
     training_network,
 )
 from dmat.tracking import stage_run
 
-STAGE = "train"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
-SECTIONS = ("base", "train")
-TORCHRUN = True  # `base.nproc` > 1 starts this stage under torchrun
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 EVAL_BATCH = 256
 POSTFIX_EVERY = 50  # steps between progress-bar loss updates (each reads the device: a host sync)
 
@@ -77,7 +79,7 @@ class Trainer:
         self.real = ArrayStore.open(layout.REAL_TRAIN)
         self.val = ArrayStore.open(layout.REAL_VAL)
         self.manifest, rows = load_mix_manifest()
-        self.fraction = float(self.manifest["synthetic_fraction"])
+        self.fraction = self.manifest.synthetic_fraction
         self.synthetic = open_mixed_store(self.manifest) if self.fraction > 0 else None  # the store the mix names
         self.sampler = MixedBatchSampler(len(self.real), rows, batch_size=cfg.batch_size, fraction=self.fraction,
                                          seed=params.base.seed)
@@ -96,7 +98,7 @@ class Trainer:
         self.recorded_precision, self.recorded_scaler = None, None
         self.augment = augmentation_for(self.dataset) if cfg.augment else None
         self.fingerprint = fingerprint(as_dict(cfg), params.base.seed, self.real.digest, self.val.digest,
-                                       self.manifest["synthetic"]["sha256"], self.manifest["indices_sha256"],
+                                       self.manifest.synthetic.sha256, self.manifest.indices_sha256,
                                        self.fraction)
         self.epoch, self.history, self.run_id = 0, [], None
 
@@ -117,6 +119,12 @@ class Trainer:
         """Forward and backward passes of this network at this rank's micro-batch, for the `auto` probe."""
         return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world,
                                        self.cfg.micro_batch)
+
+    def workload(self) -> dict:
+        """What the probe measures, for the machine's kept precision decision."""
+        batch = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)  # as probe_passes
+        return {"stage": STAGE, "network": self.cfg.model, "batch": batch,
+                "image_shape": list(self.real.image_shape), "classes": len(self.real.classes)}
 
     def use(self, decision: Decision) -> None:
         """Train from now on in `decision`'s setting (the EMA copy stays float32 and contiguous)."""
@@ -225,7 +233,8 @@ def run(params: Params) -> dict:
     with world(device) as w:
         trainer = Trainer(params, w)
         trainer.resume()
-        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
+        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision,
+                                    workload=trainer.workload()))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
             if not tracked.continued:
@@ -239,11 +248,11 @@ def run(params: Params) -> dict:
 def _log_inputs(tracked, trainer: Trainer) -> None:
     tracked.log_store(trainer.real, "real/train", context="training")
     tracked.log_store(trainer.val, "real/val", context="validation")
-    synthetic = trainer.manifest["synthetic"]
-    tracked.log_dataset("synthetic", str(Path(synthetic["path"]).resolve()), synthetic["sha256"], context="training",
-                        used=synthetic["used"], fraction=trainer.fraction)
-    tracked.log_params({"mix.synthetic_fraction": trainer.fraction, "mix.synthetic_used": synthetic["used"],
-                        "mix.synthetic_sha256": synthetic["sha256"], "model.num_classes": len(trainer.real.classes),
+    synthetic = trainer.manifest.synthetic
+    tracked.log_dataset("synthetic", str(Path(synthetic.path).resolve()), synthetic.sha256, context="training",
+                        used=synthetic.used, fraction=trainer.fraction)
+    tracked.log_params({"mix.synthetic_fraction": trainer.fraction, "mix.synthetic_used": synthetic.used,
+                        "mix.synthetic_sha256": synthetic.sha256, "model.num_classes": len(trainer.real.classes),
                         "steps_per_epoch": trainer.sampler.steps_per_epoch, "total_steps": trainer.total_steps,
                         "attack.step_size_used": trainer.cfg.attack.step_size or default_step_size(
                             trainer.cfg.attack.norm, trainer.cfg.attack.eps, trainer.cfg.attack.steps)})

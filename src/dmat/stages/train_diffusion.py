@@ -1,4 +1,4 @@
-"""`train_diffusion`: class-conditional EDM on data/real/train, with adversarial training (DESIGN.md §5).
+"""`train_diffusion`: class-conditional EDM on data/real/train, with adversarial training (docs/method.md).
 
 The diffusion model sees only the real training split (never val or test). Optionally a fixed
 share of the training images is corrupted with Gaussian noise (`train_diffusion.corrupt`): the
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
@@ -50,10 +51,10 @@ from dmat.stage_setup import (
 )
 from dmat.tracking import stage_run
 
-STAGE = "train_diffusion"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
-SECTIONS = ("base", "train_diffusion")
-TORCHRUN = True  # `base.nproc` > 1 starts this stage under torchrun
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 # Noise-level bands for the loss split: where the denoiser's work is fine detail vs global layout.
 SIGMA_BANDS = ((0.0, 0.2), (0.2, 1.0), (1.0, 5.0), (5.0, float("inf")))
 GRID_PER_CLASS = 10
@@ -129,6 +130,12 @@ class DiffusionTrainer:
                   torch.zeros(n, dtype=torch.int64))
         return network_passes(self.model, [t.to(self.world.device) for t in inputs], self.world.device,
                               backward=True)
+
+    def workload(self) -> dict:
+        """What the probe measures, for the machine's kept precision decision."""
+        batch = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)  # as probe_passes
+        return {"stage": STAGE, "network": self.cfg.model, "batch": batch,
+                "image_shape": list(self.real.image_shape)}
 
     def use(self, decision: Decision) -> None:
         """Train from now on in `decision`'s setting (the EMA copy stays float32 and contiguous)."""
@@ -224,7 +231,8 @@ def run(params: Params) -> dict:
     with world(device) as w:
         trainer = DiffusionTrainer(params, w)
         trainer.resume()
-        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
+        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision,
+                                    workload=trainer.workload()))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
             if not tracked.continued:

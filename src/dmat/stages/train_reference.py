@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, publish, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
@@ -57,14 +58,15 @@ from dmat.stage_setup import (
     choose_setting,
     classifier_probe_passes,
     log_precision,
+    probe_batch,
     training_network,
 )
 from dmat.tracking import stage_run
 
-STAGE = "train_reference"
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
 WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
-SECTIONS = ("base", "train_reference")
-TORCHRUN = True  # `base.nproc` > 1 starts this stage under torchrun
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 EVAL_BATCH = 256
 # metrics/train_reference.json, prefixed `reference_` (keys are unique across metrics files); the rest: report
 HEADLINE = ("test_acc", "test_acc_low", "test_acc_high", "train_s")
@@ -161,6 +163,12 @@ class ReferenceTrainer:
         return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world,
                                        self.cfg.micro_batch)
 
+    def workload(self) -> dict:
+        """What the probe measures, for the machine's kept precision decision."""
+        batch = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)  # as probe_passes
+        return {"stage": STAGE, "network": self.cfg.model, "batch": batch,
+                "image_shape": list(self.real.image_shape), "classes": len(self.real.classes)}
+
     def use(self, decision: Decision) -> None:
         """Train from now on in `decision`'s setting (scoring stays float32: it calls the model directly)."""
         self.precision = decision
@@ -216,7 +224,8 @@ def run(params: Params) -> dict:
     with world(device) as w:
         trainer = ReferenceTrainer(params, w)
         trainer.resume()
-        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision))
+        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision,
+                                    workload=trainer.workload()))
         with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
             trainer.run_id = broadcast_object(w, tracked.run_id)
             if not tracked.continued:

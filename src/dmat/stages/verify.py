@@ -15,10 +15,12 @@ reports/verify.json (metrics/verify.json holds the headline numbers):
 - latency_budget (only with `latency_budget_ms`): onnxruntime p95 at batch 1;
 - denoiser_parity: denoiser.onnx vs the PyTorch EMA denoiser at several σ.
 When every gate passes the ONNX classifier is registered (alias `candidate`). `champion` moves to it only
-by evidence: when there is no champion, or when it was evaluated under the same threat model on the same
-test points as the champion and withstands attacks on significantly more of them (exact McNemar test on
-the points where the two disagree, level `champion_alpha`); different points or threat models are refused
-as not comparable. The test, its p-value and the decision are in the report and the version's tags. A
+by evidence: when there is no champion, or when it was evaluated under the same threat model and attack
+suite (pyautoattack version, attacks, budgets) on the same test points as the champion, withstands
+attacks on significantly more of them and is not significantly less accurate on the clean points (exact
+McNemar tests on the points where the two disagree, level `champion_alpha`); different points, threat
+models or attack suites are refused as not comparable. Both tests, their p-values and the decision are
+in the report, metrics/verify.json and the version's tags. A
 failed gate exits 1 and
 names the gate; nothing is registered.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import (
     load_adversarial_examples,
@@ -42,6 +45,7 @@ from dmat.artifacts.loaders import (
     load_eval_report,
     load_outcomes,
 )
+from dmat.artifacts.onnx_checks import contract_gate, onnx_checker_gate, parity_gate, runtime_versions_gate
 from dmat.artifacts.onnx_classifier import OnnxClassifier
 from dmat.config import Params
 from dmat.core.robustness import run_autoattack
@@ -50,85 +54,14 @@ from dmat.data.store import ArrayStore
 from dmat.data.tensors import first_points
 from dmat.errors import GateFailed
 from dmat.files import write_json
-from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, OUTPUT_NAME
+from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT
 from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
-STAGE = "verify"
-SECTIONS = ("base", "verify")
+DECLARED = pipeline.for_module(__name__)
+STAGE = DECLARED.name
+SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 THROUGHPUT_BATCH = 64
-
-
-def onnx_checker_gate(paths: list[Path]) -> dict:
-    import onnx
-
-    errors = {}
-    for path in paths:
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-            errors[path.name] = str(err).splitlines()[0]
-    return {"passed": not errors, "errors": errors}
-
-
-def max_loadable(kind: str) -> int:
-    """The highest default-domain opset (or IR version) the installed onnxruntime loads a model with."""
-    import onnx
-    import onnxruntime
-    from onnx import TensorProto, helper
-
-    def loads(opset: int, ir: int) -> bool:
-        node = helper.make_node("Identity", ["x"], ["y"])
-        graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
-        try:
-            onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-            return True
-        except Exception:  # onnxruntime's own error types: not loadable
-            return False
-
-    if kind == "opset":
-        return max((v for v in range(7, onnx.defs.onnx_opset_version() + 1) if loads(v, 8)), default=0)
-    return max((v for v in range(3, onnx.IR_VERSION + 1) if loads(13, v)), default=0)
-
-
-def runtime_versions_gate(paths: list[Path]) -> dict:
-    import onnx
-
-    limit_opset, limit_ir = max_loadable("opset"), max_loadable("ir")
-    models = {}
-    for path in paths:
-        proto = onnx.load(str(path), load_external_data=False)
-        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-        models[path.name] = {"opset": opset, "ir_version": proto.ir_version}
-    passed = all(m["opset"] <= limit_opset and m["ir_version"] <= limit_ir for m in models.values())
-    return {"passed": passed, "models": models, "runtime_max_opset": limit_opset, "runtime_max_ir_version": limit_ir}
-
-
-def contract_gate(session, shape: list[int], num_classes: int) -> dict:
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    found = {"inputs": [(i.name, i.type, i.shape) for i in inputs],
-             "outputs": [(o.name, o.type, o.shape) for o in outputs]}
-    ok_input = (len(inputs) == 1 and inputs[0].name == INPUT_NAME and inputs[0].type == "tensor(float)"
-                and isinstance(inputs[0].shape[0], str) and list(inputs[0].shape[1:]) == shape)
-    ok_output = (len(outputs) == 1 and outputs[0].name == OUTPUT_NAME and outputs[0].type == "tensor(float)"
-                 and isinstance(outputs[0].shape[0], str) and outputs[0].shape[1] == num_classes)
-    return {"passed": ok_input and ok_output, "found": json.loads(json.dumps(found, default=str))}
-
-
-def parity_gate(onnx_model: OnnxClassifier, model: torch.nn.Module, x: torch.Tensor, batches: tuple[int, ...],
-                atol: float) -> dict:
-    per_batch = {}
-    for size in batches:
-        xb = x[:size].numpy()
-        ours = onnx_model.run(xb)
-        with torch.no_grad():
-            reference = model(x[:size]).numpy()
-        per_batch[str(size)] = {"max_abs_diff": float(np.abs(ours - reference).max()),
-                                "same_predictions": bool((ours.argmax(1) == reference.argmax(1)).all())}
-    passed = all(b["max_abs_diff"] <= atol and b["same_predictions"] for b in per_batch.values())
-    return {"passed": passed, "atol": atol, "batches": per_batch}
 
 
 def robust_accuracy_gate(onnx_model: OnnxClassifier, threat: str, tolerance: float) -> dict:
@@ -243,7 +176,8 @@ def run(params: Params) -> dict:
                     "onnx_sha256": manifest["files"][onnx_path.name]}
             outcomes = load_outcomes(layout.eval_dir(threat) / layout.OUTCOMES_FILE)
             candidate = EvaluationSummary(norm=card["norm"], eps=float(card["eps"]), rows_id=metrics["rows_id"],
-                                          robust_correct=outcomes.robust_correct)
+                                          robust_correct=outcomes.robust_correct,
+                                          clean_correct=outcomes.clean_correct, suite=metrics.get("attack_suite"))
             example = x[:1].numpy()
             report["registry"] = register(tracked, onnx_path, cfg, example, onnx_model.run(example), card, candidate)
         write_json(layout.report_file(STAGE), report)
@@ -259,17 +193,17 @@ def run(params: Params) -> dict:
 
 def register(tracked, onnx_path: Path, cfg, example: np.ndarray, output: np.ndarray, card: dict,
              candidate: EvaluationSummary) -> dict:
-    """A new registered version (alias `candidate`, tagged with its threat model, accuracies, test rows and
-    per-point robust outcomes); `champion` moves to it only by the evidence rule of `core.stats`."""
+    """A new registered version (alias `candidate`, tagged with its threat model, accuracies, attack suite, test
+    rows and per-point outcomes); `champion` moves to it only by the evidence rule of `core.stats`."""
     name = cfg.registered_model
     version = tracked.register_onnx_model(onnx_path, name, example, output, {**card, **outcome_tags(candidate)})
     current = tracked.model_version_tags(name, "champion")
     decision = champion_by_evidence(candidate, current, cfg.champion_alpha)
     if decision.decision == "moves":
         tracked.set_model_alias(name, "champion", version)
-    record = {"test": "exact McNemar on the discordant test points", "alpha": cfg.champion_alpha,
-              "decision": decision.decision, "reason": decision.reason, "p_value": decision.p_value,
-              "candidate_only": decision.candidate_only, "champion_only": decision.champion_only,
+    record = {"test": "exact McNemar on the discordant test points (conditional on these two trained models)",
+              "alpha": cfg.champion_alpha, "decision": decision.decision, "reason": decision.reason,
+              **_test_record("robust", decision.robust), **_test_record("clean", decision.clean),
               "compared_with_version": current["version"] if current else None}
     tracked.set_model_version_tags(name, version, {f"champion_rule.{key}": value for key, value in record.items()})
     moved = decision.decision == "moves"
@@ -278,22 +212,40 @@ def register(tracked, onnx_path: Path, cfg, example: np.ndarray, output: np.ndar
             "model_uri": f"models:/{name}/{version}"}
 
 
+def _test_record(kind: str, test) -> dict:
+    """One paired test of the rule, flat: p-value and the points only the candidate / only the champion got."""
+    return {f"{kind}_p_value": test.p_value if test else None, f"{kind}_candidate_only": test.a_only if test else None,
+            f"{kind}_champion_only": test.b_only if test else None}
+
+
 def champion_by_evidence(candidate: EvaluationSummary, current: dict | None, alpha: float) -> ChampionDecision:
-    """The champion rule against the version `champion` points at, read from its registry tags."""
+    """The champion rule against the version `champion` points at, read from its registry tags (a version
+    registered without per-point outcomes or its attack suite is refused as not comparable)."""
     if current is None:
         return champion_decision(candidate, None, alpha)
     if "robust_outcomes" not in current:
         return ChampionDecision("refused", f"not comparable: champion v{current['version']} was registered without "
                                            "per-point outcomes")
-    champion = EvaluationSummary(norm=current["norm"], eps=float(current["eps"]), rows_id=current["rows_id"],
-                                 robust_correct=unpack_outcomes(current["robust_outcomes"], int(current["n"])))
+    n = int(current["n"])
+    champion = EvaluationSummary(
+        norm=current["norm"], eps=float(current["eps"]), rows_id=current["rows_id"],
+        robust_correct=unpack_outcomes(current["robust_outcomes"], n),
+        clean_correct=unpack_outcomes(current["clean_outcomes"], n) if "clean_outcomes" in current else None,
+        suite=json.loads(current["attack_suite"]) if "attack_suite" in current else None)
     return champion_decision(candidate, champion, alpha)
 
 
 def outcome_tags(summary: EvaluationSummary) -> dict[str, str]:
-    """Registry tags that let a later version be compared with this one point by point."""
-    packed = np.packbits(np.asarray(summary.robust_correct, dtype=bool))
-    return {"rows_id": summary.rows_id, "robust_outcomes": base64.b64encode(packed.tobytes()).decode()}
+    """Registry tags that let a later version be compared with this one point by point, under the same suite."""
+    tags = {"rows_id": summary.rows_id, "robust_outcomes": pack_outcomes(summary.robust_correct),
+            "attack_suite": json.dumps(summary.suite, sort_keys=True)}
+    if summary.clean_correct is not None:
+        tags["clean_outcomes"] = pack_outcomes(summary.clean_correct)
+    return tags
+
+
+def pack_outcomes(correct) -> str:
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode()
 
 
 def unpack_outcomes(text: str, n: int) -> np.ndarray:
@@ -316,7 +268,8 @@ def headline(report: dict) -> dict:
         "onnx_vs_torch_throughput_ratio_batch64": report["onnx_vs_torch_throughput_ratio_batch64"],
         "registered_version": int(registry["version"]) if registry else None,
         "champion_moved": registry.get("champion_moved"),
-        "champion_p_value": (registry.get("champion_rule") or {}).get("p_value"),
+        "champion_p_value": (registry.get("champion_rule") or {}).get("robust_p_value"),
+        "champion_clean_p_value": (registry.get("champion_rule") or {}).get("clean_p_value"),
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from dmat.config import ParamsError, as_dict, flatten, parse_params, read_yaml
 from dmat.execution import SEED_KEY, variant_label
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9\-]{0,40}$")  # DVC experiment names are built from these
-KEYS = {"profile", "name", "seeds", "baseline", "targets", "variants"}
+KEYS = {"profile", "name", "seeds", "baseline", "targets", "variants", "contrasts"}
 
 
 class GridError(ValueError):
@@ -31,7 +31,7 @@ class GridError(ValueError):
 class Grid:
     path: Path
     profile: str  # path of the profile, relative to the project root (as committed)
-    profile_text: str
+    profile_text: str  # the complete params.yaml the profile makes (defaults + its changes)
     name: str
     seeds: tuple[int, ...]
     baseline: str
@@ -39,6 +39,9 @@ class Grid:
     variants: dict[str, dict[str, Any]]  # variant name -> {dotted key: value}
     labels: dict[str, str]  # variant name -> the `dmat.variant` label its runs carry
     experiment: str  # the MLflow experiment the profile's runs go into
+    # contrast name -> {variant name: weight}: per seed, the weighted sum of the variants' accuracies (e.g. an
+    # interaction of a 2×2 design: {a1b1: 1, a1b0: -1, a0b1: -1, a0b0: 1}); `dmat compare --grid` tests each
+    contrasts: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def experiment_name(self, variant: str, seed: int) -> str:
         return f"{self.name}-{variant}-s{seed}"
@@ -87,7 +90,8 @@ def load_grid(path: str | Path, root: Path | None = None) -> Grid:
     _check_distinct(path, labels)
     return Grid(path=path, profile=profile, profile_text=profile_text, name=name, seeds=seeds, baseline=baseline,
                 targets=tuple(targets), variants=variants, labels=labels,
-                experiment=parse_params(profile_raw).base.experiment)
+                experiment=parse_params(profile_raw).base.experiment,
+                contrasts=_contrasts(path, raw.get("contrasts", {}), variants))
 
 
 def apply_changes(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -108,19 +112,14 @@ def apply_changes(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
 
 
 def _read_profile(path: Path, root: Path, profile: str) -> tuple[dict[str, Any], str]:
-    file = root / profile
+    """The params the profile makes (plain data) and the complete params.yaml text `dmat queue` puts in place."""
+    from dmat.profiles import load_profile, profile_title, render
+
     try:
-        text = file.read_text(encoding="utf-8")
-        raw = read_yaml(text)
-        params = parse_params(raw)
-    except OSError as err:
-        raise GridError(f"{path}: profile {profile}: cannot read it: {err}") from None
+        params, reasons = load_profile(profile, root)
     except ValueError as err:  # ParamsError included
         raise GridError(f"{path}: profile {profile}: {err}") from None
-    if params.base.profile != profile:
-        raise GridError(f"{path}: profile {profile} must name itself in base.profile (it says "
-                        f"{params.base.profile!r}): the runs' variant labels are the changes from it")
-    return raw, text
+    return as_dict(params), render(params, reasons, profile_title(profile))
 
 
 def _seeds(path: Path, seeds: Any) -> tuple[int, ...]:
@@ -146,6 +145,27 @@ def _variants(path: Path, variants: Any) -> dict[str, dict[str, Any]]:
         if bad:
             raise GridError(f"{path}: variant {name!r}: {bad[0]} must be a single value (set nested keys one by one)")
         out[name] = dict(changes)
+    return out
+
+
+def _contrasts(path: Path, contrasts: Any, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    if not isinstance(contrasts, dict):
+        raise GridError(f"{path}: contrasts must be a mapping of name -> {{variant: weight}}")
+    out = {}
+    for name, weights in contrasts.items():
+        if not isinstance(name, str) or not NAME.match(name):
+            raise GridError(f"{path}: contrast name {name!r} is not allowed: lower-case letters, digits and '-'")
+        if (not isinstance(weights, dict) or len(weights) < 2
+                or not all(isinstance(w, int | float) and not isinstance(w, bool) and w for w in weights.values())):
+            raise GridError(f"{path}: contrast {name!r}: expected at least two variants with non-zero number weights")
+        unknown = [v for v in weights if v not in variants]
+        if unknown:
+            raise GridError(f"{path}: contrast {name!r}: {unknown[0]!r} is not one of the variants: "
+                            f"{', '.join(variants)}")
+        if abs(sum(weights.values())) > 1e-9:
+            raise GridError(f"{path}: contrast {name!r}: its weights must sum to 0 (a difference of accuracies), "
+                            f"they sum to {sum(weights.values()):g}")
+        out[name] = {variant: float(weight) for variant, weight in weights.items()}
     return out
 
 
