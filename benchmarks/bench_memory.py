@@ -33,14 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.measure import machine
-from dmat.config import Params, load_params
+from dmat.config import Params
 from dmat.core.classifiers import DATASET_STATS, build_classifier
 from dmat.core.denoisers import build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
 from dmat.core.losses import trades_loss
+from dmat.profiles import load_profile
 
 RESULTS = Path(__file__).parent / "results" / "memory.json"
-PAPER_PROFILE = Path(__file__).parents[1] / "profiles" / "paper-cifar10.yaml"
+ROOT = Path(__file__).parents[1]
+PAPER_PROFILE = "profiles/paper-cifar10.yaml"  # relative to ROOT
 GPU_MEMORY_GB = 80  # an A100 or H100 80 GB (the H100 of a cloud offers about 79.6 GB to programs)
 OVERHEAD = 1.25  # allocator rounding and caching, cuDNN workspaces, transient buffers: not counted by the hooks
 BATCHES = (2, 4)
@@ -177,6 +179,11 @@ def images_per_forward(params: Params, stage: str, processes: int) -> int:
     return share if section.micro_batch is None else min(share, section.micro_batch)
 
 
+def paper_params() -> Params:
+    """The params the paper profile makes (defaults + its changes)."""
+    return load_profile(PAPER_PROFILE, ROOT)[0]
+
+
 def paper_estimates(measured: dict, params: Params, processes: Iterable[int] = (1, 8)) -> dict:
     """Per stage and GPU count: the images per forward and the per-GPU estimate in GB."""
     return {stage: {f"{n}_gpus": {"images_per_forward": images_per_forward(params, stage, n),
@@ -188,7 +195,7 @@ def paper_estimates(measured: dict, params: Params, processes: Iterable[int] = (
 def run() -> dict:
     started = time.perf_counter()
     measured = {stage: {**entry, "mb_per_image": round(entry["mb_per_image"], 2)} for stage, entry in measure().items()}
-    return {"measured": measured, "paper_profile": paper_estimates(measured, load_params(PAPER_PROFILE)),
+    return {"measured": measured, "paper_profile": paper_estimates(measured, paper_params()),
             "gpu_memory_gb": GPU_MEMORY_GB, "overhead": OVERHEAD, "batches": list(BATCHES),
             "seconds": round(time.perf_counter() - started), "machine": machine()}
 

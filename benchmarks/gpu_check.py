@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench_memory import GPU_MEMORY_GB, PAPER_PROFILE, RESULTS
+from benchmarks.bench_memory import GPU_MEMORY_GB, RESULTS, paper_params
 from benchmarks.measure import machine
-from dmat.config import load_params, parse_params
+from dmat.config import parse_params
 from dmat.core.classifiers import DATASET_STATS, build_classifier
 from dmat.core.denoisers import build_denoiser
 from dmat.core.ema import WeightAverage
@@ -309,7 +309,7 @@ def trades_flops(model: torch.nn.Module, batch: int, device: str) -> float:
 
 
 def throughput(device: str) -> dict:
-    profile = load_params(PAPER_PROFILE).train
+    profile = paper_params().train
     found = {}
     for name in ("fp32", "bf16"):
         if unsupported(device, name):
@@ -340,7 +340,7 @@ def throughput(device: str) -> dict:
 
 
 def diffusion_memory(device: str) -> dict:
-    profile = load_params(PAPER_PROFILE).train_diffusion
+    profile = paper_params().train_diffusion
     measured = json.loads(RESULTS.read_text())["measured"]["train_diffusion"]
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -369,7 +369,7 @@ def diffusion_memory(device: str) -> dict:
 
 STAGE_PARAMS = """
 base: {{seed: 0, device: {device}, nproc: {nproc}, precision: auto, memory_format: auto}}
-data: {{name: tiny, path: {folder}, val_size: 12}}
+data: {{name: tiny, path: {folder}, val_size: 12, train_limit: null, test_limit: null, heldout_size: 0}}
 train_reference: {{epochs: 2, batch_size: 24, micro_batch: 8}}
 train_diffusion: {{model: unet-tiny, steps: 4, batch_size: 24, micro_batch: 8, log_every: 2, checkpoint_every: 2,
                   grid_steps: 2, adversarial: {{mode: adversarial, fraction: 0.5}}}}

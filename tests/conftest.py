@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,25 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.e2e.test_pipeline import build_pipeline
 
     return build_pipeline(tmp_path_factory.mktemp("tiny-pipeline"))
+
+
+def _own_decisions(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DMAT_CACHE_DIR", str(tmp_path_factory.mktemp(name)))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_decisions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session- and module-scoped fixtures run stages before any function-scoped fixture: they too keep their
+    precision decisions in a cache of their own (autouse fixtures come first within a scope), never the
+    machine's, where another run's decision would turn a probe into a recalled `machine` choice."""
+    yield from _own_decisions(tmp_path_factory, "dmat-session-cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated_module_decisions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    yield from _own_decisions(tmp_path_factory, "dmat-module-cache")
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from tests.conftest import make_image_folder, run_dmat, write_params
 
 PARAMS = """
 base: {{seed: 0, device: cpu, nproc: {nproc}, precision: fp32, memory_format: contiguous}}
-data: {{name: tiny, path: {folder}, val_size: 6}}
+data: {{name: tiny, path: {folder}, val_size: 6, train_limit: null, test_limit: null, heldout_size: 0}}
 train_reference: {{epochs: 1, batch_size: 8, micro_batch: 2}}
 train_diffusion: {{steps: 2, batch_size: 8, micro_batch: 2, log_every: 1, checkpoint_every: 2, grid_steps: 2,
                   adversarial: {{mode: adversarial, fraction: 0.5}}}}

@@ -7,18 +7,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from benchmarks.bench_memory import GPU_MEMORY_GB, RESULTS, estimate_gb, images_per_forward, paper_estimates
+from benchmarks.bench_memory import (
+    GPU_MEMORY_GB,
+    RESULTS,
+    estimate_gb,
+    images_per_forward,
+    paper_estimates,
+    paper_params,
+)
 
-from dmat.config import load_params
-from tests.conftest import REPO_ROOT
-
-PROFILE = REPO_ROOT / "profiles" / "paper-cifar10.yaml"
 MEASURED = json.loads(RESULTS.read_text())["measured"]
 
 
 @pytest.mark.parametrize("stage", ["train_diffusion", "train", "train_reference"])
 def test_each_training_stage_fits_one_80_gb_gpu(stage: str) -> None:
-    params = load_params(PROFILE)
+    params = paper_params()
     assert MEASURED[stage]["model"] == params.section(stage).model
     assert estimate_gb(MEASURED[stage], images_per_forward(params, stage, processes=1)) <= GPU_MEMORY_GB
 
@@ -30,4 +33,4 @@ def test_without_micro_batches_the_diffusion_model_would_not_fit() -> None:
 
 def test_committed_estimates_follow_the_profile() -> None:
     """The README quotes benchmarks/results/memory.json: it must describe the committed profile."""
-    assert json.loads(RESULTS.read_text())["paper_profile"] == paper_estimates(MEASURED, load_params(PROFILE))
+    assert json.loads(RESULTS.read_text())["paper_profile"] == paper_estimates(MEASURED, paper_params())
