@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 INSTALLED := $(VENV)/.dmat-installed
 
-.PHONY: install repro test lint bench container-base container-pipeline-test clean-venv
+.PHONY: install repro test lint bench gpu-check container-base container-pipeline-test clean-venv
 
 # Create .venv if missing and install the pinned dependencies plus the package (editable).
 $(INSTALLED): requirements.txt requirements-dev.txt pyproject.toml
@@ -30,6 +30,11 @@ lint: install
 # Speed and memory figures (not tests): see benchmarks/README.md.
 bench: install
 	PATH="$(BIN):$$PATH" $(BIN)/python -m benchmarks
+
+# The paper-scale path on a GPU machine (benchmarks/gpu_check.py: at most ~8 minutes on one H100); prints JSON,
+# exits 1 if a check failed. Without CUDA: a dry run of the parts that need no GPU, on the CPU.
+gpu-check: install
+	PATH="$(BIN):$$PATH" $(BIN)/python -m benchmarks.gpu_check
 
 # Local stand-ins for the registry base images (root: debootstrap), for machines without a container registry.
 container-base:

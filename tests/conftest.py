@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +90,23 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_pipeline(tmp_path_factory.mktemp("tiny-pipeline"))
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """No test run writes to the machine's kept precision decisions, not even a module-scoped fixture that runs
-    before the per-test isolation below: the whole session decides in a cache of its own."""
-    os.environ["DMAT_CACHE_DIR"] = tempfile.mkdtemp(prefix="dmat-test-cache-")
+def _own_decisions(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DMAT_CACHE_DIR", str(tmp_path_factory.mktemp(name)))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_decisions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session- and module-scoped fixtures run stages before any function-scoped fixture: they too keep their
+    precision decisions in a cache of their own (autouse fixtures come first within a scope), never the
+    machine's, where another run's decision would turn a probe into a recalled `machine` choice."""
+    yield from _own_decisions(tmp_path_factory, "dmat-session-cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated_module_decisions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    yield from _own_decisions(tmp_path_factory, "dmat-module-cache")
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from dmat import __version__
-from dmat.pipeline import commands
+from dmat.pipeline import commands, for_module
 
 # subcommand -> the stage it runs (module, help), from the stage declarations of dmat.pipeline
 STAGES = commands()
@@ -80,12 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(module_name: str, params_file: str, **options: object) -> None:
+def run_stage(module_name: str, params_file: str, argv: Sequence[str] = (), **options: object) -> None:
+    """Run a stage; a stage declared to run under torchrun (`dmat.pipeline.Stage.torchrun`) with `base.nproc` > 1
+    re-executes `dmat ARGV` under torchrun instead."""
     from dmat.config import load_params
     from dmat.stage_setup import apply_base
 
     params = load_params(params_file)  # validated before anything is imported or written
     apply_base(params.base)
+    if for_module(module_name).torchrun:
+        from dmat.distributed import relaunch_under_torchrun
+
+        relaunch_under_torchrun(params.base, argv)
     importlib.import_module(module_name).run(params, **options)
 
 
@@ -101,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         options = {flag.lstrip("-"): getattr(args, flag.lstrip("-")) for flag in STAGES[args.command].options}
-        run_stage(args.stage_module, args.params, **options)
+        run_stage(args.stage_module, args.params, sys.argv[1:] if argv is None else argv, **options)
     except ParamsError as err:
         return _fail(args.command, err, EXIT_USAGE)
     except USER_ERRORS as err:

@@ -103,6 +103,9 @@ class BaseConfig:
     memory_format: Literal["auto", "contiguous", "channels_last"] = allowed(
         "auto", "auto | contiguous | channels_last; auto = the fastest in a short probe, as precision")
     compile: bool = allowed(False, "torch.compile the training networks (minutes to compile on a CPU)")
+    nproc: int = allowed(1, "processes for the stages that run under torchrun (train_reference, train_diffusion, "
+                            "generate, train, evaluate): above 1, `dmat <stage>` starts torchrun itself; "
+                            "0 = one per visible GPU (1 without GPUs)", min=0, max=1024)
     profile: str | None = allowed(
         None, "the committed profile these params come from (set by `dmat params apply`): variant labels are the "
               "changes from it; null = params.yaml at HEAD", pattern=r"^[\w.\-]+(/[\w.\-]+)*\.ya?ml$")
@@ -178,6 +181,8 @@ class TrainDiffusionConfig:
                          pattern=r"^[a-z0-9\-]{1,64}$")
     steps: int = allowed(360, "optimiser steps", min=1)
     batch_size: int = allowed(32, "global batch (split across torchrun processes)", min=1)
+    micro_batch: int | None = allowed(None, "images per forward/backward on one process (gradients accumulate "
+                                            "before each optimiser step); null = its whole share", min=1)
     lr: float = allowed(0.002, "Adam's learning rate", min=0)
     warmup_steps: int = allowed(50, "linear learning-rate ramp", min=0)
     ema_half_life_images: float = allowed(5000.0, "EMA half-life in training images (EDM)", min=1)
@@ -276,6 +281,8 @@ class TrainConfig:
     loss: Literal["trades", "pgd-at"] = allowed("trades", "trades | pgd-at")
     epochs: int = allowed(3, "an epoch is ceil(N_real / batch_size) steps", min=1)
     batch_size: int = allowed(64, "global batch (split across torchrun processes)", min=1)
+    micro_batch: int | None = allowed(None, "images per forward/backward on one process (gradients accumulate "
+                                            "before each optimiser step); null = its whole share", min=1)
     lr: float = allowed(0.1, "peak of the one-cycle schedule", min=0)
     warmup_fraction: float = allowed(0.025, "", min=0, max=1)
     momentum: float = allowed(0.9, "", min=0, max=1)
@@ -298,7 +305,9 @@ class TrainReferenceConfig:
     model: str = allowed("wrn-16-1", "the smallest registry net: a few minutes on 2 cores (paper profile: wrn-28-10)",
                          pattern=r"^[a-z0-9\-]{1,64}$")
     epochs: int = allowed(15, "an epoch is ceil(N_train / batch_size) steps", min=1)
-    batch_size: int = allowed(128, "", min=1)
+    batch_size: int = allowed(128, "global batch (split across torchrun processes)", min=1)
+    micro_batch: int | None = allowed(None, "images per forward/backward on one process (gradients accumulate "
+                                            "before each optimiser step); null = its whole share", min=1)
     lr: float = allowed(0.1, "peak learning rate", min=0)
     warmup_fraction: float = allowed(0.025, "linear warm-up, then cosine decay to 0; 0 = plain cosine", min=0, max=1)
     momentum: float = allowed(0.9, "", min=0, max=1)

@@ -54,6 +54,9 @@ class Stage:
     foreach: str | None = None  # a params mapping: one stage per entry (`${key}` in paths and the command)
     always_changed: bool = False
     why: str = ""  # a comment on the stage
+    # Runs under torchrun: with `base.nproc` above 1 (0: one process per visible GPU), `dmat <command>` starts
+    # torchrun itself (dmat.distributed.relaunch_under_torchrun), so `dvc repro` uses every GPU.
+    torchrun: bool = False
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -98,12 +101,14 @@ STAGES: tuple[Stage, ...] = (
           params=(*TRAINING, "train_reference"), reads=_read(layout.REAL_TRAIN, layout.REAL_VAL, layout.REAL_TEST),
           writes=(*_outs(layout.REFERENCE_DIR, report="train_reference"), _metrics("train_reference"),
                   Write(layout.REFERENCE_CURVES, kind="plot", cache=False)),
-          why="standard training on real data only: the yardstick of generated data, generate's filter scorer"),
+          why="standard training on real data only: the yardstick of generated data, generate's filter scorer",
+          torchrun=True),
     Stage("train_diffusion", "train-diffusion", "dmat.stages.train_diffusion",
           "Train the class-conditional EDM denoiser with adversarial training of the diffusion model (mode none | "
           "random | adversarial | invariance); resumes after a kill; runs under torchrun",
           params=(*TRAINING, "train_diffusion"), reads=_read(layout.REAL_TRAIN),
-          writes=(*_outs(layout.DIFFUSION_DIR, report="train_diffusion"), _metrics("train_diffusion"))),
+          writes=(*_outs(layout.DIFFUSION_DIR, report="train_diffusion"), _metrics("train_diffusion")),
+          torchrun=True),
     Stage("fetch_generated", "fetch-generated", "dmat.stages.fetch_generated",
           "Record which external files generate.source external reads (path, size, modification time; no hashing), "
           "so that generate reruns when they change", params=("generate",),
@@ -111,15 +116,15 @@ STAGES: tuple[Stage, ...] = (
           why="the files live outside DVC's view; generate reruns only when the record changes (docs/published.md)"),
     Stage("generate", "generate", "dmat.stages.generate",
           "Sample generate.per_class images per class from the EMA denoiser into a class-sorted store "
-          "(byte-identical for any batch size or number of processes), or, generate.source external, stream "
-          "published .npz parts, an image folder or a store into it with each file's sha256",
+          "(byte-identical on one machine for any batch size or number of processes), or, generate.source "
+          "external, stream published .npz parts, an image folder or a store into it with each file's sha256",
           params=("base.seed", "base.precision", "base.memory_format", "generate"),
           reads=_read((layout.GENERATED_SOURCE_RECORD, "generate.source external: stands for the files it names"),
                       (layout.REAL_TRAIN, "generate.source external: the dataset's classes and image size"),
                       layout.DIFFUSION_DIR, (layout.REFERENCE_DIR, "the scorer of generate.filter_scorer: reference "
                                                                    "(another checkpoint: add its path here)")),
           writes=(*_outs(layout.SYNTHETIC_DIR, report="generate"), _metrics("generate"),
-                  Write(layout.GENERATE_GRID, kind="plot"))),
+                  Write(layout.GENERATE_GRID, kind="plot")), torchrun=True),
     Stage("mix", "mix", "dmat.stages.mix",
           "Choose the generated (or, mix.source heldout_real, held-out real) images the classifier may use and "
           "their share of every batch", params=("base.seed", "mix"),
@@ -133,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
                       (layout.REAL_HELDOUT, "read instead of data/synthetic when the mix manifest names it"),
                       layout.MIXED_DIR),
           writes=(*_outs(layout.CLASSIFIER_DIR, report="train"), _metrics("train"),
-                  Write(layout.TRAIN_CURVES, kind="plot", cache=False))),
+                  Write(layout.TRAIN_CURVES, kind="plot", cache=False)), torchrun=True),
     Stage("evaluate", "evaluate", "dmat.stages.evaluate",
           "Robustness of the best EMA classifier per threat model: clean accuracy, AutoAttack, a PGD eps sweep and "
           "sanity checks on the first evaluate.n test images", params=("base.seed", "evaluate"),
@@ -141,7 +146,8 @@ STAGES: tuple[Stage, ...] = (
           writes=(Write(layout.eval_dir(KEY)), _metrics(f"evaluate_{KEY}"),
                   Write(layout.sweep_file(KEY), kind="plot", cache=False,
                         plot=(("x", "eps"), ("y", "robust_acc"), ("title", "Robust accuracy vs eps (PGD-CE)")))),
-          foreach="evaluate.threats", why="one stage per threat model in params.yaml's evaluate.threats"),
+          foreach="evaluate.threats", why="one stage per threat model in params.yaml's evaluate.threats",
+          torchrun=True),
     Stage("export", "export", "dmat.stages.export",
           "Export the best EMA classifier (ONNX with provenance metadata, torch.export .pt2) and the EMA denoiser "
           "(ONNX)", params=("base.seed", "evaluate.threats"),

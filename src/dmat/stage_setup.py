@@ -117,14 +117,20 @@ def _probe(device: str, make_passes: Callable[[], PassFactory], options: list) -
     return Decision(choose(timings, options[0]), "probe", {s.name: t for s, t in timings.items()})
 
 
-def classifier_probe_passes(model, batch_size: int, image_shape, w: World):
-    """Forward and backward passes of a classifier at this rank's share of `batch_size` on random HWC-shaped
-    images, for the `auto` probe (the same passes for every stage that trains a classifier)."""
+def probe_batch(batch_size: int, micro_batch: int | None, w: World) -> int:
+    """Images per forward and backward pass on this rank: its share of `batch_size`, at most `micro_batch`."""
+    share = max(1, batch_size // w.size)
+    return share if micro_batch is None else min(share, micro_batch)
+
+
+def classifier_probe_passes(model, batch_size: int, image_shape, w: World, micro_batch: int | None = None):
+    """Forward and backward passes of a classifier at this rank's micro-batch (`probe_batch`) on random
+    HWC-shaped images, for the `auto` probe (the same passes for every stage that trains a classifier)."""
     import torch
 
     from dmat.core.precision import network_passes
 
-    shape = (max(1, batch_size // w.size), *[image_shape[i] for i in (2, 0, 1)])
+    shape = (probe_batch(batch_size, micro_batch, w), *[image_shape[i] for i in (2, 0, 1)])
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(w.device)
     return network_passes(model, [x], w.device, backward=True)
 
@@ -133,22 +139,43 @@ def training_network(model, decision: Decision, w: World, *, compile: bool, scal
     """(module to call, gradient scaler) for training `model` in the decided setting.
 
     The weights are converted in place to the memory format (an optimiser built on them keeps
-    working), wrapped in DDP under torchrun, optionally compiled, and run under autocast; TF32 is
-    allowed on CUDA. The scaler scales the loss for fp16 (whose narrow range underflows small
-    gradients) and passes it through otherwise; `scaler_state` is a resumed run's."""
+    working), wrapped in DDP under torchrun, optionally compiled, and run under autocast; on CUDA, TF32
+    and cuDNN's autotuner are on. The scaler scales the loss for fp16 (whose narrow range underflows
+    small gradients) and passes it through otherwise; `scaler_state` is a resumed run's. Under torchrun
+    the ranks' global generators part ways here (`seed_ranks`), after every rank built the same model."""
     import torch
 
-    from dmat.core.precision import Autocast, allow_tf32, to_memory_format
+    from dmat.core.precision import Autocast, to_memory_format, training_kernels
 
     to_memory_format(model, decision.setting)
-    allow_tf32(w.device)
-    network = torch.nn.parallel.DistributedDataParallel(model) if w.size > 1 else model
+    training_kernels(w.device)
+    # forward_sync_buffers=False: DDP would otherwise broadcast rank 0's buffers before every forward that follows a
+    # synchronised one, and ranks that run different numbers of forwards (uneven shares in micro-batches, a share
+    # with no image outside the regularised part) would wait on each other for ever. Rank 0's buffers are its own
+    # either way (DDP still copies them to every rank once, at construction); the stages broadcast them before
+    # every rank scores (`distributed.broadcast_buffers`).
+    network = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False) if w.joined else model
+    seed_ranks(torch.initial_seed(), w)  # the seed apply_torch gave torch: base.seed
     if compile:
         network = torch.compile(network)
     scaler = torch.amp.GradScaler(torch.device(w.device).type, enabled=decision.setting.precision == "fp16")
     if scaler_state:
         scaler.load_state_dict(scaler_state)
     return Autocast(network, decision.setting, w.device), scaler
+
+
+def seed_ranks(seed: int, w: World) -> None:
+    """Under torchrun with several processes, reseed each rank's global generators (torch on CPU and CUDA, numpy,
+    Python) from (seed, rank): dropout and label dropout draw from them, and ranks that draw alike would drop
+    the same units of every image share. A world of one keeps its generators untouched."""
+    if w.size == 1:
+        return
+    import torch
+
+    rank_seed = int(np.random.SeedSequence([seed, w.rank]).generate_state(1)[0])
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
 
 
 def evaluation_network(model, base: BaseConfig, device: str):

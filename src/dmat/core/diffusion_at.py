@@ -26,13 +26,17 @@ What is our reconstruction (from secondary sources; every item is a field of Dif
 
 The perturbed and clean branches are evaluated with the same global random state, so dropout and
 label dropout agree between them and R measures the effect of ω alone.
+
+Every draw of the loss's own generator (σ, the noise n, the radius floors, ω's start) is made for the whole
+batch first (:func:`draw_training_noise`), so a batch evaluated in micro-batches (gradient accumulation)
+sees the very values the whole batch would.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -84,15 +88,19 @@ class DiffusionATConfig:
             raise ValueError(f"need 0 <= floor_min <= floor_max, got {self.floor_min}, {self.floor_max}")
 
 
-def box_radius(sigma: Tensor, cfg: DiffusionATConfig, generator: torch.Generator | None = None) -> Tensor:
-    """Per-sample box radius r = g(σ)^ρ + u, g(σ) = σ/√(1 + σ²), u ~ U(floor_min, floor_max)."""
+def box_radius(sigma: Tensor, cfg: DiffusionATConfig, generator: torch.Generator | None = None,
+               floor: Tensor | None = None) -> Tensor:
+    """Per-sample box radius r = g(σ)^ρ + u, g(σ) = σ/√(1 + σ²), u ~ U(floor_min, floor_max).
+
+    `floor`: the U(0, 1) draws behind u, when already drawn; otherwise drawn here from `generator`."""
     g = sigma / (1 + sigma**2).sqrt()
-    floor = torch.rand(sigma.shape, generator=generator, device=sigma.device, dtype=sigma.dtype)
+    if floor is None:
+        floor = torch.rand(sigma.shape, generator=generator, device=sigma.device, dtype=sigma.dtype)
     return g**cfg.rho + cfg.floor_min + (cfg.floor_max - cfg.floor_min) * floor
 
 
-def _uniform_in_box(radius: Tensor, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    unit = torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+def _uniform_in_box(radius: Tensor, unit: Tensor) -> Tensor:
+    """ω uniform in [−r, r] from U(0, 1) draws `unit`."""
     return (2 * unit - 1) * radius
 
 
@@ -129,13 +137,14 @@ def _adversarial_omega(
     clean: Tensor,
     radius: Tensor,
     step_size: float,
-    generator: torch.Generator | None,
+    start: Tensor,
 ) -> Tensor:
-    """Random start in the box, one signed-gradient ascent step on R, projection onto the box.
+    """Random start in the box (from U(0, 1) draws `start`), one signed-gradient ascent step on R, projection
+    onto the box.
 
     ``perturbed(ω)`` evaluates D(x + σω); ``clean`` is D(x), a constant here.
     """
-    omega = _uniform_in_box(radius, clean, generator).requires_grad_(True)
+    omega = _uniform_in_box(radius, start).requires_grad_(True)
     (grad,) = torch.autograd.grad(_mean_square(perturbed(omega) - clean).sum(), omega)
     return torch.clamp(omega.detach() + step_size * radius * grad.sign(), min=-radius, max=radius)
 
@@ -145,6 +154,46 @@ def regularised_count(batch_size: int, cfg: DiffusionATConfig) -> int:
     return 0 if cfg.mode == "none" else math.ceil(cfg.fraction * batch_size)
 
 
+@dataclass(frozen=True)
+class TrainingNoise:
+    """The generator's draws for one batch: σ (N,), the noise n (N, ...), and for the regularised samples
+    (the batch's first k) the U(0, 1) draws behind the radius floors (k,) and ω's start (k, ...).
+
+    ``regulariser_scale`` is N/k of the whole batch: a micro-batch (:meth:`rows`) keeps it, so that every
+    part's loss is its share of the whole batch's.
+    """
+
+    sigma: Tensor
+    noise: Tensor
+    floor: Tensor
+    start: Tensor
+    regulariser_scale: float
+
+    def rows(self, part: slice) -> TrainingNoise:
+        """The draws of the samples in `part` (a contiguous slice of the batch); its regularised samples are
+        the batch's regularised samples that fall in it, again a prefix of the part."""
+        k = len(self.floor)
+        regularised = slice(min(part.start, k), min(part.stop, k))
+        return replace(self, sigma=self.sigma[part], noise=self.noise[part], floor=self.floor[regularised],
+                       start=self.start[regularised])
+
+
+def draw_training_noise(x0: Tensor, cfg: DiffusionATConfig, generator: torch.Generator | None = None
+                        ) -> TrainingNoise:
+    """Every draw of :func:`diffusion_training_loss` for the batch `x0`, from `generator` in this order: σ, the
+    noise, the radius floors, ω's start."""
+    n, k = len(x0), regularised_count(len(x0), cfg)
+    sigma = sample_training_sigma(n, p_mean=cfg.p_mean, p_std=cfg.p_std, generator=generator, device=x0.device)
+    sigma = sigma.to(x0.dtype)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if k == 0:
+        floor, start = sigma[:0], noise[:0]
+    else:
+        floor = torch.rand((k,), generator=generator, device=x0.device, dtype=x0.dtype)
+        start = torch.rand((k, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)
+    return TrainingNoise(sigma, noise, floor, start, n / max(k, 1))
+
+
 def diffusion_training_loss(
     denoiser: Denoiser,
     x0: Tensor,
@@ -152,34 +201,35 @@ def diffusion_training_loss(
     cfg: DiffusionATConfig,
     *,
     generator: torch.Generator | None = None,
+    noise: TrainingNoise | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-sample training loss L = w(σ)·(‖D(x) − x0‖² + λ·R), x = x0 + σ·n (EDM Eq. 2 and 8; docs/method.md).
 
-    ``generator`` drives σ, the noise n, the radius floor and ω. Returns the loss, shape (N,), to be
-    averaged by the caller, and detached per-sample statistics ``sigma``, ``denoise_loss`` (the
-    unweighted ‖D(x) − x0‖²) and ``regulariser`` (R: zero in mode ``none``, NaN for the samples
-    that ``fraction`` leaves out).
+    ``noise``: σ, n, the radius floors and ω's start (:func:`draw_training_noise`, or a micro-batch's
+    :meth:`TrainingNoise.rows` of the whole batch's); None draws them from ``generator`` here. Returns the
+    loss, shape (N,), to be averaged by the caller, and detached per-sample statistics ``sigma``,
+    ``denoise_loss`` (the unweighted ‖D(x) − x0‖²) and ``regulariser`` (R: zero in mode ``none``, NaN for
+    the samples that ``fraction`` leaves out).
     """
-    sigma = sample_training_sigma(
-        x0.shape[0], p_mean=cfg.p_mean, p_std=cfg.p_std, generator=generator, device=x0.device
-    ).to(x0.dtype)
+    noise = draw_training_noise(x0, cfg, generator) if noise is None else noise
+    sigma = noise.sigma
     sigma_b = sigma.reshape(-1, *[1] * (x0.ndim - 1))
-    x = x0 + sigma_b * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x = x0 + sigma_b * noise.noise
 
-    n, k = len(x0), regularised_count(len(x0), cfg)
+    n, k = len(x0), len(noise.floor)
     parts = []
     if k > 0:
         labels = None if class_labels is None else class_labels[:k]
-        parts.append(_regularised_pass(denoiser, x[:k], sigma_b[:k], labels, cfg, generator))
+        parts.append(_regularised_pass(denoiser, x[:k], sigma_b[:k], labels, cfg, noise))
     if k < n:
         labels = None if class_labels is None else class_labels[k:]
-        left_out = torch.full((n - k,), math.nan if k > 0 else 0.0, dtype=x0.dtype, device=x0.device)
+        left_out = torch.full((n - k,), 0.0 if cfg.mode == "none" else math.nan, dtype=x0.dtype, device=x0.device)
         parts.append((denoiser(x[k:], sigma[k:], labels), left_out))
     denoise_loss = _mean_square(torch.cat([denoised for denoised, _ in parts]) - x0)
     regulariser = torch.cat([reg for _, reg in parts])
 
-    # The k regularised samples carry R scaled by n/k: the batch mean stays an unbiased estimate.
-    scaled_reg = torch.nan_to_num(regulariser, nan=0.0) * (n / max(k, 1))
+    # The regularised samples carry R scaled by N/k of the whole batch: its mean stays an unbiased estimate.
+    scaled_reg = torch.nan_to_num(regulariser, nan=0.0) * noise.regulariser_scale
     loss = loss_weight(sigma, cfg.sigma_data) * (denoise_loss + cfg.lam * scaled_reg)
     stats = {"sigma": sigma, "denoise_loss": denoise_loss, "regulariser": regulariser}
     return loss, {name: value.detach() for name, value in stats.items()}
@@ -191,7 +241,7 @@ def _regularised_pass(
     sigma_b: Tensor,
     class_labels: Tensor | None,
     cfg: DiffusionATConfig,
-    generator: torch.Generator | None,
+    noise: TrainingNoise,
 ) -> tuple[Tensor, Tensor]:
     """D(x) and R for noised inputs x; both branches run from the same global random state."""
     sigma = sigma_b.flatten()
@@ -204,10 +254,10 @@ def _regularised_pass(
 
         return _with_rng_state(state, x.device, evaluate)
 
-    radius = box_radius(sigma, cfg, generator).reshape_as(sigma_b)
+    radius = box_radius(sigma, cfg, floor=noise.floor).reshape_as(sigma_b)
     if cfg.mode == "adversarial":
-        omega = _adversarial_omega(perturbed, clean.detach(), radius, cfg.step_size, generator)
+        omega = _adversarial_omega(perturbed, clean.detach(), radius, cfg.step_size, noise.start)
     else:
-        omega = _uniform_in_box(radius, x, generator)
+        omega = _uniform_in_box(radius, noise.start)
     target = clean.detach() if cfg.detach_clean else clean
     return clean, _regulariser(perturbed(omega), target, sigma_b * omega, cfg.mode == "invariance")

@@ -15,7 +15,8 @@ class WeightAverage:
     copied from the live model at every update, as the reference's `update_bn` does (DM-Improves-AT,
     gowal21uncovering/utils/watrain.py): averaged weights are evaluated with the live model's
     statistics. The copy is frozen (no `requires_grad`) and in eval mode; `module` is the model to
-    evaluate and export.
+    evaluate and export. (Under torchrun each rank's live statistics are its own: stages that score on
+    every rank first give them rank 0's, `distributed.broadcast_buffers`.)
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -24,20 +25,30 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
-        """average ← decay · average + (1 − decay) · live; decay 0 copies the live weights exactly."""
+        """average ← decay · average + (1 − decay) · live; decay 0 copies the live weights exactly.
+
+        One multi-tensor kernel per kind of state (`torch._foreach_*`), not one launch per tensor: a
+        WRN-28-10 has a few hundred of them, and on a GPU each launch costs more than its arithmetic.
+        """
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
-        for averaged, live in zip(self.module.parameters(), model.parameters(), strict=True):
-            # lerp computes live − (live − averaged)·decay for weights ≥ 0.5: exact at decay 0.
-            averaged.lerp_(live, 1.0 - decay)
-        for averaged, live in zip(self.module.buffers(), model.buffers(), strict=True):
-            averaged.copy_(live)
+        averaged, live = _paired(self.module.parameters(), model.parameters())
+        # lerp computes live − (live − averaged)·decay for weights ≥ 0.5: exact at decay 0.
+        torch._foreach_lerp_(averaged, live, 1.0 - decay)
+        averaged, live = _paired(self.module.buffers(), model.buffers())
+        if averaged:
+            torch._foreach_copy_(averaged, live)
 
     def state_dict(self) -> dict[str, Any]:
         return self.module.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.module.load_state_dict(state_dict)
+
+
+def _paired(averaged, live) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    pairs = list(zip(averaged, live, strict=True))
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def trades_ema_decay(

@@ -8,7 +8,11 @@ its own batch size in every candidate setting, and :func:`choose` keeps the fast
 the baseline (fp32, contiguous) by at least ``margin``; otherwise, and on ties, the baseline stays.
 
 Evaluation never uses any of this: attacks on a low-precision network can see masked gradients, so
-robustness is measured under :func:`full_precision` (autocast off, TF32 off).
+robustness is measured under :func:`full_precision` (autocast off, TF32 off, deterministic cuDNN).
+
+The CUDA kernel flags are process-wide: training turns TF32 and cuDNN's autotuner on
+(:func:`training_kernels`), and every path that scores or generates enters :func:`exact_kernels` (or
+:func:`full_precision`), which switch them off for its duration and restore them after.
 """
 
 from __future__ import annotations
@@ -100,9 +104,17 @@ def unsupported(device: str, precision: str) -> str | None:
     on_cuda = torch.device(device).type == "cuda"
     if precision == "fp16" and not on_cuda:
         return "fp16 needs a CUDA device (and a gradient scaler); on the CPU use bf16"
-    if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
-        return "this CUDA device does not support bf16"
+    if precision == "bf16" and on_cuda and not _native_cuda_bf16():
+        return "this CUDA device has no native bf16 (emulating it is slower than fp32)"
     return None
+
+
+def _native_cuda_bf16() -> bool:
+    """bf16 in hardware (Ampere and later); torch counts emulation (V100, T4) as support unless told not to."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument: it did not count emulation then
+        return torch.cuda.is_bf16_supported()
 
 
 def candidates(device: str, precision: str = "auto", memory_format: str = "auto") -> list[Setting]:
@@ -214,20 +226,38 @@ class Autocast(nn.Module):
         return output.float()
 
 
-def allow_tf32(device: str) -> None:
-    """TF32 tensor-core matmuls and convolutions for training on CUDA (no effect on the CPU)."""
+def training_kernels(device: str) -> None:
+    """Fast kernels for training on CUDA (no effect on the CPU): TF32 tensor-core matmuls and convolutions,
+    and cuDNN's autotuner (`benchmark`: each convolution shape is timed once, then its fastest algorithm
+    kept). Process-wide; scoring and generation switch them off with :func:`exact_kernels`."""
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
+
+
+@contextlib.contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Inside: TF32 off (float32 means float32), cuDNN's deterministic algorithms and no autotuning, whatever
+    the caller set; restored on exit. On one GPU model with one software stack, the same inputs then give
+    the same bits run after run and whatever else the process did before. Generation runs here (in its
+    decided precision); nothing here changes CPU arithmetic."""
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
+        (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic")
+    saved = [getattr(owner, name) for owner, name in flags]
+    for (owner, name), value in zip(flags, (False, False, False, True), strict=True):
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(flags, saved, strict=True):
+            setattr(owner, name, value)
 
 
 @contextlib.contextmanager
 def full_precision() -> Iterator[None]:
-    """Inside: autocast off on every device and TF32 off, whatever the caller enabled. Evaluation runs here."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    """Inside: autocast off on every device, and :func:`exact_kernels`, whatever the caller enabled. Every
+    scoring path runs here: evaluation, validation, checkpoint selection, the filter's scorer."""
+    with exact_kernels(), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield

@@ -17,9 +17,10 @@ The MLflow run's params hold the whole upstream recipe (diffusion AT mode, gener
 synthetic fraction, classifier recipe), read from the artifacts this stage depends on, so one
 table compares pipeline outcomes side by side.
 
-Always in float32 (never the training stages' bf16/fp16 or TF32). `torchrun --nproc_per_node=N dmat
-evaluate` spreads whole batches of test points over N processes (GPUs); each batch's attacks are
-seeded by its global index, so the outputs equal a single-process run's with the same batch size.
+Always in float32 (never the training stages' bf16/fp16 or TF32), with deterministic cuDNN algorithms.
+Under torchrun (`base.nproc`, or `torchrun --nproc_per_node=N dmat evaluate`) whole batches of test points
+are spread over N processes (GPUs); each batch's attacks are seeded by its global index, so the outputs
+equal a single-process run's with the same batch size on the same GPU model and software stack.
 """
 
 from __future__ import annotations

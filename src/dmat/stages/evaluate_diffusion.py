@@ -73,6 +73,7 @@ from dmat.core.diffusion_metrics import (
     memorisation,
     memorisation_threshold,
 )
+from dmat.core.precision import full_precision
 from dmat.core.rng import seeded_generator
 from dmat.core.stats import wilson_interval
 from dmat.data.splits import purpose_rng, stratified_sample, stratified_sample_preferring
@@ -247,8 +248,10 @@ def yardstick(params: Params) -> DiffusionATConfig:
                              floor_max=cfg.radius_floor)
 
 
+@full_precision()
 def denoiser_metrics(denoiser: nn.Module, real: ArrayStore, params: Params, device: str) -> dict[str, dict]:
-    """Means over the first n_denoiser test images, per σ; noise and ω are seeded per (seed, σ, batch)."""
+    """Means over the first n_denoiser test images, per σ; noise and ω are seeded per (seed, σ, batch). Float32:
+    TF32 and autocast off."""
     cfg = params.evaluate_diffusion
     box, rows = yardstick(params), np.arange(min(cfg.n_denoiser, len(real)))
     sums: dict[float, dict[str, float]] = {sigma: {} for sigma in cfg.sigmas}
@@ -342,6 +345,7 @@ def _moments(features: Tensor) -> tuple[Tensor, Tensor]:
     return moments.statistics()
 
 
+@full_precision()
 @torch.no_grad()
 def _feature_pass(reference: nn.Module, inception: nn.Module | None, store: ArrayStore, rows: np.ndarray,
                   batch_size: int, device: str) -> dict:

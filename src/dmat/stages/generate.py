@@ -2,9 +2,12 @@
 
 `generate.per_class` images for every class, sorted by class, written straight into a pre-allocated
 memory-mapped store (millions of images never sit in RAM). Each image's initial noise depends only
-on (seed, class, index), so the store is byte-identical whatever `generate.batch_size` and whatever
+on (seed, class, index), and the network always sees batches of `network_batch` images in float32
+without TF32 (or the recorded precision) with deterministic cuDNN algorithms, so on one machine (one CPU
+or GPU model, one software stack) the store is byte-identical whatever `generate.batch_size` and whatever
 the number of processes sharing the work (torchrun ranks, or the worker processes a plain CPU run
-starts by itself, one per core). Churn noise, when asked for, is per image too. Optionally:
+starts by itself, one per core). Another GPU model or cuDNN version may change the last bits of the
+images. Churn noise, when asked for, is per image too. Optionally:
 classifier-free guidance (`generate.guidance`, for denoisers trained with label dropout), and the
 reference recipe's filter (Wang et al. 2023, `select_1M`): per_class / filter_keep candidates per class,
 of which the `filter_keep` share with the highest probability of their conditioning class under
@@ -40,7 +43,15 @@ from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_denoiser, load_reference_classifier, load_scoring_classifier
 from dmat.config import Params, ParamsError
 from dmat.core.guidance import GuidedDenoiser
-from dmat.core.precision import Autocast, Decision, Setting, network_passes, to_memory_format
+from dmat.core.precision import (
+    Autocast,
+    Decision,
+    Setting,
+    exact_kernels,
+    full_precision,
+    network_passes,
+    to_memory_format,
+)
 from dmat.core.samplers import SAMPLERS, Churn, edm_sigma_steps, image_noise, per_image_randn_like, to_uint8
 from dmat.data.external import ExternalSet
 from dmat.data.store import ArrayStore, StoreWriter, allocate_store, seal_store, write_block
@@ -103,9 +114,11 @@ def sampling_network(denoiser: torch.nn.Module, state: dict, params: Params, set
     return GuidedDenoiser(network, cfg.guidance, null_label=config["num_classes"], interval=interval)
 
 
+@exact_kernels()
 def sample(denoiser: torch.nn.Module, params: Params, classes: np.ndarray, indices: np.ndarray,
            shape: tuple[int, int, int], device: str) -> np.ndarray:
-    """uint8 N×H×W×C samples for (class, index) pairs; each depends only on its own pair and the seed."""
+    """uint8 N×H×W×C samples for (class, index) pairs; each depends only on its own pair and the seed (TF32
+    off, deterministic cuDNN: whatever a training stage set in this process)."""
     cfg = params.generate
     pairs = zip(classes.tolist(), indices.tolist(), strict=True)
     noise = torch.cat([image_noise(params.base.seed, c, [i], shape) for c, i in pairs])
@@ -212,10 +225,12 @@ def load_scorer(params: Params, device: str) -> tuple[torch.nn.Module, dict, Pat
     return (*load_scoring_classifier(name, device), Path(name))
 
 
+@full_precision()
 @torch.no_grad()
 def conditioning_confidence(scorer: torch.nn.Module, candidates: ArrayStore, batch_size: int,
                             device: str) -> np.ndarray:
-    """Per candidate, the scorer's softmax probability of the class it was generated for (float64)."""
+    """Per candidate, the scorer's softmax probability of the class it was generated for (float64; the scorer
+    in float32, TF32 and autocast off)."""
     confidence = np.empty(len(candidates))
     for start in range(0, len(candidates), batch_size):
         rows = np.arange(start, min(start + batch_size, len(candidates)))
@@ -244,11 +259,13 @@ def run(params: Params) -> dict:
         denoiser, state = load_denoiser(device=w.device)
         classes, config = state["classes"], state["model_config"]
         shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
-        # Decided once (rank 0, in the parent of any workers): the setting changes the images' last bits.
+        # Decided once (rank 0, in the parent of any workers): the setting changes the images' last bits. Timed
+        # with the kernels that sampling uses.
         workload = {"stage": STAGE, "network": config.get("name", ""), "batch": params.generate.network_batch,
                     "image_shape": list(shape)}
-        decision = choose_setting(params.base, w, lambda: probe_passes(denoiser, params, shape, w.device),
-                                  workload=workload)
+        with exact_kernels():
+            decision = choose_setting(params.base, w, lambda: probe_passes(denoiser, params, shape, w.device),
+                                      workload=workload)
         network = sampling_network(denoiser, state, params, decision.setting, w.device)
         per_class = candidates_per_class(params)
         scorer = load_scorer(params, w.device) if w.is_main and params.generate.filter_keep < 1 else None

@@ -7,8 +7,9 @@ rate, and weight averaging (EMA). After every epoch the EMA model is scored on d
 Writes models/classifier/{last,best}.pt, metrics/train.json and plots/train_curves.csv. While it
 trains, both checkpoints are written atomically after every epoch into the stage's work directory
 (`layout.work_dir`); re-running after a kill resumes from there, provided they belong to the same
-configuration and inputs, and the finished ones move to models/classifier. Under torchrun each
-process trains on its share of every global batch (DDP).
+configuration and inputs, and the finished ones move to models/classifier. Under torchrun (`base.nproc`)
+each process trains on its share of every global batch (DDP), in micro-batches of at most
+`train.micro_batch` images whose gradients accumulate before each optimiser step.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_classifier, load_mix_manifest, open_mixed_store
 from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
+from dmat.core.accumulation import accumulate_gradients, deferred_sync
 from dmat.core.attacks import default_step_size, pgd
 from dmat.core.classifiers import CLASSIFIERS, build_classifier
 from dmat.core.ema import WeightAverage, trades_ema_decay
@@ -38,8 +40,8 @@ from dmat.data.augment import augmentation_for
 from dmat.data.normalisation import normalisation
 from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import ArrayStore
-from dmat.data.tensors import to_unit_tensor
-from dmat.distributed import World, all_reduce_sum, broadcast_object, world
+from dmat.data.tensors import to_device, to_unit_tensor
+from dmat.distributed import World, all_reduce_sum, broadcast_buffers, broadcast_object, world
 from dmat.files import atomic_path, write_json
 from dmat.stage_setup import (
     apply_torch,
@@ -47,6 +49,7 @@ from dmat.stage_setup import (
     choose_setting,
     classifier_probe_passes,
     log_precision,
+    probe_batch,
     training_network,
 )
 from dmat.tracking import stage_run
@@ -56,6 +59,7 @@ STAGE = DECLARED.name
 WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
 SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 EVAL_BATCH = 256
+POSTFIX_EVERY = 50  # steps between progress-bar loss updates (each reads the device: a host sync)
 
 
 def check_config(params: Params, device: str) -> None:
@@ -112,12 +116,14 @@ class Trainer:
         return True
 
     def probe_passes(self):
-        """Forward and backward passes of this network at this rank's batch size, for the `auto` probe."""
-        return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world)
+        """Forward and backward passes of this network at this rank's micro-batch, for the `auto` probe."""
+        return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world,
+                                       self.cfg.micro_batch)
 
     def workload(self) -> dict:
         """What the probe measures, for the machine's kept precision decision."""
-        return {"stage": STAGE, "network": self.cfg.model, "batch": max(1, self.cfg.batch_size // self.world.size),
+        batch = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)  # as probe_passes
+        return {"stage": STAGE, "network": self.cfg.model, "batch": batch,
                 "image_shape": list(self.real.image_shape), "classes": len(self.real.classes)}
 
     def use(self, decision: Decision) -> None:
@@ -146,16 +152,36 @@ class Trainer:
         if len(plan.synthetic):
             syn_images, syn_labels = self.synthetic.read(plan.synthetic)
             images, labels = np.concatenate([images, syn_images]), np.concatenate([labels, syn_labels])
-        return to_unit_tensor(images, self.world.device), torch.from_numpy(labels).to(self.world.device)
+        return to_unit_tensor(images, self.world.device), to_device(labels, self.world.device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One optimiser step on this rank's batch, in micro-batches of at most `train.micro_batch` images.
+
+        Returns float64 [loss·n, clean correct, adversarial correct, n] on the device (no host sync)."""
+        cfg = self.cfg
+        loss_fn = trades_loss if cfg.loss == "trades" else pgd_at_loss
+        # PGD-AT trains on plain CE, as the reference; label smoothing is TRADES' clean term only
+        extra = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing} if cfg.loss == "trades" else {}
+
+        def loss_of(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            loss, stats = loss_fn(self.trained, x[part], y[part], norm=cfg.attack.norm, eps=cfg.attack.eps,
+                                  step_size=cfg.attack.step_size, steps=cfg.attack.steps, generator=generator, **extra)
+            n = part.stop - part.start
+            sums = torch.stack([stats["loss"], stats["clean_acc"], stats["adv_acc"]]).double() * n
+            return loss, torch.cat([sums, sums.new_tensor([n])])
+
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = accumulate_gradients(len(y), cfg.micro_batch, loss_of, lambda loss: self.scaler.scale(loss).backward(),
+                                     no_sync=deferred_sync(self.trained))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return sum(totals for _, totals in parts)
 
     def train_epoch(self, progress: tqdm) -> dict[str, float]:
         cfg, w = self.cfg, self.world
         self.model.train()
         generator = seeded_generator(self.params.base.seed, w.rank, self.epoch)
-        loss_fn = trades_loss if cfg.loss == "trades" else pgd_at_loss
-        # PGD-AT trains on plain CE, as the reference; label smoothing is TRADES' clean term only
-        extra = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing} if cfg.loss == "trades" else {}
-        totals = torch.zeros(4, dtype=torch.float64)  # loss·n, clean correct, adversarial correct, n
+        totals = torch.zeros(4, dtype=torch.float64, device=w.device)  # loss·n, clean correct, adversarial correct, n
         for step, plan in enumerate(self.sampler.epoch(self.epoch, rank=w.rank, world_size=w.size)):
             global_step = self.epoch * self.sampler.steps_per_epoch + step
             x, y = self.batch(plan)
@@ -163,19 +189,13 @@ class Trainer:
                 x = self.augment(x, generator=generator)
             for group in self.optimizer.param_groups:
                 group["lr"] = one_cycle_lr(global_step, self.total_steps, cfg.lr, cfg.warmup_fraction)
-            loss, stats = loss_fn(self.trained, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps,
-                                  step_size=cfg.attack.step_size, steps=cfg.attack.steps, generator=generator, **extra)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            totals += self.step(x, y, generator)
             self.ema.update(self.model, trades_ema_decay(global_step + 1, self.total_steps, cfg.ema_tau,
                                                          cfg.warmup_fraction))
-            n = len(y)
-            totals += torch.tensor([float(stats["loss"]) * n, float(stats["clean_acc"]) * n,
-                                    float(stats["adv_acc"]) * n, n], dtype=torch.float64)
             progress.update(1)
-            progress.set_postfix(loss=f"{float(stats['loss']):.3f}", adv_acc=f"{float(stats['adv_acc']):.2f}")
+            if step % POSTFIX_EVERY == 0:
+                loss_sum, clean, adv, n = totals.tolist()
+                progress.set_postfix(loss=f"{loss_sum / n:.3f}", adv_acc=f"{adv / n:.2f}")
         totals = all_reduce_sum(w, totals)
         loss_sum, clean, adv, n = totals.tolist()
         return {"train_loss": loss_sum / n, "train_clean_acc": clean / n, "train_adv_acc": adv / n,
@@ -192,19 +212,19 @@ class Trainer:
         n = len(self.val) if cfg.val_limit is None else min(cfg.val_limit, len(self.val))
         rows = np.array_split(np.arange(n), w.size)[w.rank]
         model = self.ema.module.eval()
+        broadcast_buffers(w, model)  # BatchNorm statistics are each rank's own: every rank scores rank 0's EMA
         generator = seeded_generator(self.params.base.seed, w.rank)
-        counts = torch.zeros(3, dtype=torch.float64)  # clean correct, robust correct, n
+        counts = torch.zeros(3, dtype=torch.float64, device=w.device)  # clean correct, robust correct, n
         for start in range(0, len(rows), EVAL_BATCH):
             images, labels = self.val.read(rows[start:start + EVAL_BATCH])
-            x, y = to_unit_tensor(images, w.device), torch.from_numpy(labels).to(w.device)
+            x, y = to_unit_tensor(images, w.device), to_device(labels, w.device)
             x_adv = pgd(model, x, y, norm=cfg.attack.norm, eps=cfg.attack.eps, loss="cw", generator=generator,
                         step_size=2.5 * cfg.attack.eps / cfg.val_attack_steps, steps=cfg.val_attack_steps)
             with torch.no_grad():
-                counts += torch.tensor([(model(x).argmax(1) == y).sum().item(),
-                                        (model(x_adv).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
-        counts = all_reduce_sum(w, counts)
-        return {"val_clean_acc": counts[0].item() / max(counts[2].item(), 1),
-                "val_robust_acc": counts[1].item() / max(counts[2].item(), 1)}
+                counts += torch.stack([(model(x).argmax(1) == y).sum(), (model(x_adv).argmax(1) == y).sum(),
+                                       y.new_tensor(len(y))]).double()
+        clean, robust, count = all_reduce_sum(w, counts).tolist()
+        return {"val_clean_acc": clean / max(count, 1), "val_robust_acc": robust / max(count, 1)}
 
 
 def run(params: Params) -> dict:
@@ -283,7 +303,8 @@ def _finish(trainer: Trainer, tracked) -> dict:
     if trainer.world.is_main:
         write_json(layout.metrics_file(STAGE), {("train_" + k if k in ("epochs", "steps") else k): v
                                                 for k, v in metrics.items()})
-        write_json(layout.report_file(STAGE), {**metrics, **trainer.precision.summary()})
+        write_json(layout.report_file(STAGE), {**metrics, **trainer.precision.summary(),
+                                                "processes": trainer.world.size})
         tracked.log_metrics({k: v for k, v in metrics.items()
                              if isinstance(v, int | float) and k not in ("epochs", "steps")})
         _write_curves(trainer.history)  # again here: a run resumed after its last epoch trains nothing more

@@ -9,7 +9,9 @@ Writes models/diffusion/checkpoint.pt (EMA and raw weights, optimiser, config, s
 id). While it trains, the checkpoint is written atomically every `checkpoint_every` steps into the
 stage's work directory (`layout.work_dir`), which a re-run after a kill resumes from when it belongs
 to the same configuration and data; the finished checkpoint moves to models/diffusion. Under torchrun
-each process trains on its share of every global batch (DDP); rank 0 writes and logs.
+(`base.nproc`) each process trains on its share of every global batch (DDP), in micro-batches of at most
+`train_diffusion.micro_batch` images whose gradients accumulate before each optimiser step; rank 0 writes
+and logs.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
+from dmat.core.accumulation import accumulate_gradients, deferred_sync
 from dmat.core.denoisers import DENOISERS, build_denoiser
-from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss
+from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss, draw_training_noise
 from dmat.core.edm import sample_training_sigma
 from dmat.core.ema import WeightAverage, half_life_decay
 from dmat.core.precision import Decision, network_passes
@@ -34,11 +37,18 @@ from dmat.core.rng import seeded_generator
 from dmat.core.samplers import edm_sigma_steps, heun_sampler, image_noise, to_uint8
 from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import ArrayStore
-from dmat.data.tensors import to_model_space
-from dmat.distributed import World, barrier, broadcast_object, world
+from dmat.data.tensors import to_device, to_model_space
+from dmat.distributed import World, all_gather_rows, barrier, broadcast_object, world
 from dmat.files import write_json
 from dmat.plots import image_grid
-from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision, training_network
+from dmat.stage_setup import (
+    apply_torch,
+    check_precision,
+    choose_setting,
+    log_precision,
+    probe_batch,
+    training_network,
+)
 from dmat.tracking import stage_run
 
 DECLARED = pipeline.for_module(__name__)
@@ -111,9 +121,10 @@ class DiffusionTrainer:
         return True
 
     def probe_passes(self):
-        """Forward and backward passes of the denoiser at this rank's batch size, for the `auto` probe."""
+        """Forward and backward passes of the denoiser at this rank's micro-batch, for the `auto` probe."""
         h, w_, c = self.real.image_shape
-        n, generator = max(1, self.cfg.batch_size // self.world.size), torch.Generator().manual_seed(0)
+        n = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)
+        generator = torch.Generator().manual_seed(0)
         inputs = (torch.rand(n, c, h, w_, generator=generator) * 2 - 1,
                   sample_training_sigma(n, p_mean=self.cfg.p_mean, p_std=self.cfg.p_std, generator=generator),
                   torch.zeros(n, dtype=torch.int64))
@@ -122,7 +133,8 @@ class DiffusionTrainer:
 
     def workload(self) -> dict:
         """What the probe measures, for the machine's kept precision decision."""
-        return {"stage": STAGE, "network": self.cfg.model, "batch": max(1, self.cfg.batch_size // self.world.size),
+        batch = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)  # as probe_passes
+        return {"stage": STAGE, "network": self.cfg.model, "batch": batch,
                 "image_shape": list(self.real.image_shape)}
 
     def use(self, decision: Decision) -> None:
@@ -147,22 +159,32 @@ class DiffusionTrainer:
         return next(self.sampler.epoch(epoch, start_step=start, rank=self.world.rank, world_size=self.world.size))
 
     def train_step(self) -> torch.Tensor:
-        """One optimiser step; returns per-sample [σ, loss, denoise loss, regulariser] rows (detached)."""
+        """One optimiser step; returns per-sample [σ, loss, denoise loss, regulariser] rows (detached, on the
+        device: read at the logging interval, not every step)."""
         cfg, w = self.cfg, self.world
         plan = self.plan(self.step)
         images, labels = self.real.read(plan.real)
         x0 = corrupt(to_model_space(images, w.device), plan.real, self.corrupted, self.params)
         if cfg.augment:
             flip = torch.rand(len(x0), generator=seeded_generator(self.params.base.seed, w.rank, self.step)) < 0.5
-            x0 = torch.where(flip.to(w.device).reshape(-1, 1, 1, 1), x0.flip(3), x0)
-        # σ, noise and perturbations of one step depend only on (seed, rank, step): exact resume.
-        generator = seeded_generator(self.params.base.seed + 1, w.rank, self.step, device=w.device)
+            x0 = torch.where(to_device(flip.numpy(), w.device).reshape(-1, 1, 1, 1), x0.flip(3), x0)
+        # σ, noise and perturbations of one step depend only on (seed, rank, step): exact resume. Drawn for the
+        # whole batch first, so that micro-batches see the batch's own values.
+        noise = draw_training_noise(x0, self.at, seeded_generator(self.params.base.seed + 1, w.rank, self.step,
+                                                                  device=w.device))
+        labels = to_device(labels, w.device)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
-        loss, stats = diffusion_training_loss(self.trained, x0, torch.from_numpy(labels).to(w.device), self.at,
-                                              generator=generator)
+
+        def loss_of(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            loss, stats = diffusion_training_loss(self.trained, x0[part], labels[part], self.at,
+                                                  noise=noise.rows(part))
+            return loss.mean(), torch.stack([stats["sigma"], loss.detach(), stats["denoise_loss"],
+                                             stats["regulariser"]], 1)
+
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss.mean()).backward()
+        parts = accumulate_gradients(len(x0), cfg.micro_batch, loss_of, lambda loss: self.scaler.scale(loss).backward(),
+                                     no_sync=deferred_sync(self.trained))
         self.scaler.unscale_(self.optimizer)  # fp16: true gradients below; an overflow still skips the step
         for param in self.model.parameters():  # EDM: a NaN or inf gradient must not poison the weights
             if param.grad is not None:
@@ -175,7 +197,7 @@ class DiffusionTrainer:
         if cfg.ema_rampup_ratio is not None:
             half_life = min(half_life, images_seen * cfg.ema_rampup_ratio)
         self.ema.update(self.model, half_life_decay(cfg.batch_size, half_life))
-        return torch.stack([stats["sigma"], loss.detach(), stats["denoise_loss"], stats["regulariser"]], 1).cpu()
+        return torch.cat([rows for _, rows in parts])
 
 
 def interval_metrics(rows: torch.Tensor, seconds: float, images: int) -> dict[str, float]:
@@ -241,14 +263,8 @@ def _train(trainer: DiffusionTrainer, tracked) -> None:
 
 
 def _reduce_interval(w: World, rows: torch.Tensor, seconds: float, images: int) -> dict[str, float]:
-    """Interval metrics over all ranks' samples (rank 0 logs them)."""
-    if w.size > 1:
-        import torch.distributed as dist
-
-        gathered = [torch.empty_like(rows) for _ in range(w.size)]
-        dist.all_gather(gathered, rows)
-        rows = torch.cat(gathered)
-    return interval_metrics(rows, seconds, images)
+    """Interval metrics over all ranks' samples (rank 0 logs them); ranks may hold different numbers of rows."""
+    return interval_metrics(all_gather_rows(w, rows), seconds, images)
 
 
 def _finish(trainer: DiffusionTrainer, tracked) -> dict:
@@ -260,7 +276,7 @@ def _finish(trainer: DiffusionTrainer, tracked) -> dict:
                **trainer.precision.headline()}
     if w.is_main:
         write_json(layout.metrics_file(STAGE), {f"diffusion_{key}": value for key, value in metrics.items()})
-        write_json(layout.report_file(STAGE), {**metrics, **trainer.precision.summary(),
+        write_json(layout.report_file(STAGE), {**metrics, **trainer.precision.summary(), "processes": w.size,
                                                "adversarial_mode": cfg.adversarial.mode,
                                                "last_interval": last, "log": trainer.log})
         grid = sample_grid(trainer.ema.module.eval(), len(trainer.real.classes), _chw(trainer.real.image_shape),

@@ -18,7 +18,8 @@ checkpoint), metrics/train_reference.json, reports/train_reference.json (per-cla
 and plots/train_reference_curves.csv. While it trains, both checkpoints are written atomically after every
 epoch into the stage's work directory (`layout.work_dir`); re-running after a kill resumes from there when
 they belong to the same configuration and inputs, and the finished ones move to models/reference. Under
-torchrun each process trains on its share of every global batch (DDP).
+torchrun (`base.nproc`) each process trains on its share of every global batch (DDP), in micro-batches of
+at most `train_reference.micro_batch` images whose gradients accumulate before each optimiser step.
 """
 
 from __future__ import annotations
@@ -37,17 +38,18 @@ from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, publish, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
+from dmat.core.accumulation import accumulate_gradients, deferred_sync
 from dmat.core.classifiers import CLASSIFIERS, build_classifier
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay
-from dmat.core.precision import Decision
+from dmat.core.precision import Decision, full_precision
 from dmat.core.rng import seeded_generator
 from dmat.core.stats import wilson_interval
 from dmat.data.augment import augmentation_for
 from dmat.data.normalisation import normalisation
 from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import ArrayStore
-from dmat.data.tensors import to_unit_tensor
-from dmat.distributed import World, all_reduce_sum, barrier, broadcast_object, world
+from dmat.data.tensors import to_device, to_unit_tensor
+from dmat.distributed import World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, world
 from dmat.errors import DataError
 from dmat.files import atomic_path, write_json
 from dmat.stage_setup import (
@@ -56,6 +58,7 @@ from dmat.stage_setup import (
     choose_setting,
     classifier_probe_passes,
     log_precision,
+    probe_batch,
     training_network,
 )
 from dmat.tracking import stage_run
@@ -70,34 +73,45 @@ HEADLINE = ("test_acc", "test_acc_low", "test_acc_high", "train_s")
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor, *,
-               label_smoothing: float, scaler: torch.amp.GradScaler | None = None) -> tuple[Tensor, Tensor]:
+               label_smoothing: float, scaler: torch.amp.GradScaler | None = None,
+               micro_batch: int | None = None) -> tuple[Tensor, Tensor]:
     """One optimiser step of standard training: cross-entropy of the batch, backward, SGD step.
 
     The whole step of this stage in one place: `model` runs it in the chosen precision, and `scaler`
-    (fp16 only; a pass-through otherwise) scales the loss. Returns the batch's mean loss and its number
-    of correct predictions, detached.
+    (fp16 only; a pass-through otherwise) scales the loss. With `micro_batch`, the batch runs forward and
+    backward in micro-batches of at most that many images, their gradients accumulating before the step.
+    Returns the batch's mean loss and its number of correct predictions, detached (on the device).
     """
-    logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    def loss_of(part: slice) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        logits = model(images[part])
+        loss = F.cross_entropy(logits.float(), labels[part], label_smoothing=label_smoothing)
+        return loss, (loss.detach(), (logits.detach().argmax(1) == labels[part]).sum())
+
     optimizer.zero_grad(set_to_none=True)
+    parts = accumulate_gradients(len(labels), micro_batch, loss_of,
+                                 (lambda loss: loss.backward()) if scaler is None
+                                 else (lambda loss: scaler.scale(loss).backward()), no_sync=deferred_sync(model))
     if scaler is None:
-        loss.backward()
         optimizer.step()
     else:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    return loss.detach(), (logits.detach().argmax(1) == labels).sum()
+    if len(parts) == 1:
+        return parts[0][1]
+    loss = sum(mean * (part.stop - part.start) for part, (mean, _) in parts) / len(labels)
+    return loss, sum(correct for _, (_, correct) in parts)
 
 
+@full_precision()
 @torch.no_grad()
 def correct_per_class(model: nn.Module, store: ArrayStore, rows: np.ndarray, device: str) -> Tensor:
-    """(2, K) float64: per class, the correct predictions of `model` (eval mode) on `rows`, and the images."""
-    counts = torch.zeros(2, len(store.classes), dtype=torch.float64)
+    """(2, K) float64 on `device`: per class, the correct predictions of `model` (eval mode, float32) on `rows`,
+    and the images."""
+    counts = torch.zeros(2, len(store.classes), dtype=torch.float64, device=device)
     for start in range(0, len(rows), EVAL_BATCH):
         images, labels = store.read(rows[start:start + EVAL_BATCH])
-        y = torch.from_numpy(labels)
-        hits = (model(to_unit_tensor(images, device)).argmax(1).cpu() == y).double()
+        y = to_device(labels, device)
+        hits = (model(to_unit_tensor(images, device)).argmax(1) == y).double()
         counts[0].index_add_(0, y, hits)
         counts[1].index_add_(0, y, torch.ones_like(hits))
     return counts
@@ -145,12 +159,14 @@ class ReferenceTrainer:
         return True
 
     def probe_passes(self):
-        """Forward and backward passes of this network at this rank's batch size, for the `auto` probe."""
-        return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world)
+        """Forward and backward passes of this network at this rank's micro-batch, for the `auto` probe."""
+        return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world,
+                                       self.cfg.micro_batch)
 
     def workload(self) -> dict:
         """What the probe measures, for the machine's kept precision decision."""
-        return {"stage": STAGE, "network": self.cfg.model, "batch": max(1, self.cfg.batch_size // self.world.size),
+        batch = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)  # as probe_passes
+        return {"stage": STAGE, "network": self.cfg.model, "batch": batch,
                 "image_shape": list(self.real.image_shape), "classes": len(self.real.classes)}
 
     def use(self, decision: Decision) -> None:
@@ -173,10 +189,10 @@ class ReferenceTrainer:
         cfg, w = self.cfg, self.world
         self.model.train()
         generator = seeded_generator(self.params.base.seed, w.rank, self.epoch)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss·n, correct, n
+        totals = torch.zeros(3, dtype=torch.float64, device=w.device)  # loss·n, correct, n: read once per epoch
         for step, plan in enumerate(self.sampler.epoch(self.epoch, rank=w.rank, world_size=w.size)):
             images, labels = self.real.read(plan.real)
-            x, y = to_unit_tensor(images, w.device), torch.from_numpy(labels).to(w.device)
+            x, y = to_unit_tensor(images, w.device), to_device(labels, w.device)
             if self.augment is not None:
                 x = self.augment(x, generator=generator)
             lr = one_cycle_lr(self.epoch * self.sampler.steps_per_epoch + step, self.total_steps, cfg.lr,
@@ -184,17 +200,18 @@ class ReferenceTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, correct = train_step(self.trained, self.optimizer, x, y, label_smoothing=cfg.label_smoothing,
-                                       scaler=self.scaler)
-            totals += torch.tensor([loss.item() * len(y), correct.item(), len(y)], dtype=torch.float64)
+                                       scaler=self.scaler, micro_batch=cfg.micro_batch)
+            totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
             progress.update(1)
         loss_sum, correct, n = all_reduce_sum(w, totals).tolist()
         return {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": lr}
 
     def accuracy(self, store: ArrayStore, limit: int | None = None) -> Tensor:
         """(2, K) per-class correct and image counts of the model on the first `limit` images of `store`
-        (all when None), each rank scoring its share."""
+        (all when None), each rank scoring its share with rank 0's BatchNorm statistics."""
         n = len(store) if limit is None else min(limit, len(store))
         rows = np.array_split(np.arange(n), self.world.size)[self.world.rank]
+        broadcast_buffers(self.world, self.model)
         return all_reduce_sum(self.world, correct_per_class(self.model.eval(), store, rows, self.world.device))
 
 
@@ -269,8 +286,9 @@ def _finish(trainer: ReferenceTrainer, tracked) -> dict:
         _write_curves(trainer.history)  # here, not per epoch: a run resumed after its last epoch writes it too
         write_json(layout.metrics_file(STAGE), {f"reference_{k}": metrics[k] for k in HEADLINE})
         write_json(layout.report_file(STAGE), {
-            **metrics, **trainer.precision.summary(), "model": trainer.cfg.model, "test_sha256": test.digest,
-            "test_acc_per_class": dict(zip(test.classes, per_class, strict=True)), "history": trainer.history})
+            **metrics, **trainer.precision.summary(), "processes": w.size, "model": trainer.cfg.model,
+            "test_sha256": test.digest, "test_acc_per_class": dict(zip(test.classes, per_class, strict=True)),
+            "history": trainer.history})
         tracked.log_store(test, "real/test", context="evaluation")
         tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "best_epoch")})
         tracked.log_artifact(layout.REFERENCE_CURVES)
