@@ -19,8 +19,7 @@ from pathlib import Path
 from dmat.artifacts import layout
 
 KEY = "${key}"  # the foreach entry in paths and commands (DVC's own syntax)
-TRAINING = ("base.seed", "base.precision", "base.memory_format", "base.compile",  # what changes a trained model
-            "base.nproc")  # per-rank seeds and BatchNorm shares: the process count changes the model
+TRAINING = ("base.seed", "base.precision", "base.memory_format", "base.compile")  # what changes a trained model
 
 
 @dataclass(frozen=True)
