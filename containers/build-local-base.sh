@@ -3,7 +3,8 @@
 # that reach the Debian and Python package indexes but no container registry:
 #
 #   localhost/dmat-base-debian:bookworm       debootstrap --variant=minbase, with this host's extra CA certificates
-#   localhost/dmat-base-python:3.11-bookworm  Debian's Python 3.11 in a venv: stands in for python:3.11-slim-bookworm
+#   localhost/dmat-base-python:3.11-bookworm  Debian's python3 and python3-venv, nothing more: a site's own base image,
+#                                             externally managed (PEP 668); stands in for python:3.11-slim-bookworm
 #   localhost/dmat-base-postgres:15-bookworm  Debian's PostgreSQL 15, configured like the official postgres image
 #
 # Usage (root: debootstrap needs it):   containers/build-local-base.sh [python] [postgres]   (default: both)

@@ -102,6 +102,20 @@ def test_runs_as_non_root_without_torch(served: tuple[str, str]) -> None:
     assert result.returncode != 0 and "No module named 'torch'" in result.stderr, result.stderr
 
 
+def test_it_is_built_on_a_plain_debian_python_from_a_virtual_environment(base_images: dict[str, str],
+                                                                         serve_image: str) -> None:
+    """A site's own Debian-based Python image: python3 marked externally managed (PEP 668), no pip. The image the
+    tests above ran was built on it, so it got everything from its own virtual environment."""
+    base = base_images["PYTHON_IMAGE"]
+    if base != engine.LOCAL_BASE_IMAGES["PYTHON_IMAGE"][1]:
+        pytest.skip(f"PYTHON_IMAGE is {base}, not the plain Debian Python base containers/build-local-base.sh makes")
+    probe = ("import importlib.util, pathlib, sys, sysconfig; print(sys.prefix, importlib.util.find_spec('pip') is not "
+             "None, pathlib.Path(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED').is_file())")
+    assert engine.podman("run", "--rm", base, "python3", "-c", probe).stdout.split() == ["/usr", "False", "True"]
+    served = engine.podman("run", "--rm", "--entrypoint", "python", serve_image, "-c", probe).stdout.split()
+    assert served[:2] == ["/opt/dmat", "True"], served
+
+
 def test_stops_cleanly_within_two_seconds(serve_image: str, tiny_pipeline: Path) -> None:
     """`podman stop` sends SIGTERM through the init process; the server must exit 0 at once, not be killed."""
     port = free_port()

@@ -14,13 +14,16 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmat.config import ParamsError, as_dict, flatten, parse_params, read_yaml
 from dmat.execution import SEED_KEY, variant_label
 
+if TYPE_CHECKING:
+    from dmat.tools.slurm import Resources
+
 NAME = re.compile(r"^[a-z0-9][a-z0-9\-]{0,40}$")  # DVC experiment names are built from these
-KEYS = {"profile", "name", "seeds", "baseline", "targets", "variants", "contrasts"}
+KEYS = {"profile", "name", "seeds", "baseline", "targets", "variants", "contrasts", "slurm"}
 
 
 class GridError(ValueError):
@@ -42,6 +45,7 @@ class Grid:
     # contrast name -> {variant name: weight}: per seed, the weighted sum of the variants' accuracies (e.g. an
     # interaction of a 2×2 design: {a1b1: 1, a1b0: -1, a0b1: -1, a0b0: 1}); `dmat compare --grid` tests each
     contrasts: dict[str, dict[str, float]] = field(default_factory=dict)
+    slurm: Resources | None = None  # what each run asks SLURM for under `dmat queue --slurm` (the `slurm:` block)
 
     def experiment_name(self, variant: str, seed: int) -> str:
         return f"{self.name}-{variant}-s{seed}"
@@ -65,7 +69,8 @@ def load_grid(path: str | Path, root: Path | None = None) -> Grid:
         raise GridError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict) or set(raw) - KEYS or not {"profile", "variants"} <= set(raw):
         raise GridError(f"{path}: expected a mapping with 'profile' and 'variants' (and optionally 'name', 'seeds', "
-                        f"'baseline', 'targets'); got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+                        "'baseline', 'targets', 'contrasts', 'slurm'); got "
+                        f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
     profile = str(raw["profile"])
     profile_raw, profile_text = _read_profile(path, root, profile)
     name = str(raw.get("name", path.stem))
@@ -91,7 +96,7 @@ def load_grid(path: str | Path, root: Path | None = None) -> Grid:
     return Grid(path=path, profile=profile, profile_text=profile_text, name=name, seeds=seeds, baseline=baseline,
                 targets=tuple(targets), variants=variants, labels=labels,
                 experiment=parse_params(profile_raw).base.experiment,
-                contrasts=_contrasts(path, raw.get("contrasts", {}), variants))
+                contrasts=_contrasts(path, raw.get("contrasts", {}), variants), slurm=_slurm(path, raw.get("slurm")))
 
 
 def apply_changes(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -167,6 +172,15 @@ def _contrasts(path: Path, contrasts: Any, variants: dict[str, dict[str, Any]]) 
                             f"they sum to {sum(weights.values()):g}")
         out[name] = {variant: float(weight) for variant, weight in weights.items()}
     return out
+
+
+def _slurm(path: Path, block: Any) -> Resources:
+    from dmat.tools.slurm import parse_resources
+
+    try:
+        return parse_resources(block, str(path))
+    except ValueError as err:
+        raise GridError(str(err)) from None
 
 
 def _check_distinct(path: Path, labels: dict[str, str]) -> None:
