@@ -83,7 +83,8 @@ def cluster_project(pipeline: Path, base: Path, files: dict[str, str]) -> Cluste
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).write_text(text)
     run([str(BIN_DIR / "dvc"), "remote", "add", "--default", "storage", str(dvc_remote)], project)
-    run(["git", "add", ".dvc/config", *files], project)
+    # Everything the tiny pipeline's repro changed (dvc.lock, metrics) too: the tasks run a clean commit.
+    run(["git", "add", "-A"], project)
     run(["git", "commit", "-q", "-m", "cluster grid"], project)
     run(["git", "init", "-q", "--bare", str(git_remote)], base)
     run(["git", "remote", "add", "origin", str(git_remote)], project)
@@ -107,3 +108,4 @@ def experiments_on(git_remote: Path) -> set[str]:
     """Names of the DVC experiments the git remote holds (refs/exps/<baseline>/<name>)."""
     listed = run(["git", "ls-remote", str(git_remote), "refs/exps/*"], git_remote).stdout
     return {line.rsplit("/", 1)[-1] for line in listed.splitlines()}
+

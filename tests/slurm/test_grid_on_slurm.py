@@ -128,13 +128,16 @@ def stage_runs(grid: GridRun, stage: str) -> list[dict]:
                                                       "max_results": 100}).get("runs", [])
 
 
-def applied_experiment(grid: GridRun, name: str, dest: Path) -> Path:
-    """A fresh clone of the git remote with experiment `name` pulled (its git ref and, from the DVC remote, its
-    data) and applied to the workspace: what a teammate gets."""
+def experiment_checkout(grid: GridRun, name: str, targets: list[str], dest: Path) -> Path:
+    """A fresh clone of the git remote at experiment `name`, with `targets` and what they depend on checked out
+    from the DVC remote: what a teammate gets. (The other stages' entries in its dvc.lock are the baseline
+    commit's, whose outputs nobody pushed.)"""
     clone = dest / "clone"
-    run(["git", "clone", "-q", str(grid.project.git_remote), str(clone)], dest)
-    run([DVC, "exp", "pull", "origin", name], clone)
-    run([DVC, "exp", "apply", name], clone)
+    run(["git", "clone", "-q", "--branch", "main", str(grid.project.git_remote), str(clone)], dest)
+    run([DVC, "exp", "pull", "--no-cache", "origin", name], clone)
+    ref = run(["git", "for-each-ref", "--format=%(refname)", f"refs/exps/*/*/{name}"], clone).stdout.strip()
+    run(["git", "checkout", "-q", "--detach", ref], clone)
+    run([DVC, "pull", "--with-deps", *targets], clone)
     return clone
 
 
@@ -148,7 +151,7 @@ def test_every_run_of_the_grid_is_pushed_to_the_git_and_dvc_remotes(grid_run: Gr
     for name in EXPERIMENTS:  # a finished task leaves no checkout behind
         assert not Path(grid_run.project.jobs("sl")[name]["checkout"]).exists(), name
     # What the remotes hold is the whole experiment: a clone gets its models and its numbers.
-    clone = applied_experiment(grid_run, "sl-real-only-s2", tmp_path)
+    clone = experiment_checkout(grid_run, "sl-real-only-s2", ["evaluate@linf"], tmp_path)
     assert (clone / "models/classifier/best.pt").is_file() and (clone / "data/synthetic/images.npy").is_file()
     evaluated = json.loads((clone / "metrics/evaluate_linf.json").read_text())
     (parent,) = pipeline_runs(grid_run)["sl-real-only-s2"]
@@ -196,7 +199,7 @@ def test_a_preempted_task_and_one_at_its_time_limit_resume_from_their_checkpoint
 
 def test_the_resumed_diffusion_model_equals_an_uninterrupted_training(grid_run: GridRun, tiny_pipeline: Path,
                                                                       tmp_path: Path) -> None:
-    resumed = applied_experiment(grid_run, PREEMPTED, tmp_path) / "models/diffusion/checkpoint.pt"
+    resumed = experiment_checkout(grid_run, PREEMPTED, ["train_diffusion"], tmp_path) / "models/diffusion/checkpoint.pt"
     # The same params and data (seed 1: the tiny pipeline's own split), trained in one go, with the task's one thread.
     reference = project_copy(tiny_pipeline, tmp_path / "reference")
     (reference / "params.yaml").write_text((grid_run.project.path / PROFILE).read_text())

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STATE_DIR = Path(".dmat/slurm")
+PREVIOUS = "{previous array}"  # in an sbatch command: the job id of the array submitted before it
 SLURM_TIMEOUT_S = 60
 # Seconds before the time limit at which SLURM warns the task (SIGUSR1), to stop at its last checkpoint and requeue.
 TIME_LIMIT_WARNING_S = 180
@@ -231,66 +232,77 @@ def submit(grid: Grid, resources: Resources, root: Path, only: list[str] | None,
     remotes = preflight(grid, root, git_remote, check_tracking=not dry_run)
     state = root / STATE_DIR / grid.name
     jobs = _read_jobs(state)
-    done = experiments_on_remote(remotes.git_url, remotes.commit)
-    queued = [name for name, job in jobs.items() if job["commit"] == remotes.commit and name not in done]
-    active = {job for job, state_ in slurm_states([jobs[name]["job"] for name in queued]).items() if state_ in ACTIVE} \
-        if queued and not dry_run else set()
-    skip = done | {name for name in queued if jobs[name]["job"] in active}
-    todo: dict[str, list[tuple[int, int]]] = {}
-    for variant in grid.variants:
-        if only and variant not in only:
-            continue
-        tasks = [(i, seed) for i, seed in enumerate(grid.seeds) if grid.experiment_name(variant, seed) not in skip]
-        if len(tasks) < len(grid.seeds):
-            print(f"dmat queue: {grid.name}-{variant}: {len(grid.seeds) - len(tasks)} of {len(grid.seeds)} runs are on "
-                  "the git remote already, or pending or running: not submitted again", file=sys.stderr)
-        if tasks:
-            todo[variant] = tasks
+    todo = runs_to_submit(grid, only, jobs, remotes, ask_slurm=not dry_run)
     if not todo:
         print("dmat queue: nothing to submit", file=sys.stderr)
         return EXIT_OK
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    submission = state / f"submit-{stamp}"
+    submission = state / f"submit-{dt.datetime.now():%Y%m%d-%H%M%S-%f}"
     workdir = Path(resources.workdir).expanduser().resolve() if resources.workdir else state / "runs"
-    spec = _spec(grid, remotes, todo, state, workdir, resources.max_requeues if resources.requeue else 0)
-    commands, previous = [], None
-    for variant, tasks in todo.items():
-        commands.append((variant, _sbatch_command(grid, variant, tasks, resources, state, submission, previous)))
-        previous = variant
+    commands = [(variant, _sbatch_command(grid, variant, tasks, resources, state, submission, previous))
+                for (variant, tasks), previous in zip(todo.items(), [None, *todo], strict=False)]
     if dry_run:
-        print("\n".join(shlex.join(command).replace("{previous}", "<previous array>") for _, command in commands))
+        print("\n".join(shlex.join(command).replace(PREVIOUS, "<previous array>") for _, command in commands))
         return EXIT_OK
     for directory in (submission, state / "logs", state / "results"):  # sbatch fails a task whose log has no folder
         directory.mkdir(parents=True, exist_ok=True)
+    spec = _spec(grid, remotes, todo, state, workdir, resources.max_requeues if resources.requeue else 0)
     (submission / "spec.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
-    script = submission / "task.sbatch"
-    script.write_text(_batch_script(grid, remotes.commit, submission / "spec.json"), encoding="utf-8")
-    script.chmod(0o755)
-    submitted, array_job = {}, None
-    for variant, command in commands:
-        command = [arg.replace("{previous}", array_job or "") for arg in command]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
-        if result.returncode:
-            _record(state, jobs, submitted)
-            raise SlurmError(f"sbatch failed for variant {variant!r} (exit {result.returncode}): "
-                             f"{result.stderr.strip() or result.stdout.strip()}; submitted before it: "
-                             f"{', '.join(submitted) or 'nothing'}")
-        array_job = result.stdout.strip().split(";")[0]
-        for index, seed in todo[variant]:
-            name = grid.experiment_name(variant, seed)
-            submitted[name] = {"variant": variant, "seed": seed, "job": f"{array_job}_{index}",
-                               "commit": remotes.commit,
-                               "log": str(state / "logs" / f"{grid.name}-{variant}_{array_job}_{index}.out"),
-                               "checkout": str(workdir / name), "result": str(state / "results" / f"{name}.json"),
-                               "submitted": dt.datetime.now().isoformat(timespec="seconds")}
-        print(f"dmat queue: {grid.name}-{variant}: array job {array_job}, seeds "
-              f"{', '.join(str(seed) for _, seed in todo[variant])}", file=sys.stderr)
-    _record(state, jobs, submitted)
+    (submission / "task.sbatch").write_text(_batch_script(grid, remotes.commit, submission / "spec.json"),
+                                            encoding="utf-8")
+    submitted: dict[str, dict[str, Any]] = {}
+    try:
+        _sbatch_arrays(grid, todo, commands, remotes.commit, state, workdir, submitted)
+    finally:
+        _record(state, jobs, submitted)
     print(f"dmat queue: {len(submitted)} runs submitted to SLURM ({len(todo)} job arrays, commit "
           f"{remotes.commit[:12]})\n"
           f"watch them:    dmat queue {shlex.quote(str(grid.path))} --slurm --status   (or squeue --me)\n"
           f"compare them:  dmat compare --grid {shlex.quote(str(grid.path))}", file=sys.stderr)
     return EXIT_OK
+
+
+def runs_to_submit(grid: Grid, only: list[str] | None, jobs: dict[str, dict[str, Any]], remotes: Remotes, *,
+                   ask_slurm: bool) -> dict[str, list[tuple[int, int]]]:
+    """variant -> its (array index, seed) to submit, in grid order: all but the runs the git remote has for this
+    commit and those a submission of it still has pending or running (`ask_slurm`: look that up)."""
+    done = experiments_on_remote(remotes.git_url, remotes.commit)
+    queued = {jobs[name]["job"]: name for name in jobs if jobs[name]["commit"] == remotes.commit and name not in done}
+    active = {queued[job] for job, state in slurm_states(list(queued)).items() if state in ACTIVE} \
+        if queued and ask_slurm else set()
+    todo = {}
+    for variant in grid.variants:
+        if only and variant not in only:
+            continue
+        tasks = [(i, seed) for i, seed in enumerate(grid.seeds)
+                 if grid.experiment_name(variant, seed) not in done | active]
+        if len(tasks) < len(grid.seeds):
+            print(f"dmat queue: {grid.name}-{variant}: {len(grid.seeds) - len(tasks)} of {len(grid.seeds)} runs are on "
+                  "the git remote already, or pending or running: not submitted again", file=sys.stderr)
+        if tasks:
+            todo[variant] = tasks
+    return todo
+
+
+def _sbatch_arrays(grid: Grid, todo: dict[str, list[tuple[int, int]]], commands: list[tuple[str, list[str]]],
+                   commit: str, state: Path, workdir: Path, submitted: dict[str, dict[str, Any]]) -> None:
+    """Submit the arrays in order, each naming the one before it; `submitted` gets each run as it is submitted."""
+    array_job = ""
+    for variant, command in commands:
+        result = subprocess.run([arg.replace(PREVIOUS, array_job) for arg in command], capture_output=True, text=True,
+                                timeout=SLURM_TIMEOUT_S)
+        if result.returncode:
+            raise SlurmError(f"sbatch failed for variant {variant!r} (exit {result.returncode}): "
+                             f"{result.stderr.strip() or result.stdout.strip()}; submitted before it: "
+                             f"{', '.join(submitted) or 'nothing'}")
+        array_job = result.stdout.strip().split(";")[0]  # --parsable: "<job id>[;<cluster>]"
+        for index, seed in todo[variant]:
+            name = grid.experiment_name(variant, seed)
+            submitted[name] = {"variant": variant, "seed": seed, "job": f"{array_job}_{index}", "commit": commit,
+                               "log": str(state / "logs" / f"{grid.name}-{variant}_{array_job}_{index}.out"),
+                               "checkout": str(workdir / name), "result": str(state / "results" / f"{name}.json"),
+                               "submitted": dt.datetime.now().isoformat(timespec="seconds")}
+        print(f"dmat queue: {grid.name}-{variant}: array job {array_job}, seeds "
+              f"{', '.join(str(seed) for _, seed in todo[variant])}", file=sys.stderr)
 
 
 def preflight(grid: Grid, root: Path, git_remote: str, *, check_tracking: bool = True) -> Remotes:
@@ -391,8 +403,8 @@ def _sbatch_command(grid: Grid, variant: str, tasks: list[tuple[int, int]], reso
     command = ["sbatch", "--parsable", f"--job-name={grid.name}-{variant}",
                f"--array={','.join(str(index) for index, _ in tasks)}",
                f"--output={state / 'logs' / '%x_%A_%a.out'}", "--open-mode=append", *resources.sbatch_options()]
-    if previous is not None:  # the array submitted just before (its job id is known once it is submitted)
-        command += ["--dependency=aftercorr:{previous}", "--kill-on-invalid-dep=yes"]
+    if previous is not None:  # the array submitted just before: its job id is known once it is submitted
+        command += [f"--dependency=aftercorr:{PREVIOUS}", "--kill-on-invalid-dep=yes"]
     return [*command, str(submission / "task.sbatch"), variant]
 
 
@@ -491,19 +503,18 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def slurm_details(job_ids: list[str]) -> dict[str, tuple[str, str, str, str, str]]:
-    """<array job>_<task> -> (state, reason, elapsed, restarts, node) for the jobs SLURM still knows: `scontrol show
+    """job (<array job>_<task>, or a job id) -> (state, reason, elapsed, restarts, node) for the jobs SLURM still
+    knows: `scontrol show
     job` (the controller keeps finished jobs for MinJobAge), then `sacct` where accounting is enabled."""
     found: dict[str, tuple[str, str, str, str, str]] = {}
-    for array_job in sorted({job.split("_")[0] for job in job_ids}):
+    for array_job in sorted({job.split("_")[0] for job in job_ids}) if shutil.which("scontrol") else []:
         shown = subprocess.run(["scontrol", "--oneliner", "show", "job", array_job], capture_output=True, text=True,
                                timeout=SLURM_TIMEOUT_S)
         for line in shown.stdout.splitlines() if shown.returncode == 0 else []:
             fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-            if "ArrayTaskId" in fields:
-                for task in _task_ids(fields["ArrayTaskId"]):
-                    found[f"{fields['ArrayJobId']}_{task}"] = (
-                        fields.get("JobState", "UNKNOWN"), fields.get("Reason", ""), fields.get("RunTime", ""),
-                        fields.get("Restarts", ""), fields.get("NodeList", ""))
+            found.update(dict.fromkeys(_names(fields), (
+                fields.get("JobState", "UNKNOWN"), fields.get("Reason", ""), fields.get("RunTime", ""),
+                fields.get("Restarts", ""), fields.get("NodeList", ""))))
     missing = [job for job in job_ids if job not in found]
     if missing and shutil.which("sacct"):
         accounted = subprocess.run(["sacct", "--allocations", "--noheader", "--parsable2", "--jobs", ",".join(missing),
@@ -515,13 +526,16 @@ def slurm_details(job_ids: list[str]) -> dict[str, tuple[str, str, str, str, str
     return found
 
 
-def _task_ids(spec: str) -> list[str]:
-    """SLURM's array task list of a pending array record ("0-3,5%2", "7") as task ids."""
-    ids = []
-    for part in spec.split("%")[0].split(","):
+def _names(fields: dict[str, str]) -> list[str]:
+    """The names of the jobs one `scontrol show job` record stands for: `<array job>_<task>` for array tasks (a
+    pending array's record lists several: "0-3,5%2"), the job id for any other job."""
+    if "ArrayTaskId" not in fields:
+        return [fields.get("JobId", "")]
+    names = []
+    for part in fields["ArrayTaskId"].split("%")[0].split(","):
         low, _, high = part.partition("-")
-        ids += [str(i) for i in range(int(low), int(high or low) + 1)] if low.isdigit() else []
-    return ids
+        names += [f"{fields['ArrayJobId']}_{i}" for i in range(int(low), int(high or low) + 1)] if low.isdigit() else []
+    return names
 
 
 def _report(job: dict[str, Any]) -> dict[str, Any] | None:
