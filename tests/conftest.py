@@ -21,6 +21,8 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TINY_CLASSES = ("apple", "banana", "cherry")
+# A params `data` section's lines that take every image of a tiny data set (the defaults are CIFAR-10's CPU sizes).
+EVERY_IMAGE = "  train_limit: null\n  test_limit: null\n  heldout_size: 0\n"
 BIN_DIR = Path(sys.executable).parent
 
 

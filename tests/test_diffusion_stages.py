@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 PARAMS = """
 base: {{seed: 0, precision: {precision}, memory_format: {memory_format}}}
-data: {{name: tiny, path: {folder}, val_size: 6}}
+data: {{name: tiny, path: {folder}, val_size: 6, train_limit: null, test_limit: null, heldout_size: 0}}
 train_diffusion: {{steps: {steps}, batch_size: 8, log_every: 2, checkpoint_every: 2, grid_steps: 2,
                   label_dropout: {dropout}, adversarial: {{mode: {mode}, fraction: 0.5}}}}
 generate: {{per_class: 5, batch_size: {batch}, network_batch: 4, steps: 3, s_churn: 5, workers: {workers},

@@ -21,7 +21,7 @@ from tests.conftest import TINY_CLASSES, make_image_folder, run_dmat, write_para
 
 PARAMS = """
 base: {{seed: 0}}
-data: {{name: tiny, path: {folder}, val_size: 6, train_limit: 15, heldout_size: 9}}
+data: {{name: tiny, path: {folder}, val_size: 6, train_limit: 15, test_limit: null, heldout_size: 9}}
 train_reference: {{epochs: 2, batch_size: 8}}
 train_diffusion: {{steps: 2, batch_size: 8, log_every: 2, checkpoint_every: 2, grid_steps: 2,
                   adversarial: {{mode: adversarial}}}}

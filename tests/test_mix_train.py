@@ -24,7 +24,7 @@ from tests.conftest import (
 
 PARAMS = """
 base: {{seed: 0}}
-data: {{name: tiny, path: {folder}, val_size: 12}}
+data: {{name: tiny, path: {folder}, val_size: 12, train_limit: null, test_limit: null, heldout_size: 0}}
 mix: {{synthetic_fraction: {fraction}, synthetic_limit: {limit}}}
 train: {{model: wrn-16-1, loss: {loss}, epochs: {epochs}, batch_size: 16, lr: 0.05, val_limit: 12,
         attack: {{norm: {norm}, eps: {eps}, steps: 2}}, val_attack_steps: 3}}
@@ -201,7 +201,7 @@ def test_unknown_network_exits_2_before_writing(tmp_path: Path, stage: str, sect
 
 HELDOUT_PARAMS = """
 base: {{seed: 0}}
-data: {{name: tiny, path: {folder}, val_size: 12, train_limit: 48, heldout_size: {heldout}}}
+data: {{name: tiny, path: {folder}, val_size: 12, train_limit: 48, test_limit: null, heldout_size: {heldout}}}
 mix: {{synthetic_fraction: 0.5, source: heldout_real}}
 train: {{epochs: 1, batch_size: 16, lr: 0.05, val_limit: 12, attack: {{steps: 1}}, val_attack_steps: 1}}
 """

@@ -118,3 +118,17 @@ def test_dmat_precision_shows_and_clears_the_kept_decisions(tmp_path: Path) -> N
     assert cleared.returncode == 0 and "removed 1 decision(s)" in cleared.stderr
     again = choose_setting(base(memory_format="contiguous"), CPU, sleeping_passes(FP32_FAST), workload=WORKLOAD)
     assert again.source == "probe" and again.setting == Setting("fp32", "contiguous")
+
+
+def test_evaluation_runs_float32_in_the_layout_asked_for_by_name() -> None:
+    from dmat.stage_setup import evaluation_network
+
+    model = tiny_bn_net(4, 3).eval()
+    x = torch.rand(5, 3, 8, 8)
+    assert evaluation_network(model, base(), "cpu") is model  # auto: the layout evaluation always had
+    assert evaluation_network(model, base(precision="bf16"), "cpu") is model  # precision never applies
+    wrapped = evaluation_network(tiny_bn_net(4, 3).eval(), base(precision="bf16", memory_format="channels_last"), "cpu")
+    with torch.no_grad():
+        out = wrapped(x)
+    assert out.dtype == torch.float32 and not wrapped.training
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)  # fp32: only the kernels differ

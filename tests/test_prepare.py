@@ -10,12 +10,15 @@ import pytest
 
 from dmat.data.sources import source_sha256
 from dmat.data.store import ArrayStore
-from tests.conftest import run_dmat, write_params
+from tests.conftest import EVERY_IMAGE, run_dmat, write_params
 from tests.torchvision_files import NO_NETWORK, dmat_launcher, fixture_images, write_cifar
 
 
 def _prepare(workdir: Path, data_path: Path, extra: str = "", seed: int = 3) -> dict:
+    """Prepare the tiny data: every image unless `extra` sets the limits (the defaults are CIFAR-10's CPU sizes)."""
     workdir.mkdir(exist_ok=True)
+    extra += "".join(f"  {key}: {value}\n" for key, value in (("train_limit", "null"), ("test_limit", "null"),
+                                                              ("heldout_size", 0)) if f"  {key}:" not in extra)
     write_params(workdir / "params.yaml",
                  f"base: {{seed: {seed}}}\ndata:\n  name: tiny\n  path: {data_path}\n{extra}")
     result = run_dmat("prepare", cwd=workdir)
@@ -72,7 +75,7 @@ def test_prepare_logs_mlflow_run_with_digests(tmp_path: Path, image_archive: Pat
 
 def test_bad_data_exits_1_naming_the_file(tmp_path: Path, image_folder: Path) -> None:
     (image_folder / "test" / "apple" / "0001.png").write_bytes(b"junk")
-    write_params(tmp_path / "params.yaml", f"data:\n  path: {image_folder}\n  val_size: 3\n")
+    write_params(tmp_path / "params.yaml", f"data:\n  path: {image_folder}\n  val_size: 3\n{EVERY_IMAGE}")
     result = run_dmat("prepare", cwd=tmp_path)
     assert result.returncode == 1
     assert "0001.png: unreadable or corrupt image" in result.stderr
@@ -80,7 +83,8 @@ def test_bad_data_exits_1_naming_the_file(tmp_path: Path, image_folder: Path) ->
 
 
 def test_limit_larger_than_data(tmp_path: Path, image_archive: Path) -> None:
-    write_params(tmp_path / "params.yaml", f"data:\n  path: {image_archive}\n  val_size: 3\n  train_limit: 999\n")
+    write_params(tmp_path / "params.yaml", f"data:\n  path: {image_archive}\n  val_size: 3\n  train_limit: 999\n"
+                 "  test_limit: null\n")
     result = run_dmat("prepare", cwd=tmp_path)
     assert result.returncode == 1 and "data.train_limit = 999" in result.stderr
 
@@ -110,7 +114,8 @@ def test_fetch_and_prepare_read_torchvision_files(tmp_path: Path, name: str) -> 
     launcher = dmat_launcher(tmp_path / "bin", checksums)
     n_classes = 100 if name == "cifar100" else 10
     write_params(project / "params.yaml", f"base: {{seed: 5}}\ndata:\n  name: {name}\n  path: ../no/archive.tar.gz\n"
-                                          f"  val_size: {n_classes}\n  train_limit: {2 * n_classes}\n")
+                                          f"  val_size: {n_classes}\n  train_limit: {2 * n_classes}\n"
+                                          "  test_limit: null\n  heldout_size: 0\n")
     metrics = []
     for _ in range(2):
         for stage in ("fetch", "prepare"):
@@ -181,7 +186,7 @@ def test_heldout_leaves_train_val_and_test_byte_identical(tmp_path: Path, image_
 def test_heldout_larger_than_what_remains_names_both_keys(tmp_path: Path, image_archive: Path) -> None:
     # 36 training images: 6 val, 15 train, 15 left
     write_params(tmp_path / "params.yaml", f"data:\n  path: {image_archive}\n  val_size: 6\n  train_limit: 15\n"
-                                           "  heldout_size: 16\n")
+                                           "  test_limit: null\n  heldout_size: 16\n")
     result = run_dmat("prepare", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "data.heldout_size = 16 is more than the 15 training images left" in result.stderr

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import BIN_DIR, REPO_ROOT, run_dmat, write_params
+from tests.conftest import BIN_DIR, EVERY_IMAGE, REPO_ROOT, run_dmat, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +183,7 @@ def test_stage_run_is_readable_through_the_rest_api(tracking_server: tuple[str, 
     uri, artifact_dir = tracking_server
     project = tmp_path / "project"
     (project / ".dvc").mkdir(parents=True)
-    write_params(project / "params.yaml", f"data:\n  name: tiny\n  path: {image_archive}\n  val_size: 3\n")
+    write_params(project / "params.yaml", f"data:\n  name: tiny\n  path: {image_archive}\n  val_size: 3\n{EVERY_IMAGE}")
     result = run_dmat("prepare", "--params", "params.yaml", cwd=project,
                       env={"MLFLOW_TRACKING_URI": uri, "DVC_STAGE": "prepare"})
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from dmat.files import project_root
 from dmat.tracking import TrackingError, check_reachable
-from tests.conftest import run_dmat, write_params
+from tests.conftest import EVERY_IMAGE, run_dmat, write_params
 
 
 def test_project_root_looks_through_dvc_temp_copies(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_unreachable_server_fails_fast_naming_the_uri() -> None:
 
 def test_stage_with_unreachable_server_exits_in_seconds(tmp_path: Path, image_archive: Path) -> None:
     uri = f"http://127.0.0.1:{_closed_port()}"
-    write_params(tmp_path / "params.yaml", f"data:\n  path: {image_archive}\n  val_size: 3\n")
+    write_params(tmp_path / "params.yaml", f"data:\n  path: {image_archive}\n  val_size: 3\n{EVERY_IMAGE}")
     started = time.monotonic()
     result = run_dmat("prepare", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 1 and uri in result.stderr and "unreachable" in result.stderr

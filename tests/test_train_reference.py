@@ -30,7 +30,7 @@ from tests.conftest import (
 
 PARAMS = """
 base: {{seed: 0}}
-data: {{name: tiny, path: {folder}, val_size: 12, train_limit: 42, heldout_size: 6}}
+data: {{name: tiny, path: {folder}, val_size: 12, train_limit: 42, test_limit: null, heldout_size: 6}}
 train_reference: {{epochs: {epochs}, batch_size: 16, lr: 0.05}}
 """
 

@@ -22,6 +22,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Commands that are not pipeline stages: subcommand -> module with configure(parser) and run(args) -> exit code.
 # Each module parses its own arguments; the serving command must work where torch is not installed.
 TOOLS: dict[str, tuple[str, str]] = {
+    "import": ("dmat.tools.import_checkpoint",
+               "Import a robust checkpoint published by the reference implementation (DM-Improves-AT's WideResNet "
+               "with Swish, any wrapper prefixes) into a DMAT classifier checkpoint with identical logits and a "
+               "lineage record of the source file; optionally export and check ONNX -> a .pt (and .onnx)."),
     "robustness": ("dmat.tools.robustness",
                    "Evaluate any classifier (DMAT checkpoint, torch.export .pt2, or .onnx with Square only) on a "
                    "canonical store with AutoAttack -> a JSON report."),

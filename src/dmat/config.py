@@ -197,6 +197,12 @@ class TrainDiffusionConfig:
 class GenerateConfig:
     """The `generate` stage: class-conditional samples from the EMA denoiser into data/synthetic."""
 
+    source: Literal["sample", "external"] = allowed(
+        "sample", "sample (the EMA denoiser) | external: the files `external` names, streamed into data/synthetic "
+                  "(docs/published.md); then only filter_scorer and filter_keep (the share kept per class) apply")
+    external: tuple[str, ...] = allowed(
+        (), "external: .npz files in the reference's layout (several: the parts of one set, in order), or one image "
+            "folder or DMAT store; relative to the project root", pattern=r"^.{1,4096}$")
     per_class: int = allowed(100, "images per class", min=1)
     batch_size: int = allowed(64, "images per sampler call; does not change the output", min=1)
     network_batch: int = allowed(16, "the network always sees this many images (the last chunk padded), so the output "
@@ -232,6 +238,12 @@ class GenerateConfig:
         if self.filter_keep < 1 and self.filter_scorer is None:
             raise ParamsError(f"generate.filter_keep = {self.filter_keep} is not allowed without "
                               "generate.filter_scorer: name the classifier checkpoint that scores images")
+        if self.source == "external" and not self.external:
+            raise ParamsError("generate.external = [] is not allowed with generate.source = 'external': name the "
+                              ".npz file(s), image folder or DMAT store to read")
+        if len(self.external) > 1 and not all(path.endswith(".npz") for path in self.external):
+            raise ParamsError(f"generate.external = {list(self.external)} is not allowed: several sources must be "
+                              ".npz files (the parts of one set); an image folder or a DMAT store is given alone")
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,9 @@ def reused_stages(exclude: set[str]) -> list[str]:
     found current, without running them.
 
     A stage downstream of the one running now cannot be read-locked by DVC (its inputs are being written): it is
-    not up to date, and so not reused. Outside a DVC project (a stage run by hand) there are none."""
+    not up to date, and so not reused. A stage run by hand (not by DVC) reuses none."""
+    if not os.environ.get("DVC_STAGE"):  # run by hand, not by DVC: nothing was restored for this execution
+        return []
     try:
         from dvc.exceptions import DvcException
         from dvc.repo import Repo

@@ -104,11 +104,19 @@ STAGES: tuple[Stage, ...] = (
           "random | adversarial | invariance); resumes after a kill; runs under torchrun",
           params=(*TRAINING, "train_diffusion"), reads=_read(layout.REAL_TRAIN),
           writes=(*_outs(layout.DIFFUSION_DIR, report="train_diffusion"), _metrics("train_diffusion"))),
+    Stage("fetch_generated", "fetch-generated", "dmat.stages.fetch_generated",
+          "Record which external files generate.source external reads (path, size, modification time; no hashing), "
+          "so that generate reruns when they change", params=("generate",),
+          writes=(Write(layout.GENERATED_SOURCE_RECORD),), always_changed=True,
+          why="the files live outside DVC's view; generate reruns only when the record changes (docs/published.md)"),
     Stage("generate", "generate", "dmat.stages.generate",
           "Sample generate.per_class images per class from the EMA denoiser into a class-sorted store "
-          "(byte-identical for any batch size or number of processes)",
+          "(byte-identical for any batch size or number of processes), or, generate.source external, stream "
+          "published .npz parts, an image folder or a store into it with each file's sha256",
           params=("base.seed", "base.precision", "base.memory_format", "generate"),
-          reads=_read(layout.DIFFUSION_DIR, (layout.REFERENCE_DIR, "the scorer of generate.filter_scorer: reference "
+          reads=_read((layout.GENERATED_SOURCE_RECORD, "generate.source external: stands for the files it names"),
+                      (layout.REAL_TRAIN, "generate.source external: the dataset's classes and image size"),
+                      layout.DIFFUSION_DIR, (layout.REFERENCE_DIR, "the scorer of generate.filter_scorer: reference "
                                                                    "(another checkpoint: add its path here)")),
           writes=(*_outs(layout.SYNTHETIC_DIR, report="generate"), _metrics("generate"),
                   Write(layout.GENERATE_GRID, kind="plot"))),

@@ -151,6 +151,18 @@ def training_network(model, decision: Decision, w: World, *, compile: bool, scal
     return Autocast(network, decision.setting, w.device), scaler
 
 
+def evaluation_network(model, base: BaseConfig, device: str):
+    """The classifier as evaluation attacks it: always float32 (low precision can mask gradients), channels-last
+    when `base.memory_format` asks for it by name — a layout, not a precision: only the fp32 kernels differ (2x
+    faster for a WRN's forward and backward on a Xeon here). `auto` keeps the layout evaluation always had."""
+    if base.memory_format != "channels_last":
+        return model
+    from dmat.core.precision import Autocast, Setting, to_memory_format
+
+    setting = Setting("fp32", "channels_last")
+    return Autocast(to_memory_format(model, setting), setting, device).eval()
+
+
 def log_precision(tracked, decision: Decision) -> None:
     """The choice as MLflow params, the probe's median milliseconds per pass as metrics."""
     summary = decision.summary()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import BIN_DIR, REPO_ROOT, run_dmat
+from tests.conftest import BIN_DIR, EVERY_IMAGE, REPO_ROOT, run_dmat
 from tests.containers import engine
 from tests.containers.conftest import Batch
 from tests.deploy.helpers import free_port, http_request, post_json
@@ -112,7 +112,7 @@ def test_stack_tracks_host_stages_serves_the_champion_and_goes_away(stack: Stack
 def check_prepare_run_is_readable_over_rest(uri: str, project: Path, image_archive: Path) -> None:
     """`dmat prepare` on the host logs params, metrics, dataset inputs and artifacts to the containerized server."""
     (project / ".dvc").mkdir(parents=True)
-    (project / "params.yaml").write_text(f"data:\n  name: tiny\n  path: {image_archive}\n  val_size: 3\n")
+    (project / "params.yaml").write_text(f"data:\n  name: tiny\n  path: {image_archive}\n  val_size: 3\n{EVERY_IMAGE}")
     result = run_dmat("prepare", "--params", "params.yaml", cwd=project,
                       env={"MLFLOW_TRACKING_URI": uri, "DVC_STAGE": "prepare"})
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dmat.core.stats import holm, mcnemar_exact_counts, paired_t_p, sign_flip_p, t_interval
-from dmat.tools.compare import compare, contrasts, markdown, write_outputs
+from dmat.tools.compare import compare, contrasts, doc_markers, markdown, publish, table_from_json, write_outputs
 
 N = 100
 
@@ -122,3 +122,17 @@ def test_a_planned_interaction_is_tested_per_seed() -> None:
     assert robust_row.p_holm == pytest.approx(holm([clean.p_t, robust_row.p_t])[1])
     low, high = robust_row.bootstrap_ci
     assert low <= robust_row.mean <= high
+
+
+def test_a_docs_page_publishes_the_tables_and_json_reads_back(tmp_path: Path) -> None:
+    table = compare(grid_runs(), None, first_points, no_generated)
+    out = tmp_path / "results"
+    write_outputs(table, out)
+    assert table_from_json(json.loads((out / "compare.json").read_text())) == table
+    begin, end = doc_markers(out)
+    page = tmp_path / "page.md"
+    page.write_text(f"# Result\n\nBefore.\n{begin}\nstale\n{end}\nAfter.\n")
+    publish(page, out, markdown(table))
+    assert page.read_text() == f"# Result\n\nBefore.\n{begin}\n{markdown(table)}{end}\nAfter.\n"
+    with pytest.raises(LookupError, match="has no lines"):
+        publish(tmp_path / "page.md", tmp_path / "other", markdown(table))

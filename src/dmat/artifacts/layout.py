@@ -19,6 +19,9 @@ REAL_TRAIN, REAL_VAL, REAL_TEST, REAL_HELDOUT = (REAL_DIR / split for split in R
 
 # Generated data (generate): a class-sorted canonical store.
 SYNTHETIC_DIR = Path("data/synthetic")
+# Which external files generate reads with generate.source external (fetch_generated: sizes and modification
+# times, no hashing): what generate depends on in their place.
+GENERATED_SOURCE_RECORD = Path("data/generated_source.json")
 
 # The mix (mix): which generated rows the classifier may use, and their share of each batch.
 MIXED_DIR = Path("data/mixed")

@@ -14,6 +14,7 @@ import numpy as np
 from torch import nn
 
 from dmat.artifacts import layout
+from dmat.artifacts.records import MixManifest, from_json
 from dmat.checkpoint import load_checkpoint
 from dmat.core.classifiers import build_classifier
 from dmat.core.denoisers import build_denoiser
@@ -65,26 +66,27 @@ def load_denoiser(path: str | Path = layout.DIFFUSION_CHECKPOINT, device: str = 
     return denoiser.to(device).eval(), state
 
 
-def load_mix_manifest(directory: Path = layout.MIXED_DIR) -> tuple[dict, np.ndarray]:
+def load_mix_manifest(directory: Path = layout.MIXED_DIR) -> tuple[MixManifest, np.ndarray]:
     """The mix manifest and the chosen generated rows, checked against each other."""
+    path = directory / layout.MIX_MANIFEST_FILE
     try:
-        manifest = json.loads((directory / layout.MIX_MANIFEST_FILE).read_text())
-        rows = np.load(directory / manifest["indices_file"], allow_pickle=False)
-    except (OSError, ValueError, KeyError) as err:
+        manifest = from_json(MixManifest, json.loads(path.read_text()), str(path))
+        rows = np.load(directory / manifest.indices_file, allow_pickle=False)
+    except (OSError, ValueError) as err:
         raise DataError(f"{directory}: unreadable mix manifest ({err}); run the mix stage") from None
-    if sha256_file(directory / manifest["indices_file"]) != manifest["indices_sha256"]:
-        raise DataError(f"{directory / manifest['indices_file']}: sha256 differs from {layout.MIX_MANIFEST_FILE}")
-    if manifest.get("synthetic", {}).get("path") not in {str(path) for path in layout.MIX_SOURCES.values()}:
+    if sha256_file(directory / manifest.indices_file) != manifest.indices_sha256:
+        raise DataError(f"{directory / manifest.indices_file}: sha256 differs from {layout.MIX_MANIFEST_FILE}")
+    if manifest.synthetic.path not in {str(path) for path in layout.MIX_SOURCES.values()}:
         raise DataError(f"{directory / layout.MIX_MANIFEST_FILE}: synthetic.path must name one of "
                         f"{', '.join(map(str, layout.MIX_SOURCES.values()))}; run the mix stage")
     return manifest, rows
 
 
-def open_mixed_store(manifest: dict) -> ArrayStore:
+def open_mixed_store(manifest: MixManifest) -> ArrayStore:
     """The store whose rows the mix chose (data/synthetic, or data/real/heldout for mix.source heldout_real),
     checked against the digest the manifest recorded."""
-    store = ArrayStore.open(manifest["synthetic"]["path"])
-    if store.digest != manifest["synthetic"]["sha256"]:
+    store = ArrayStore.open(manifest.synthetic.path)
+    if store.digest != manifest.synthetic.sha256:
         raise DataError(f"{store.path}: its sha256 differs from the one {layout.MIXED_DIR / layout.MIX_MANIFEST_FILE} "
                         "recorded: the store changed after the mix stage ran; run it again")
     return store

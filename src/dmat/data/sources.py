@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -73,18 +73,21 @@ def open_source(source: str, path: str | Path, *, name: str, download_dir: str |
     raise DataError(f"unknown data source {source!r}")
 
 
-def source_sha256(path: str | Path) -> str:
+def source_sha256(path: str | Path, known: Mapping[Path, str] | None = None) -> str:
     """sha256 of a file, or of a directory's visible files: their relative paths and sha256s, sorted.
 
     Hidden files and folders (names starting with '.') are left out, as image folders ignore them.
+    `known`: sha256s already computed (file path -> digest), used instead of reading those files again.
     """
     path = Path(path)
+    known = known or {}
     if not path.is_dir():
-        return sha256_file(path)
+        return known.get(path) or sha256_file(path)
     lines = []
     for folder, subfolders, files in os.walk(path):
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        lines += [f"{(Path(folder) / f).relative_to(path).as_posix()}\0{sha256_file(Path(folder) / f)}\n"
+        lines += [f"{(Path(folder) / f).relative_to(path).as_posix()}\0"
+                  f"{known.get(Path(folder) / f) or sha256_file(Path(folder) / f)}\n"
                   for f in files if not f.startswith(".")]
     return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
 

@@ -167,14 +167,40 @@ def allocate_store(directory: Path, size: int, image_shape: Sequence[int]) -> No
 def write_block(directory: Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
     """Write a contiguous block of rows into a pre-allocated store with pwrite, not a memory map:
     pages written through a mapping stay resident, so a huge store would grow the writer's RSS."""
-    for name, block in ((IMAGES_FILE, images), (LABELS_FILE, labels)):
-        target = np.load(directory / name, mmap_mode="r")  # reads the header: offset, dtype, shape
-        if block.dtype != target.dtype or block.shape[1:] != target.shape[1:] or start + len(block) > len(target):
-            raise ValueError(f"{directory / name}: a block of {block.dtype} {block.shape} at row {start} does not fit "
-                             f"{target.dtype} {target.shape}")
-        row_bytes = target.dtype.itemsize * int(np.prod(target.shape[1:], dtype=np.int64))
-        with open(directory / name, "r+b", buffering=0) as f:
-            os.pwrite(f.fileno(), np.ascontiguousarray(block).tobytes(), target.offset + start * row_bytes)
+    with BlockWriter(directory) as writer:
+        writer.write(start, images, labels)
+
+
+class BlockWriter:
+    """`write_block` for many blocks: both array files opened, and their headers read, once."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self._files = {}
+        for name in (IMAGES_FILE, LABELS_FILE):
+            target = np.load(directory / name, mmap_mode="r")  # reads the header: offset, dtype, shape
+            self._files[name] = (os.open(directory / name, os.O_WRONLY), target.dtype, target.shape, target.offset)
+            del target
+
+    def write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+        for name, block in ((IMAGES_FILE, images), (LABELS_FILE, labels)):
+            fd, dtype, shape, offset = self._files[name]
+            if block.dtype != dtype or block.shape[1:] != shape[1:] or start + len(block) > shape[0]:
+                raise ValueError(f"{self.dir / name}: a block of {block.dtype} {block.shape} at row {start} does not "
+                                 f"fit {dtype} {shape}")
+            row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            os.pwrite(fd, np.ascontiguousarray(block).tobytes(), offset + start * row_bytes)
+
+    def close(self) -> None:
+        for fd, *_ in self._files.values():
+            os.close(fd)
+        self._files = {}
+
+    def __enter__(self) -> BlockWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def seal_store(directory: Path, classes: Sequence[str], source: dict[str, Any]) -> StoreMeta:
@@ -182,11 +208,15 @@ def seal_store(directory: Path, classes: Sequence[str], source: dict[str, Any]) 
     images = _load_array(directory / IMAGES_FILE, np.uint8, 4)
     labels = _load_array(directory / LABELS_FILE, np.int64, 1)
     counts = np.zeros(len(classes), dtype=np.int64)
-    for start in range(0, len(labels), 1 << 20):  # chunked: labels of a huge store stay out of RAM
-        chunk = np.asarray(labels[start:start + (1 << 20)])
-        if len(chunk) and (chunk.min() < 0 or chunk.max() >= len(classes)):
-            raise ValueError(f"{directory}: labels must lie in [0, {len(classes)})")
-        counts += np.bincount(chunk, minlength=len(classes))
+    # Chunks read from the file, not through the memory map, whose touched pages would stay in RSS: the labels of
+    # a huge store stay out of RAM.
+    with open(directory / LABELS_FILE, "rb") as f:
+        f.seek(labels.offset)
+        for _ in range(0, len(labels), 1 << 20):
+            chunk = np.fromfile(f, dtype=np.int64, count=1 << 20)
+            if len(chunk) and (chunk.min() < 0 or chunk.max() >= len(classes)):
+                raise ValueError(f"{directory}: labels must lie in [0, {len(classes)})")
+            counts += np.bincount(chunk, minlength=len(classes))
     meta = StoreMeta(
         classes=tuple(classes),
         shape=tuple(images.shape),  # type: ignore[arg-type]

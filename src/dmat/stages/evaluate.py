@@ -46,7 +46,7 @@ from dmat.distributed import World, all_gather_object, world
 from dmat.errors import CheckpointError
 from dmat.files import atomic_path, sha256_file, write_json
 from dmat.plots import save_curve
-from dmat.stage_setup import apply_torch
+from dmat.stage_setup import apply_torch, evaluation_network
 from dmat.tracking import stage_run
 
 DECLARED = pipeline.for_module(__name__)
@@ -72,8 +72,8 @@ def upstream_recipe(checkpoint: dict) -> dict:
                       "train_steps": diffusion.get("train_steps"), "run_id": diffusion.get("mlflow_run_id")},
         "generate": {**{k: generated.get(k) for k in ("sampler", "steps", "guidance", "filter_keep")},
                      "filter_scorer": generated.get("filter", {}).get("scorer")},
-        "mix": {"source": manifest.get("source", "generated"), "synthetic_fraction": manifest["synthetic_fraction"],
-                "generated_images_used": manifest["synthetic"]["used"], "real_images": manifest["real"]["images"]},
+        "mix": {"source": manifest.source, "synthetic_fraction": manifest.synthetic_fraction,
+                "generated_images_used": manifest.synthetic.used, "real_images": manifest.real.images},
         "train": {**checkpoint["train_config"], "run_id": checkpoint["mlflow_run_id"]},
     }
 
@@ -88,6 +88,7 @@ def run(params: Params, threat: str | None = None) -> dict:
     device = apply_torch(params.base)
     with world(device) as w, full_precision():  # under torchrun each process attacks its share of the points
         model, checkpoint = load_classifier(layout.CLASSIFIER_BEST, w.device)
+        model = evaluation_network(model, params.base, w.device)
         test = ArrayStore.open(layout.REAL_TEST)
         x, y = first_points(test, cfg.n)
         recipe = upstream_recipe(checkpoint)

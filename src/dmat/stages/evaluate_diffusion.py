@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_denoiser, load_mix_manifest, load_reference_classifier
+from dmat.artifacts.records import MixManifest
 from dmat.checkpoint import load_checkpoint
 from dmat.config import Params, flatten
 from dmat.core.diffusion_at import DiffusionATConfig
@@ -209,7 +210,7 @@ def check_sizes(params: Params, n_real: int, n_generated: int, n_control: int) -
                         f"with knn_k = {cfg.knn_k} need at least {need}; raise data.heldout_size (0 = no control)")
 
 
-def generated_selection(synthetic: ArrayStore, manifest: dict, mixed_rows: np.ndarray,
+def generated_selection(synthetic: ArrayStore, manifest: MixManifest, mixed_rows: np.ndarray,
                         params: Params) -> tuple[np.ndarray, dict]:
     """A seeded class-stratified draw of n_generated_per_class images per class (all when fewer), outside the
     rows the mix chose for training from this very store whenever a class has enough of them.
@@ -219,17 +220,17 @@ def generated_selection(synthetic: ArrayStore, manifest: dict, mixed_rows: np.nd
     """
     total = min(params.evaluate_diffusion.n_generated_per_class * len(synthetic.classes), len(synthetic))
     mixed = np.zeros(len(synthetic), dtype=bool)
-    mixes_this_store = manifest["synthetic"]["path"] == str(layout.SYNTHETIC_DIR) and \
-        manifest["synthetic"]["sha256"] == synthetic.digest
+    mixes_this_store = manifest.synthetic.path == str(layout.SYNTHETIC_DIR) and \
+        manifest.synthetic.sha256 == synthetic.digest
     if mixes_this_store:
         mixed[mixed_rows] = True
     rows, reused = stratified_sample_preferring(np.asarray(synthetic.labels), total, mixed,
                                                 purpose_rng(params.base.seed, "evaluate_diffusion.generated"))
-    return rows, {"n": len(rows), "store_images": len(synthetic), "mix_source": manifest.get("source", "generated"),
+    return rows, {"n": len(rows), "store_images": len(synthetic), "mix_source": manifest.source,
                   "mix_uses_this_store": mixes_this_store, "mixed_rows_in_store": int(mixed.sum()),
                   "outside_mix_in_store": int((~mixed).sum()),
                   "reused_mixed_rows": reused, "reused_mixed": reused > 0,
-                  "mix_indices_sha256": manifest["indices_sha256"]}
+                  "mix_indices_sha256": manifest.indices_sha256}
 
 
 def control_subset(heldout: ArrayStore, n: int, params: Params) -> np.ndarray:

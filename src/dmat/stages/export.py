@@ -22,17 +22,17 @@ from torch import nn
 from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import generated_source, load_classifier, load_denoiser, load_eval_report, load_mix_manifest
+from dmat.artifacts.onnx_export import EXAMPLE_BATCH, batch_dim, export_classifier_onnx, save_onnx
 from dmat.config import Params
 from dmat.execution import git_commit
 from dmat.files import atomic_path, project_root, sha256_file, write_json
-from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, OUTPUT_NAME, encode_metadata
+from dmat.onnx_contract import DENOISER_INPUTS, DENOISER_OUTPUT, INPUT_NAME, encode_metadata
 from dmat.stage_setup import apply_torch
 from dmat.tracking import stage_run
 
 DECLARED = pipeline.for_module(__name__)
 STAGE = DECLARED.name
 SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
-EXAMPLE_BATCH = 4  # the exporters want an example batch larger than 1 for a dynamic batch dimension (docs/method.md)
 
 
 class DenoiserForExport(nn.Module):
@@ -46,16 +46,6 @@ class DenoiserForExport(nn.Module):
         return self.denoiser(noisy, sigma, class_labels)
 
 
-def batch_dim() -> torch.export.Dim:
-    return torch.export.Dim("batch", min=1, max=65536)
-
-
-def export_classifier_onnx(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
-    program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=({0: batch_dim()},), verbose=False)
-    _save_onnx(program.model_proto, path, metadata)
-
-
 def export_denoiser_onnx(denoiser: nn.Module, shape: tuple[int, int, int], path: Path,
                          metadata: dict[str, str]) -> None:
     noisy = torch.randn(EXAMPLE_BATCH, *shape)
@@ -65,22 +55,12 @@ def export_denoiser_onnx(denoiser: nn.Module, shape: tuple[int, int, int], path:
     program = torch.onnx.export(DenoiserForExport(denoiser).eval(), (noisy, sigma, labels), dynamo=True,
                                 input_names=list(DENOISER_INPUTS), output_names=[DENOISER_OUTPUT],
                                 dynamic_shapes=dims, verbose=False)
-    _save_onnx(program.model_proto, path, metadata)
+    save_onnx(program.model_proto, path, metadata)
 
 
 def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim()},))
     torch.export.save(program, str(path))  # into the stage's staging directory: published with it
-
-
-def _save_onnx(proto, path: Path, metadata: dict[str, str]) -> None:
-    import onnx
-
-    del proto.metadata_props[:]
-    for key, value in sorted(metadata.items()):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save_model(proto, str(path))
 
 
 def primary_threat(params: Params, checkpoint: dict) -> str:
@@ -120,8 +100,8 @@ def provenance(params: Params, checkpoint: dict) -> dict:
             "adversarial_mode": generated.get("diffusion", {}).get("adversarial", {}).get("mode"),
             "checkpoint_sha256": sha256_file(layout.CLASSIFIER_BEST),
             "diffusion_checkpoint_sha256": generated.get("diffusion", {}).get("checkpoint_sha256"),
-            "data_sha256": {"train": manifest["real"]["sha256"], "synthetic": manifest["synthetic"]["sha256"],
-                            "mixed_indices": manifest["indices_sha256"],
+            "data_sha256": {"train": manifest.real.sha256, "synthetic": manifest.synthetic.sha256,
+                            "mixed_indices": manifest.indices_sha256,
                             "test": reports[main].get("test_sha256")},
         },
     }

@@ -11,6 +11,12 @@ of which the `filter_keep` share with the highest probability of their condition
 `filter_scorer` is kept: `reference` (the standard classifier of train_reference, as the paper) or the
 path of another DMAT classifier checkpoint.
 
+With `generate.source: external` nothing is sampled: the files `generate.external` names (the reference's
+published `.npz` sets, whole or in parts, an image folder or another DMAT store) are streamed into
+data/synthetic, sorted by class, with every source file's path, size and sha256 in its metadata
+(`dmat.data.external`); the filter then keeps the `filter_keep` share of each class. DVC reruns the stage
+when those files change through the record `fetch_generated` writes.
+
 Also writes metrics/generate.json and plots/generate_grid.png (a `dvc plots` image).
 """
 
@@ -36,11 +42,12 @@ from dmat.config import Params, ParamsError
 from dmat.core.guidance import GuidedDenoiser
 from dmat.core.precision import Autocast, Decision, Setting, network_passes, to_memory_format
 from dmat.core.samplers import SAMPLERS, Churn, edm_sigma_steps, image_noise, per_image_randn_like, to_uint8
+from dmat.data.external import ExternalSet
 from dmat.data.store import ArrayStore, StoreWriter, allocate_store, seal_store, write_block
 from dmat.data.tensors import to_unit_tensor
 from dmat.distributed import World, barrier, broadcast_object, world
 from dmat.errors import DataError
-from dmat.files import atomic_path, sha256_file, write_json
+from dmat.files import atomic_path, in_project, sha256_file, write_json
 from dmat.plots import image_grid, save_png
 from dmat.stage_setup import apply_torch, check_precision, choose_setting, log_precision
 from dmat.tracking import stage_run
@@ -218,17 +225,20 @@ def conditioning_confidence(scorer: torch.nn.Module, candidates: ArrayStore, bat
     return confidence
 
 
-def top_per_class(confidence: np.ndarray, labels: np.ndarray, keep: int) -> np.ndarray:
-    """Rows (ascending) of the `keep` most confident candidates of every class; ties keep the earlier row."""
+def top_per_class(confidence: np.ndarray, labels: np.ndarray, keep: int | np.ndarray) -> np.ndarray:
+    """Rows (ascending) of the `keep` most confident candidates of every class (`keep`: one count for all, or one
+    per class index); ties keep the earlier row."""
     kept = []
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
-        kept.append(rows[np.argsort(-confidence[rows], kind="stable")[:keep]])
+        kept.append(rows[np.argsort(-confidence[rows], kind="stable")[:int(keep[c] if np.ndim(keep) else keep)]])
     return np.sort(np.concatenate(kept)) if kept else np.empty(0, dtype=np.int64)
 
 
 def run(params: Params) -> dict:
     device = _configure_torch(params)
+    if params.generate.source == "external":
+        return run_external(params, device)
     check_precision(params.base, device)
     with world(device) as w:
         denoiser, state = load_denoiser(device=w.device)
@@ -263,16 +273,59 @@ def run(params: Params) -> dict:
                        "seconds": seconds, "images_per_s": per_class * len(classes) / max(seconds, 1e-9),
                        "sha256": store.digest, "adversarial_mode": state["adversarial"]["mode"],
                        "filter": filtered, **decision.summary()}
-            write_json(layout.report_file(STAGE), metrics)
-            write_json(layout.metrics_file(STAGE), {f"generate_{k}": metrics[k] for k in HEADLINE})
-            grid = image_grid(store.read(_grid_rows(store, params.generate.per_class))[0], columns=GRID_PER_CLASS)
-            save_png(layout.GENERATE_GRID, grid, scale=2)
-            tracked.log_store(store, "synthetic", context="generated")
-            tracked.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}
-                                | {f"filter.{k}": v for k, v in (filtered or {}).items() if isinstance(v, float)})
-            tracked.log_artifact(layout.GENERATE_GRID)
-            tracked.log_artifact(layout.report_file(STAGE))
+            report(tracked, store, metrics)
     return metrics
+
+
+def run_external(params: Params, device: str) -> dict:
+    """generate.source external: the files generate.external names, streamed into a class-sorted data/synthetic
+    with the dataset's classes and image size (those of data/real/train), then filtered like samples when asked
+    (filter_keep: the share of each class kept)."""
+    cfg = params.generate
+    real = ArrayStore.open(layout.REAL_TRAIN)
+    paths = [in_project(path) for path in cfg.external]
+    filtering = cfg.filter_keep < 1
+    scorer = load_scorer(params, device) if filtering else None
+    if scorer is not None and list(scorer[1]["classes"]) != list(real.classes):
+        raise DataError(f"{scorer[2]}: the scorer's classes {scorer[1]['classes']} differ from {layout.REAL_TRAIN}'s "
+                        f"{list(real.classes)} (generate.filter_scorer)")
+    started = time.perf_counter()
+    external = ExternalSet(paths, real.classes, real.image_shape)  # every file checked before anything is written
+    with stage_run(STAGE, params, SECTIONS) as tracked:
+        with atomic_path(layout.SYNTHETIC_DIR, directory=True) as staging:
+            fill_dir = staging / "candidates" if filtering else staging
+            fill_dir.mkdir(exist_ok=True)
+            source = external.write(fill_dir, extra={"filter_keep": cfg.filter_keep})
+            filtered = None
+            if filtering:
+                candidates = ArrayStore.open(fill_dir)
+                keep = np.rint(np.asarray(candidates.meta.class_counts) * cfg.filter_keep).astype(np.int64)
+                filtered = _keep_most_confident(candidates, params, staging, source, scorer, device, keep)
+                del candidates
+                shutil.rmtree(fill_dir)
+        seconds = time.perf_counter() - started
+        store = ArrayStore.open(layout.SYNTHETIC_DIR)
+        metrics = {"images": len(store), "source": "external", "format": source["format"], "files": source["files"],
+                   "seconds": seconds, "images_per_s": source["images"] / max(seconds, 1e-9), "sha256": store.digest,
+                   "filter": filtered}
+        for file in source["files"]:  # lineage in MLflow: the run's inputs are the files read, by sha256
+            tracked.log_dataset(f"external/{Path(file['path']).name}", file["path"], file["sha256"], "source",
+                                size=file["size"], images=file["images"])
+        tracked.set_tags({"dmat.generated_source": "external"})
+        report(tracked, store, metrics)
+    return metrics
+
+
+def report(tracked, store: ArrayStore, metrics: dict) -> None:
+    """The report, the headline metrics, the sample grid and the MLflow record of a finished data/synthetic."""
+    write_json(layout.report_file(STAGE), metrics)
+    write_json(layout.metrics_file(STAGE), {f"generate_{k}": metrics[k] for k in HEADLINE if k in metrics})
+    save_png(layout.GENERATE_GRID, image_grid(grid_images(store), columns=grid_columns(store)), scale=2)
+    tracked.log_store(store, "synthetic", context="generated")
+    tracked.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}
+                        | {f"filter.{k}": v for k, v in (metrics["filter"] or {}).items() if isinstance(v, float)})
+    tracked.log_artifact(layout.GENERATE_GRID)
+    tracked.log_artifact(layout.report_file(STAGE))
 
 
 def diffusion_recipe(state: dict) -> dict:
@@ -307,17 +360,19 @@ def _generate(denoiser, params: Params, w: World, classes: list[str], per_class:
         seal_store(fill_dir, classes, source)
         if not filtering:
             return None
-        filtered = _keep_most_confident(ArrayStore.open(fill_dir), params, staging, source, scorer, w.device)
+        filtered = _keep_most_confident(ArrayStore.open(fill_dir), params, staging, source, scorer, w.device,
+                                        params.generate.per_class)
         shutil.rmtree(fill_dir)
         return filtered
 
 
 def _keep_most_confident(candidates: ArrayStore, params: Params, out: Path, source: dict, scorer: tuple,
-                         device: str) -> dict:
-    """Write the kept candidates into `out` (in candidate order, so still sorted by class); returns a summary."""
+                         device: str, keep: int | np.ndarray) -> dict:
+    """Write the `keep` most confident candidates of each class into `out` (in candidate order, so still sorted by
+    class); returns a summary."""
     model, state, path = scorer
     confidence = conditioning_confidence(model, candidates, params.generate.batch_size, device)
-    rows = top_per_class(confidence, np.asarray(candidates.labels), params.generate.per_class)
+    rows = top_per_class(confidence, np.asarray(candidates.labels), keep)
     summary = {"scorer": params.generate.filter_scorer, "scorer_format": state["format"],
                "scorer_model": state["model_config"]["name"], "scorer_sha256": sha256_file(path),
                "candidates": len(candidates), "kept": len(rows),
@@ -331,6 +386,16 @@ def _keep_most_confident(candidates: ArrayStore, params: Params, out: Path, sour
     return summary
 
 
-def _grid_rows(store: ArrayStore, per_class: int) -> np.ndarray:
-    shown = min(GRID_PER_CLASS, per_class)
-    return np.concatenate([c * per_class + np.arange(shown) for c in range(len(store.classes))])
+def grid_columns(store: ArrayStore) -> int:
+    return max(1, min(GRID_PER_CLASS, max(store.meta.class_counts)))
+
+
+def grid_images(store: ArrayStore) -> np.ndarray:
+    """The first images of every class, one row per class (white where a class has fewer): the store is sorted by
+    class, its class counts say where each class starts."""
+    columns, counts = grid_columns(store), store.meta.class_counts
+    cells = np.full((len(counts) * columns, *store.image_shape), 255, dtype=np.uint8)
+    for c, start in enumerate(np.concatenate([[0], np.cumsum(counts)[:-1]])):
+        shown = min(columns, counts[c])
+        cells[c * columns:c * columns + shown] = store.read(start + np.arange(shown))[0]
+    return cells

@@ -18,6 +18,7 @@ import numpy as np
 
 from dmat import pipeline
 from dmat.artifacts import layout
+from dmat.artifacts.records import MixedStoreRef, MixManifest, RealStoreRef, to_json
 from dmat.config import Params
 from dmat.data.splits import purpose_rng, stratified_sample
 from dmat.data.store import ArrayStore
@@ -70,23 +71,19 @@ def run(params: Params) -> dict:
         real, synthetic = ArrayStore.open(layout.REAL_TRAIN), ArrayStore.open(layout.MIX_SOURCES[cfg.source])
         check_compatible(real, synthetic, cfg.synthetic_fraction)
         rows = choose_synthetic(synthetic, params)
-        manifest = {
-            "real": {"path": str(layout.REAL_TRAIN), "sha256": real.digest, "images": len(real),
-                     "class_counts": histogram(np.asarray(real.labels), real.classes)},
-            "source": cfg.source,
-            "synthetic": {"path": str(synthetic.path), "sha256": synthetic.digest, "images": len(synthetic),
-                          "used": len(rows),
-                          "class_counts_used": histogram(np.asarray(synthetic.labels[rows]), real.classes)},
-            "synthetic_fraction": cfg.synthetic_fraction,
-            "synthetic_limit": cfg.synthetic_limit,
-            "seed": params.base.seed,
-            "classes": list(real.classes),
-            "indices_file": layout.MIX_INDICES_FILE,
-        }
         with atomic_path(layout.MIXED_DIR, directory=True) as staging:
             np.save(staging / layout.MIX_INDICES_FILE, rows)
-            manifest["indices_sha256"] = sha256_file(staging / layout.MIX_INDICES_FILE)
-            (staging / layout.MIX_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            manifest = MixManifest(
+                real=RealStoreRef(str(layout.REAL_TRAIN), real.digest, len(real),
+                                  histogram(np.asarray(real.labels), real.classes)),
+                source=cfg.source,
+                synthetic=MixedStoreRef(str(synthetic.path), synthetic.digest, len(synthetic), len(rows),
+                                        histogram(np.asarray(synthetic.labels[rows]), real.classes)),
+                synthetic_fraction=cfg.synthetic_fraction, synthetic_limit=cfg.synthetic_limit, seed=params.base.seed,
+                classes=real.classes, indices_file=layout.MIX_INDICES_FILE,
+                indices_sha256=sha256_file(staging / layout.MIX_INDICES_FILE))
+            (staging / layout.MIX_MANIFEST_FILE).write_text(json.dumps(to_json(manifest), indent=2, sort_keys=True)
+                                                            + "\n")
         tracked.log_store(real, "real/train", context="training")
         tracked.log_store(synthetic, "synthetic", context="training")
         tracked.set_tags({"dmat.mix_source": cfg.source})

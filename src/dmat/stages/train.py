@@ -75,7 +75,7 @@ class Trainer:
         self.real = ArrayStore.open(layout.REAL_TRAIN)
         self.val = ArrayStore.open(layout.REAL_VAL)
         self.manifest, rows = load_mix_manifest()
-        self.fraction = float(self.manifest["synthetic_fraction"])
+        self.fraction = self.manifest.synthetic_fraction
         self.synthetic = open_mixed_store(self.manifest) if self.fraction > 0 else None  # the store the mix names
         self.sampler = MixedBatchSampler(len(self.real), rows, batch_size=cfg.batch_size, fraction=self.fraction,
                                          seed=params.base.seed)
@@ -94,7 +94,7 @@ class Trainer:
         self.recorded_precision, self.recorded_scaler = None, None
         self.augment = augmentation_for(self.dataset) if cfg.augment else None
         self.fingerprint = fingerprint(as_dict(cfg), params.base.seed, self.real.digest, self.val.digest,
-                                       self.manifest["synthetic"]["sha256"], self.manifest["indices_sha256"],
+                                       self.manifest.synthetic.sha256, self.manifest.indices_sha256,
                                        self.fraction)
         self.epoch, self.history, self.run_id = 0, [], None
 
@@ -228,11 +228,11 @@ def run(params: Params) -> dict:
 def _log_inputs(tracked, trainer: Trainer) -> None:
     tracked.log_store(trainer.real, "real/train", context="training")
     tracked.log_store(trainer.val, "real/val", context="validation")
-    synthetic = trainer.manifest["synthetic"]
-    tracked.log_dataset("synthetic", str(Path(synthetic["path"]).resolve()), synthetic["sha256"], context="training",
-                        used=synthetic["used"], fraction=trainer.fraction)
-    tracked.log_params({"mix.synthetic_fraction": trainer.fraction, "mix.synthetic_used": synthetic["used"],
-                        "mix.synthetic_sha256": synthetic["sha256"], "model.num_classes": len(trainer.real.classes),
+    synthetic = trainer.manifest.synthetic
+    tracked.log_dataset("synthetic", str(Path(synthetic.path).resolve()), synthetic.sha256, context="training",
+                        used=synthetic.used, fraction=trainer.fraction)
+    tracked.log_params({"mix.synthetic_fraction": trainer.fraction, "mix.synthetic_used": synthetic.used,
+                        "mix.synthetic_sha256": synthetic.sha256, "model.num_classes": len(trainer.real.classes),
                         "steps_per_epoch": trainer.sampler.steps_per_epoch, "total_steps": trainer.total_steps,
                         "attack.step_size_used": trainer.cfg.attack.step_size or default_step_size(
                             trainer.cfg.attack.norm, trainer.cfg.attack.eps, trainer.cfg.attack.steps)})

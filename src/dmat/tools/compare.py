@@ -66,6 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports/compare", metavar="DIR",
                         help="where the tables and the picture go (default reports/compare)")
     parser.add_argument("--no-log", action="store_true", help="do not log the tables to a `compare` MLflow run")
+    parser.add_argument("--doc", metavar="FILE",
+                        help="also put the Markdown tables into FILE, between its lines `<!-- compare: DIR -->` and "
+                             "`<!-- /compare -->` (a docs page that publishes the result; DIR is --out)")
     parser.epilog = ("Variants are DVC experiments (`dmat queue GRID`, or `dvc exp run --queue -S KEY=VALUE "
                      "-S base.seed=0,1,2`); every run carries the tags dmat.variant and dmat.seed.")
 
@@ -154,6 +157,14 @@ class Table:
     contrasts: list[Contrast] = field(default_factory=list)
 
 
+def table_from_json(data: dict[str, Any]) -> Table:
+    """A table as `compare.json` holds it (what a committed result is checked against)."""
+    variants = [Variant(**{**v, "clean": Accuracy(**v["clean"]), "robust": Accuracy(**v["robust"])})
+                for v in data["variants"]]
+    return Table(**{**data, "variants": variants, "comparisons": [Comparison(**c) for c in data["comparisons"]],
+                    "contrasts": [Contrast(**c) for c in data.get("contrasts", [])]})
+
+
 def run(args: argparse.Namespace) -> int:
     from dmat.errors import DataError, TrackingError
     from dmat.tools.grid import GridError, load_grid
@@ -178,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(err), EXIT_FAILED)
     out = Path(args.out)
     files = write_outputs(table, out)
+    if args.doc:
+        try:
+            publish(Path(args.doc), out, markdown(table))
+        except (OSError, LookupError) as err:
+            return _fail(str(err), EXIT_USAGE)
     if not args.no_log:
         try:
             log_comparison(files, experiments[0], table)
@@ -467,6 +483,23 @@ def write_outputs(table: Table, out: Path) -> list[Path]:
             tmp.write_text(text, encoding="utf-8")
     _plot(table, out / "compare.png")
     return [out / name for name in texts] + [out / "compare.png"]
+
+
+def doc_markers(out: Path) -> tuple[str, str]:
+    return f"<!-- compare: {out.as_posix()} -->", "<!-- /compare -->"
+
+
+def publish(doc: Path, out: Path, text: str) -> None:
+    """Put `text` into `doc` between the markers of the result directory `out` (the page a result is quoted on)."""
+    from dmat.files import atomic_path
+
+    page = doc.read_text(encoding="utf-8")
+    begin, end = doc_markers(out)
+    if begin not in page or end not in page.split(begin, 1)[1]:
+        raise LookupError(f"{doc} has no lines {begin} ... {end} to put the tables between")
+    before, rest = page.split(begin, 1)
+    with atomic_path(doc) as tmp:
+        tmp.write_text(f"{before}{begin}\n{text}{end}{rest.split(end, 1)[1]}", encoding="utf-8")
 
 
 def _variants_csv(table: Table) -> str:

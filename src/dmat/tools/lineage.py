@@ -41,7 +41,7 @@ WORST_FIRST = (STALE, MISSING, VERIFIED)  # a stage shows its worst check: chang
 STAGE_TITLES = {  # chain order: downstream first
     "export": "exported model", "evaluation": "evaluation", "classifier": "classifier training",
     "mixed": "mixed-data manifest", "synthetic": "generated store", "diffusion": "diffusion model",
-    "real": "real data", "source": "real-data source",
+    "real": "real data", "source": "real-data source", "external": "generated-data source",
 }
 HEX_DIGEST = re.compile(r"^[0-9a-f]{32,64}(\.dir)?$")
 ARTIFACTS = (f"{layout.EXPORT_DIR}/{{{','.join(layout.EXPORTED_FILES)}}} (or a copy of one), "
@@ -494,6 +494,9 @@ def build_store(ws: Workspace, node: Node) -> dict:
 
 def build_synthetic(ws: Workspace, node: Node) -> None:
     source = build_store(ws, node)
+    if source.get("kind") == "external":
+        _external_files(ws, node, source)
+        return
     diffusion = source.get("diffusion")
     node.details["sampler"] = (f"{source.get('sampler')}, {source.get('steps')} steps, seed {source.get('seed')}, "
                                f"guidance {source.get('guidance', 1.0)}, filter_keep {source.get('filter_keep')}")
@@ -508,6 +511,21 @@ def build_synthetic(ws: Workspace, node: Node) -> None:
     if node.facts.get("sha256"):
         _found_run(ws, node, "generate", input_digest=node.facts["sha256"])
     node.upstream.append(key)
+
+
+def _external_files(ws: Workspace, node: Node, source: dict) -> None:
+    """generate.source external: the store came from files made elsewhere, each recorded with its sha256."""
+    files = source.get("files", [])
+    node.details["source"] = (f"external {source.get('format')}: {len(files)} file(s), {source.get('images')} images, "
+                              f"filter_keep {source.get('filter_keep')}")
+    for index, file in enumerate(files):
+        path = Path(file["path"])
+        key = node_key("external", (path if path.is_absolute() else ws.root / path).resolve())
+        by = f"{ws.display(node.path / META_FILE)} source.files[{index}].sha256"
+        node.record(key, "sha256", file.get("sha256"), by)
+        node.upstream.append(key)
+    if node.facts.get("sha256"):
+        _found_run(ws, node, "generate", input_digest=node.facts["sha256"])
 
 
 def build_diffusion(ws: Workspace, node: Node) -> None:
@@ -555,6 +573,7 @@ def build_source(ws: Workspace, node: Node) -> None:
 BUILDERS: dict[str, Callable[[Workspace, Node], Any]] = {
     "export": build_export, "evaluation": build_evaluation, "classifier": build_classifier, "mixed": build_mixed,
     "synthetic": build_synthetic, "diffusion": build_diffusion, "real": build_real, "source": build_source,
+    "external": build_source,
 }
 
 
@@ -645,10 +664,10 @@ def trace(ws: Workspace, start: str) -> list[Node]:
 
 
 def in_layout(ws: Workspace, node: Node) -> bool:
-    """Whether a pipeline stage wrote the node's path (not the real-data source, nor a copy of a model)."""
+    """Whether a pipeline stage wrote the node's path (not a data source, nor a copy of a model)."""
     if node.kind == "export":
         return node.path.parent == ws.root / layout.EXPORT_DIR
-    return node.kind != "source"
+    return node.kind not in ("source", "external")
 
 
 def _dvc_upstream(ws: Workspace, node: Node) -> list[str]:

@@ -1,0 +1,177 @@
+"""What stages hand each other, as typed records: checkpoint headers, the mix manifest, the evaluation report.
+
+Each record is a frozen dataclass with `to_json()` (plain data: JSON files, or the non-tensor part of a checkpoint,
+loadable with `weights_only=True`) and `from_json(data, where)`, which refuses data of another shape — a file
+written by an older DMAT, or edited by hand — with a `RecordError` naming the file and the missing or mistyped
+keys, so that the user knows which stage to run again. Field names are the keys on disk: one vocabulary
+(`clean_acc`, `robust_acc`, `mlflow_run_id`, ...) from the stage that writes a record to every reader.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+from dmat.errors import DataError
+
+R = TypeVar("R")
+
+
+class RecordError(DataError):
+    """A record of another shape: names the file and what is missing or wrong."""
+
+
+def to_json(record: Any) -> Any:
+    """A record (or a value inside one) as plain data; tuples become lists, None fields are kept."""
+    if dataclasses.is_dataclass(record):
+        return {f.name: to_json(getattr(record, f.name)) for f in dataclasses.fields(record)}
+    if isinstance(record, tuple | list):
+        return [to_json(v) for v in record]
+    if isinstance(record, dict):
+        return {k: to_json(v) for k, v in record.items()}
+    return record
+
+
+def from_json(cls: type[R], data: Any, where: str) -> R:
+    """`cls` from plain data, checking every field's presence and type; RecordError names `where` and the key."""
+    return _build(cls, data, where, "")
+
+
+def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecordError(f"{where}: {prefix or 'the record'} is not a mapping: written by another version of DMAT? "
+                          "Run the stage that writes it again")
+    hints = typing.get_type_hints(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecordError(f"{where}: missing {', '.join(prefix + name for name in missing)}: written by another "
+                          "version of DMAT? Run the stage that writes it again")
+    values = {f.name: _value(hints[f.name], data[f.name], where, prefix + f.name)
+              for f in dataclasses.fields(cls) if f.name in data}
+    return cls(**values)
+
+
+def _value(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _value(inner[0], value, where, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, key + ".")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise RecordError(f"{where}: {key} is not a list")
+        item = args[0] if args else Any
+        return tuple(_value(item, v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    expected = {int: int, float: (int, float), str: str, bool: bool, dict: dict, list: list}.get(origin or tp)
+    if expected is not None and (not isinstance(value, expected) or (tp in (int, float) and isinstance(value, bool))):
+        raise RecordError(f"{where}: {key} = {value!r} is not a {getattr(tp, '__name__', tp)}")
+    return float(value) if tp is float else value
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Threat:
+    norm: str
+    eps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """What rebuilds a classifier from the registry: its name, classes and the input normalisation it carries."""
+
+    name: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dataset: str = ""
+    input_shape: tuple[int, ...] = ()  # H, W, C of the store it trained on
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierHeader:
+    """A classifier checkpoint without its tensors (robust: `train`; reference: `train_reference`; imported)."""
+
+    format: str
+    model_config: ClassifierConfig
+    classes: tuple[str, ...]
+    mlflow_run_id: str | None = None
+    fingerprint: str = ""
+    epoch: int = 0
+    history: tuple[dict, ...] = ()
+    train_config: dict = dataclasses.field(default_factory=dict)
+    precision: dict | None = None
+    threat: Threat | None = None  # the threat model it was trained against (robust checkpoints)
+    source: dict | None = None  # where an imported checkpoint came from (file, sha256, key layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserConfig:
+    """What rebuilds a denoiser from the registry."""
+
+    name: str
+    img_resolution: int
+    in_channels: int
+    num_classes: int
+    label_dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionHeader:
+    """A diffusion checkpoint (`train_diffusion`) without its tensors."""
+
+    format: str
+    model_config: DenoiserConfig
+    classes: tuple[str, ...]
+    mlflow_run_id: str | None = None
+    fingerprint: str = ""
+    step: int = 0
+    adversarial: dict = dataclasses.field(default_factory=dict)
+    train_config: dict = dataclasses.field(default_factory=dict)
+    precision: dict | None = None
+    log: tuple[dict, ...] = ()
+
+
+# --- the mix manifest -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RealStoreRef:
+    path: str
+    sha256: str
+    images: int
+    class_counts: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedStoreRef:
+    """The store that supplies the generated share of each batch, and how much of it the mix uses."""
+
+    path: str
+    sha256: str
+    images: int
+    used: int
+    class_counts_used: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class MixManifest:
+    """data/mixed/manifest.json: which store supplies the generated share, which rows of it, in what share."""
+
+    real: RealStoreRef
+    source: str  # mix.source: generated | heldout_real
+    synthetic: MixedStoreRef
+    synthetic_fraction: float
+    synthetic_limit: int | None
+    seed: int
+    classes: tuple[str, ...]
+    indices_file: str
+    indices_sha256: str
