@@ -19,8 +19,10 @@
 # CUDA image, a mirror, Debian's own python3 + python3-venv). Every target installs into a virtual environment,
 # /opt/dmat, built in a stage of its own and copied into the runtime stage, never into the base's interpreter: Debian
 # and other distributions mark theirs "externally managed" (PEP 668) and refuse `pip install` there. Without a
-# registry, containers/build-local-base.sh makes such a plain Debian Python base:
+# registry, containers/build-local-base.sh makes a stand-in for the official image and (target debian-python) such a
+# plain Debian Python base:
 #   --build-arg PYTHON_IMAGE=localhost/dmat-base-python:3.11-bookworm
+#   --build-arg PYTHON_IMAGE=localhost/dmat-base-debian-python:bookworm
 # Podman: build with --format docker, or HEALTHCHECK is dropped (the OCI image format has none).
 #
 # Pinned by exact tag (Python patch release + Debian release). For byte-identical rebuilds pin the digest too:
