@@ -15,9 +15,14 @@
 #   docker build --target pipeline --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
 #       -t dmat-pipeline:cuda .
 #   docker run --rm --gpus all -v "$PWD:/workspace" dmat-pipeline:cuda dvc repro
-# PYTHON_IMAGE may name any other Debian-based image with Python 3.11 as `python` and `pip` (an in-house CUDA
-# image, a mirror). Without a registry, containers/build-local-base.sh makes one from Debian's packages:
+# PYTHON_IMAGE may name any other Debian-based image with Python 3.11 as `python3` and its `venv` module (an in-house
+# CUDA image, a mirror, Debian's own python3 + python3-venv). Every target installs into a virtual environment,
+# /opt/dmat, built in a stage of its own and copied into the runtime stage, never into the base's interpreter: Debian
+# and other distributions mark theirs "externally managed" (PEP 668) and refuse `pip install` there. Without a
+# registry, containers/build-local-base.sh makes a stand-in for the official image and (target debian-python) such a
+# plain Debian Python base:
 #   --build-arg PYTHON_IMAGE=localhost/dmat-base-python:3.11-bookworm
+#   --build-arg PYTHON_IMAGE=localhost/dmat-base-debian-python:bookworm
 # Podman: build with --format docker, or HEALTHCHECK is dropped (the OCI image format has none).
 #
 # Pinned by exact tag (Python patch release + Debian release). For byte-identical rebuilds pin the digest too:
@@ -35,9 +40,12 @@ LABEL org.opencontainers.image.vendor="DMAT" \
       org.opencontainers.image.version="${DMAT_VERSION}" \
       org.opencontainers.image.revision="${VCS_REF}" \
       org.opencontainers.image.base.name="${PYTHON_IMAGE}"
+# The virtual environment's python, pip and commands come first: `python`, `dmat`, `dvc`, `mlflow` are its own.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/dmat \
+    PATH=/opt/dmat/bin:$PATH
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The dmat wheel, built once and copied into each target: the final images hold no source tree and no build tools.
@@ -46,12 +54,22 @@ WORKDIR /build
 # pyproject.toml reads its dependencies and readme from these files.
 COPY pyproject.toml README.md requirements.txt requirements-dev.txt ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN python3 -m venv /tmp/build \
+    && /tmp/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pipeline's virtual environment: its dependencies only (the large layer), so that editing the source reuses it.
+FROM base AS pipeline-venv
+# CPU wheels by default; see the top of this file for CUDA. The extra index adds torch's CPU (or CUDA) wheels; the
+# local version label (+cpu) makes pip prefer them to PyPI's for the pinned torch==X.Y.Z.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# From the same pinned file the Makefile and CI install.
+COPY requirements.txt /tmp/dmat/requirements.txt
+RUN python3 -m venv /opt/dmat \
+    && pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/dmat/requirements.txt
 
 # ---------------------------------------------------------------------------------------------------------------------
 FROM base AS pipeline
-# CPU wheels by default; see the top of this file for CUDA.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 LABEL org.opencontainers.image.title="dmat-pipeline" \
       org.opencontainers.image.description="DMAT pipeline: dvc repro or any dmat stage (torch, DVC, MLflow)"
 # git: `dvc repro` works inside a git repository and every run is tagged with its commit.
@@ -64,11 +82,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends git tini \
     && rm -rf /var/lib/apt/lists/* \
     && git config --system --add safe.directory /workspace
-# Dependencies first, from the same pinned file the Makefile and CI install, so that editing the source
-# reuses this (large) layer. The extra index adds torch's CPU (or CUDA) wheels; the local version label
-# (+cpu) makes pip prefer them to PyPI's for the pinned torch==X.Y.Z.
-COPY requirements.txt /tmp/dmat/requirements.txt
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/dmat/requirements.txt
+COPY --from=pipeline-venv /opt/dmat /opt/dmat
 COPY --from=wheel /wheels /tmp/dmat/wheels
 RUN pip install --no-cache-dir --no-deps /tmp/dmat/wheels/dmat-*.whl \
     && rm -rf /tmp/dmat \
@@ -82,13 +96,19 @@ ENTRYPOINT ["tini", "--"]
 CMD ["dvc", "repro"]
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Only what serving needs: requirements-serve.txt (onnxruntime, numpy, pillow, mlflow-skinny), same pins as
+# requirements.txt.
+FROM base AS serve-venv
+COPY requirements-serve.txt /tmp/dmat/requirements-serve.txt
+RUN python3 -m venv /opt/dmat \
+    && pip install --no-cache-dir -r /tmp/dmat/requirements-serve.txt
+
+# ---------------------------------------------------------------------------------------------------------------------
 FROM base AS serve
 LABEL org.opencontainers.image.title="dmat-serve" \
       org.opencontainers.image.description="DMAT ONNX classifier over HTTP (onnxruntime only, no torch)"
-# Only what serving needs: requirements-serve.txt (onnxruntime, numpy, pillow, mlflow-skinny), same pins
-# as requirements.txt, and the package without its training dependencies.
-COPY requirements-serve.txt /tmp/dmat/requirements-serve.txt
-RUN pip install --no-cache-dir -r /tmp/dmat/requirements-serve.txt
+# The package without its training dependencies.
+COPY --from=serve-venv /opt/dmat /opt/dmat
 COPY --from=wheel /wheels /tmp/dmat/wheels
 RUN pip install --no-cache-dir --no-deps /tmp/dmat/wheels/dmat-*.whl \
     && rm -rf /tmp/dmat \
@@ -106,15 +126,20 @@ CMD ["/models/classifier.onnx", "--host", "0.0.0.0", "--port", "8080"]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # MLflow's own image lacks the PostgreSQL driver, so the compose file's tracking server is built here.
-FROM base AS tracking
+FROM base AS tracking-venv
 # Keep in step with requirements.txt (mlflow) and requirements-dev.txt (psycopg[binary]); a test checks.
 ARG MLFLOW_VERSION=3.17.2
 ARG PSYCOPG_VERSION=3.3.9
+RUN python3 -m venv /opt/dmat \
+    && pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" "psycopg[binary]==${PSYCOPG_VERSION}"
+
+# ---------------------------------------------------------------------------------------------------------------------
+FROM base AS tracking
 LABEL org.opencontainers.image.title="dmat-tracking" \
       org.opencontainers.image.description="MLflow tracking server with PostgreSQL support for DMAT teams"
+COPY --from=tracking-venv /opt/dmat /opt/dmat
 # /mlartifacts belongs to the server's user: a fresh named volume mounted there inherits that ownership.
-RUN pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" "psycopg[binary]==${PSYCOPG_VERSION}" \
-    && useradd --no-log-init --create-home --uid 10001 --user-group mlflow \
+RUN useradd --no-log-init --create-home --uid 10001 --user-group mlflow \
     && install -d -o 10001 -g 10001 /mlartifacts
 USER 10001:10001
 WORKDIR /home/mlflow

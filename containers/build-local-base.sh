@@ -6,7 +6,13 @@
 #   localhost/dmat-base-python:3.11-bookworm  Debian's Python 3.11 in a venv: stands in for python:3.11-slim-bookworm
 #   localhost/dmat-base-postgres:15-bookworm  Debian's PostgreSQL 15, configured like the official postgres image
 #
-# Usage (root: debootstrap needs it):   containers/build-local-base.sh [python] [postgres]   (default: both)
+# and, on request only (target debian-python), a base to prove the Dockerfile builds on a site's own image:
+#
+#   localhost/dmat-base-debian-python:bookworm  Debian's python3 and python3-venv, nothing more: externally managed
+#                                               (PEP 668), no venv, no pip on PATH
+#
+# Usage (root: debootstrap needs it):   containers/build-local-base.sh [python] [postgres] [debian-python]
+#                                       (default: python and postgres)
 # then build and run with them:
 #   podman build --format docker --build-arg PYTHON_IMAGE=localhost/dmat-base-python:3.11-bookworm --target serve ...
 #   PYTHON_IMAGE=... POSTGRES_IMAGE=... podman-compose up -d mlflow      (or put both in .env)
@@ -20,6 +26,7 @@ SUITE=bookworm
 DEBIAN_IMAGE=localhost/dmat-base-debian:${SUITE}
 PYTHON_IMAGE=localhost/dmat-base-python:3.11-${SUITE}
 POSTGRES_IMAGE=localhost/dmat-base-postgres:15-${SUITE}
+DEBIAN_PYTHON_IMAGE=localhost/dmat-base-debian-python:${SUITE}
 # Debian's own directory for extra CA certificates (the input of update-ca-certificates). Where TLS to the package
 # index passes through a proxy with its own CA, pip inside a build needs that CA: the base image carries it, so the
 # Dockerfile stays free of anything host-specific.
@@ -81,7 +88,8 @@ build_from_debian() {  # $1: Containerfile under containers/, $2: image name
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(python postgres)
 for target in "${targets[@]}"; do
-    [[ $target == python || $target == postgres ]] || die "unknown image '$target' (choose python and/or postgres)"
+    [[ $target == python || $target == postgres || $target == debian-python ]] \
+        || die "unknown image '$target' (choose from python, postgres, debian-python)"
 done
 command -v "$engine" >/dev/null || die "$engine not found (CONTAINER_ENGINE=podman or docker)"
 build_debian
@@ -89,6 +97,7 @@ for target in "${targets[@]}"; do
     case $target in
         python) build_from_debian python.Containerfile "$PYTHON_IMAGE" ;;
         postgres) build_from_debian postgres.Containerfile "$POSTGRES_IMAGE" ;;
+        debian-python) build_from_debian debian-python.Containerfile "$DEBIAN_PYTHON_IMAGE" ;;
     esac
 done
 echo "build-local-base: use them with PYTHON_IMAGE=$PYTHON_IMAGE POSTGRES_IMAGE=$POSTGRES_IMAGE"

@@ -96,6 +96,22 @@ def lineage(stages: dict[str, Stage], name: str) -> list[Stage]:
     return chain
 
 
+def build_chain(stages: dict[str, Stage], name: str) -> list[Stage]:
+    """The stage, the stages it builds on and the stages it copies from (`COPY --from`), each after what it uses."""
+    chain: list[Stage] = []
+
+    def visit(stage: Stage) -> None:
+        sources = [stage.parent] if stage.parent else []
+        sources += [m.group(1) for i in stage.find("COPY") if (m := re.search(r"--from=(\S+)", i.args))]
+        for source in sources:
+            if source in stages and stages[source] not in chain:
+                visit(stages[source])
+        chain.append(stage)
+
+    visit(stages[name])
+    return chain
+
+
 def shell_commands(run: Instruction) -> list[str]:
     return [part.strip() for part in re.split(r"&&|;|\|\|", run.args) if part.strip()]
 
@@ -217,7 +233,9 @@ def test_serve_is_health_checked_on_its_exposed_port(stages: dict[str, Stage]) -
 
 
 def test_serve_installs_no_torch(stages: dict[str, Stage]) -> None:
-    steps = [i for stage in lineage(stages, "serve") for i in stage.instructions if i.keyword in ("RUN", "COPY")]
+    # The wheel stage copies requirements.txt (pyproject.toml reads it) to build the package, not to install it.
+    steps = [i for stage in build_chain(stages, "serve") if stage.name != "wheel" for i in stage.instructions
+             if i.keyword in ("RUN", "COPY")]
     text = "\n".join(i.args for i in steps)
     assert "requirements-serve.txt" in text, "serve must install requirements-serve.txt"
     assert not re.search(r"(?<!-)requirements\.txt", text), "serve must not install the training requirements.txt"
@@ -239,7 +257,7 @@ def test_serve_requirements_have_no_torch_and_share_the_ci_pins() -> None:
 
 def test_pipeline_installs_the_requirements_ci_installs(stages: dict[str, Stage]) -> None:
     assert "-r requirements.txt" in (REPO_ROOT / "Makefile").read_text(), "the Makefile no longer installs it"
-    pipeline = lineage(stages, "pipeline")
+    pipeline = build_chain(stages, "pipeline")
     copies = {i.args.split()[-1]: i.args.split()[0] for s in pipeline for i in s.find("COPY") if "--from" not in i.args}
     installed = [m.group(1) for s in pipeline for i in s.find("RUN") for m in re.finditer(r"-r\s+(\S+)", i.args)]
     assert [copies.get(path) for path in installed] == ["requirements.txt"], (
@@ -249,11 +267,30 @@ def test_pipeline_installs_the_requirements_ci_installs(stages: dict[str, Stage]
 @pytest.mark.parametrize("target", ("pipeline", "serve"))
 def test_dependencies_are_installed_before_the_package_arrives(stages: dict[str, Stage], target: str) -> None:
     """Editing src/ must not invalidate the layer that installs the dependencies."""
-    instructions = [i for stage in lineage(stages, target) for i in stage.instructions]
+    instructions = [i for stage in build_chain(stages, target) for i in stage.instructions]
     requirement_install = next(n for n, i in enumerate(instructions) if i.keyword == "RUN" and " -r " in i.args)
     package = next(n for n, i in enumerate(instructions)
                    if i.keyword == "COPY" and ("--from=wheel" in i.args or re.search(r"(^|\s)\.?/?src\b", i.args)))
     assert requirement_install < package, f"{target}: dependencies must be installed before the package is copied"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_targets_run_from_a_virtual_environment_built_in_a_stage_of_its_own(stages: dict[str, Stage],
+                                                                            target: str) -> None:
+    """Nothing is installed into the base image's interpreter, which Debian and other distributions mark externally
+    managed (PEP 668): each target copies /opt/dmat, made with `python3 -m venv` in its build stage, first on PATH."""
+    environment = " ".join(i.args for stage in lineage(stages, target) for i in stage.find("ENV"))
+    assert "PATH=/opt/dmat/bin:$PATH" in environment, f"{target}: the virtual environment is not first on PATH"
+    (copy,) = [i for i in stages[target].find("COPY") if i.args.endswith("/opt/dmat /opt/dmat")]
+    venv_stage = stages[re.search(r"--from=(\S+)", copy.args).group(1)]
+    creates = [c for i in venv_stage.find("RUN") for c in shell_commands(i)]
+    assert creates[0] == "python3 -m venv /opt/dmat", f"{venv_stage.name} must create the environment before pip runs"
+    runtime_installs = [c for stage in lineage(stages, target) for i in stage.find("RUN") for c in shell_commands(i)
+                        if "pip install" in c]
+    first_copy = copy.line
+    assert all(i.line > first_copy for stage in lineage(stages, target) for i in stage.find("RUN")
+               if "pip install" in i.args), f"{target}: pip runs before the virtual environment is there"
+    assert all("--no-deps" in c for c in runtime_installs), f"{target}: only the dmat wheel is installed at run stage"
 
 
 def test_wheel_stage_copies_requirements_before_source(stages: dict[str, Stage]) -> None:
@@ -287,7 +324,7 @@ def test_images_carry_oci_labels(stages: dict[str, Stage], target: str) -> None:
 
 
 def test_tracking_image_pins_match_the_requirement_files(stages: dict[str, Stage]) -> None:
-    defaults = arg_defaults(stages["tracking"].instructions)
+    defaults = {k: v for stage in build_chain(stages, "tracking") for k, v in arg_defaults(stage.instructions).items()}
     assert "==" + defaults["MLFLOW_VERSION"] == requirement_pins(REPO_ROOT / "requirements.txt")["mlflow"]
     assert "==" + defaults["PSYCOPG_VERSION"] == requirement_pins(REPO_ROOT / "requirements-dev.txt")["psycopg"]
 

@@ -30,6 +30,10 @@ BUILD_LOCAL_BASE = CONTAINERS_DIR / "build-local-base.sh"
 # The stand-ins build-local-base.sh makes for python:3.11-slim-bookworm and the postgres image.
 LOCAL_BASE_IMAGES = {"PYTHON_IMAGE": ("python", "localhost/dmat-base-python:3.11-bookworm"),
                      "POSTGRES_IMAGE": ("postgres", "localhost/dmat-base-postgres:15-bookworm")}
+# A site's own Debian Python base (python3 and python3-venv, externally managed, no pip): the serve image must build on
+# it too. build-local-base.sh makes it only when asked (target debian-python), under a name of its own: the stand-ins
+# above keep the names and contents main's recipe gives them.
+PLAIN_DEBIAN_PYTHON = ("debian-python", "localhost/dmat-base-debian-python:bookworm")
 COMMAND_TIMEOUT_S = 180
 BUILD_TIMEOUT_S = 1800
 RLIMITS = {"nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC}
@@ -100,6 +104,18 @@ def base_images() -> dict[str, str]:
         unavailable(f"local base images {missing} missing, and building them needs root: run "
                     f"{BUILD_LOCAL_BASE.relative_to(REPO_ROOT)} as root, or set PYTHON_IMAGE/POSTGRES_IMAGE")
     return images
+
+
+def plain_debian_python() -> str:
+    """The plain Debian Python base, built through containers/build-local-base.sh as root (engine-cached: seconds when
+    nothing changed), so that an image someone else tagged with its name is never taken on trust."""
+    target, name = PLAIN_DEBIAN_PYTHON
+    if os.geteuid() == 0:
+        run([str(BUILD_LOCAL_BASE), target], timeout=BUILD_TIMEOUT_S)
+    elif podman("image", "exists", name, check=False).returncode != 0:
+        unavailable(f"{name} missing, and building it needs root: run {BUILD_LOCAL_BASE.relative_to(REPO_ROOT)} "
+                    f"{target} as root")
+    return name
 
 
 def compose_image(service: str) -> str:

@@ -102,6 +102,25 @@ def test_runs_as_non_root_without_torch(served: tuple[str, str]) -> None:
     assert result.returncode != 0 and "No module named 'torch'" in result.stderr, result.stderr
 
 
+PLAIN_SERVE_TAG = "localhost/dmat-serve-test:plain-debian-python"
+PROBE = ("import importlib.util, pathlib, sys, sysconfig; print(sys.prefix, importlib.util.find_spec('pip') is not "
+         "None, pathlib.Path(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED').is_file())")
+
+
+def test_it_builds_and_serves_on_a_plain_debian_python_from_a_virtual_environment(tiny_pipeline: Path) -> None:
+    """A site's own Debian-based Python image: python3 marked externally managed (PEP 668), no venv, no pip. The serve
+    target builds on it (pip runs only inside /opt/dmat, the image's own virtual environment) and serves the model."""
+    base = engine.plain_debian_python()
+    assert engine.podman("run", "--rm", base, "python3", "-c", PROBE).stdout.split() == ["/usr", "False", "True"], \
+        f"{base} is not a plain, externally managed Debian Python"
+    image = engine.build("serve", PLAIN_SERVE_TAG, base)
+    assert engine.podman("run", "--rm", "--entrypoint", "python", image, "-c", PROBE).stdout.split()[:2] == \
+        ["/opt/dmat", "True"], "the serve image's python is not its virtual environment's"
+    port = free_port()
+    with engine.container(image, *run_args(image, (tiny_pipeline / EXPORTED_MODEL).parent, port)) as name:
+        engine.wait_for_http(f"http://127.0.0.1:{port}/health", START_TIMEOUT_S, lambda: engine.logs(name))
+
+
 def test_stops_cleanly_within_two_seconds(serve_image: str, tiny_pipeline: Path) -> None:
     """`podman stop` sends SIGTERM through the init process; the server must exit 0 at once, not be killed."""
     port = free_port()

@@ -20,14 +20,17 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmat.config import Params, ParamsError, as_dict, flatten, parse_params, read_yaml
 from dmat.execution import SEED_KEY, variant_label
 from dmat.known_distribution_config import KnownDistributionParams
 
+if TYPE_CHECKING:
+    from dmat.tools.slurm import Resources
+
 NAME = re.compile(r"^[a-z0-9][a-z0-9\-]{0,40}$")  # DVC experiment names are built from these
-KEYS = {"profile", "name", "seeds", "baseline", "targets", "variants", "contrasts", "pipeline", "axes"}
+KEYS = {"profile", "name", "seeds", "baseline", "targets", "variants", "contrasts", "pipeline", "axes", "slurm"}
 # The repository's pipelines: dvc.yaml -> the params class of its params file (which knows the file's path).
 PIPELINES: dict[str, type] = {schema.DVC_FILE: schema for schema in (Params, KnownDistributionParams)}
 
@@ -55,6 +58,7 @@ class Grid:
     params_file: str = Params.PARAMS_FILE  # that pipeline's params file, which `dvc exp run -S` sets
     axes: dict[str, dict[str, str]] | None = None  # variant name -> {axis: value name}, for grids of `axes`
     report: str = Params.GRID_REPORT  # the command that reads the grid's runs back
+    slurm: Resources | None = None  # what each run asks SLURM for under `dmat queue --slurm` (the `slurm:` block)
 
     def experiment_name(self, variant: str, seed: int) -> str:
         return f"{self.name}-{variant}-s{seed}"
@@ -79,7 +83,7 @@ def load_grid(path: str | Path, root: Path | None = None) -> Grid:
     if (not isinstance(raw, dict) or set(raw) - KEYS or "profile" not in raw
             or ("variants" in raw) == ("axes" in raw)):
         raise GridError(f"{path}: expected a mapping with 'profile' and 'variants' (or instead 'axes'; optionally "
-                        "'name', 'seeds', 'baseline', 'targets', 'contrasts', 'pipeline'); got "
+                        "'name', 'seeds', 'baseline', 'targets', 'contrasts', 'pipeline', 'slurm'); got "
                         f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
     pipeline = str(raw.get("pipeline", Params.DVC_FILE))
     if pipeline not in PIPELINES:
@@ -112,7 +116,8 @@ def load_grid(path: str | Path, root: Path | None = None) -> Grid:
                 targets=tuple(targets), variants=variants, labels=labels,
                 experiment=parse_params(profile_raw, schema).base.experiment,
                 contrasts=_contrasts(path, raw.get("contrasts", {}), variants), pipeline=pipeline,
-                params_file=schema.PARAMS_FILE, axes=axes, report=schema.GRID_REPORT)
+                params_file=schema.PARAMS_FILE, axes=axes, report=schema.GRID_REPORT,
+                slurm=_slurm(path, raw.get("slurm")))
 
 
 def apply_changes(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -233,6 +238,15 @@ def _contrasts(path: Path, contrasts: Any, variants: dict[str, dict[str, Any]]) 
                             f"they sum to {sum(weights.values()):g}")
         out[name] = {variant: float(weight) for variant, weight in weights.items()}
     return out
+
+
+def _slurm(path: Path, block: Any) -> Resources:
+    from dmat.tools.slurm import parse_resources
+
+    try:
+        return parse_resources(block, str(path))
+    except ValueError as err:
+        raise GridError(str(err)) from None
 
 
 def _check_distinct(path: Path, labels: dict[str, str]) -> None:

@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dmat.tools import slurm
+
 if TYPE_CHECKING:
     from dmat.tools.grid import Grid
 
@@ -43,6 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", action="append", metavar="NAME",
                         help="queue only this variant (repeatable; default: all), e.g. the ones a stopped run lacks")
     parser.add_argument("--dry-run", action="store_true", help="print the dvc commands instead of running them")
+    slurm.configure(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +61,16 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.variant or []) - set(grid.variants))
     if unknown:
         print(f"dmat queue: error: {args.grid}: no variant {unknown[0]!r}; it has {', '.join(grid.variants)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.slurm:
+        if args.start:
+            print("dmat queue: error: --start starts local queue workers; with --slurm SLURM runs the grid",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return slurm.run(args, grid, root)
+    if args.status:
+        print("dmat queue: error: --status shows a grid's SLURM tasks: add --slurm (local queue: dvc queue status)",
               file=sys.stderr)
         return EXIT_USAGE
     commands = queue_commands(grid, args.variant)
@@ -106,12 +119,17 @@ def queue_commands(grid: Grid, only: list[str] | None = None) -> list[tuple[str,
     for variant, changes in grid.variants.items():
         if only and variant not in only:
             continue
-        sets = [arg for key, value in changes.items() for arg in ("-S", f"{file}{key}={_yaml_value(value)}")]
+        sets = set_args(changes, file)
         for seed in grid.seeds:
             name = grid.experiment_name(variant, seed)
             commands.append((name, ["dvc", "exp", "run", "--queue", "-n", name, *sets, "-S", f"{file}base.seed={seed}",
                                     *targets]))
     return commands
+
+
+def set_args(changes: dict[str, object], file: str = "") -> list[str]:
+    """A variant's changes as `dvc exp run` arguments: `-S [FILE:]KEY=VALUE` each (FILE: another pipeline's)."""
+    return [arg for key, value in changes.items() for arg in ("-S", f"{file}{key}={_yaml_value(value)}")]
 
 
 def _queue_with_profile(params_file: Path, profile_text: str, commands: list[tuple[str, list[str]]]) -> list[str]:
