@@ -144,16 +144,18 @@ def reused_stages(exclude: set[str]) -> list[str]:
         return []
     reused = []
     try:
-        for stage in repo.index.stages:
-            name = getattr(stage, "addressing", "")
-            if name not in exclude and layout.metrics_file(name.replace("@", "_")).is_file():
-                try:
-                    if not stage.changed():
-                        reused.append(name)
-                except DvcException:  # locked by the running stage: downstream of it
-                    continue
-    except Exception as err:  # a broken dvc.yaml or dvc.lock: DVC itself will say so
-        print(f"dmat: cannot ask DVC which stages are up to date ({err})", file=sys.stderr)
+        # DVC releases its repository lock while a stage's command runs; asking a stage whether it changed needs it
+        with repo.lock:
+            for stage in repo.index.stages:
+                name = getattr(stage, "addressing", "")
+                if name not in exclude and layout.metrics_file(name.replace("@", "_")).is_file():
+                    try:
+                        if not stage.changed():
+                            reused.append(name)
+                    except DvcException:  # read-locked by the running stage: downstream of it
+                        continue
+    except Exception as err:  # a broken dvc.yaml or dvc.lock, or the lock held: DVC itself will say so
+        print(f"dmat: cannot ask DVC which stages are up to date ({err!r})", file=sys.stderr)
     finally:
         repo.close()
     return sorted(reused)
