@@ -25,7 +25,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 # own files, the resumable checkpoints it keeps until it publishes (.dmat/), and torchvision's download folder.
 UNDECLARED_OK = ("params.yaml", "src/", ".dmat/", ".dvc/", ".git/", "mlflow.db", "mlruns/", "data/downloads/")
 # What DVC reads when a stage asks it which stages are current (dmat.execution): the pipeline and its ignore files.
-DVC_OWN_FILES = ("dvc.yaml", "dvc.lock", ".gitignore", ".dvcignore")
+DVC_OWN_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".gitignore", ".dvcignore")  # params: of every pipeline
 STAGING = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-[^/]*$")  # dmat.files.atomic_path's siblings of a target
 
 
@@ -40,7 +40,8 @@ def install(stage: str) -> None:
         if event != "open" or not isinstance(args[0], str | bytes | os.PathLike):
             return
         path = Path(os.fsdecode(args[0]))
-        path = (path if path.is_absolute() else root / path).resolve()
+        # relative to the directory the process is in now: libraries (MLflow saving a model) chdir into temp dirs
+        path = (path if path.is_absolute() else Path.cwd() / path).resolve()
         if path.is_relative_to(root):
             mode, flags = args[1], args[2] if len(args) > 2 else 0
             writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE_FLAGS)
@@ -48,8 +49,11 @@ def install(stage: str) -> None:
             opened[key] = opened.get(key, False) or writes
 
     def dump() -> None:
+        # A read of a path that does not exist is a library probing (MLflow looks for a local `model` folder before
+        # logging one), nor is opening a folder: only files that exist when the stage ends are recorded as read.
+        records = [(p, w) for p, w in sorted(opened.items()) if w or (root / p).is_file()]
         with open(target, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"stage": stage, "path": p, "write": w}) + "\n" for p, w in sorted(opened.items()))
+            f.writelines(json.dumps({"stage": stage, "path": p, "write": w}) + "\n" for p, w in records)
 
     atexit.register(dump)
     sys.addaudithook(hook)

@@ -115,6 +115,8 @@ def headline_metrics(stage: str) -> dict[str, float]:
     prefix, _, threat = stage.partition("@")
     name = f"{prefix}_{threat}" if threat else prefix
     path = layout.metrics_file(name)
+    if not path.is_file():  # never opened when absent: opening is reading, for the audit of what a stage reads
+        return {}
     try:
         numbers = json.loads(path.read_text())
     except FileNotFoundError:

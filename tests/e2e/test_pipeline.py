@@ -232,7 +232,8 @@ def test_robustness_command_on_the_exported_artifacts(pipeline: Path, tmp_path: 
     assert black_box["clean_acc"] == white_box["clean_acc"]
 
 
-EXP_SHOW_COLUMN_BUDGET = 200  # today about 165: metrics ~57, params ~58 (tiny params), deps ~50
+EXP_SHOW_COLUMN_BUDGET = 300  # today about 275: metrics ~60, params ~130 (the tiny params and the known-distribution
+# benchmark's params file, which DVC shows too), deps ~80; the README's command keeps 160 columns (tested below)
 HEADLINE_BUDGET = 12  # numbers per metrics file
 
 
@@ -249,6 +250,14 @@ def test_metrics_files_hold_headline_numbers_and_exp_show_stays_narrow(pipeline:
     assert columns <= EXP_SHOW_COLUMN_BUDGET, f"`dvc exp show --md` has {columns} columns"
 
 
+def image_pipeline_status(project: Path) -> dict:
+    """`dvc status` of the image pipeline's stages: not the other pipelines' (`path/dvc.yaml:stage`, never run
+    here), nor fetch and fetch_generated (`always_changed`: they check data outside DVC's view on every repro)."""
+    status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
+    return {stage: changes for stage, changes in status.items()
+            if ":" not in stage and stage not in ("fetch", "fetch_generated")}
+
+
 def test_a_code_change_marks_the_stage_that_runs_it_and_what_follows(pipeline: Path, tmp_path: Path) -> None:
     """dvc.yaml lists each stage's whole import closure: editing the guidance code invalidates `generate`."""
     import networkx as nx
@@ -257,9 +266,7 @@ def test_a_code_change_marks_the_stage_that_runs_it_and_what_follows(pipeline: P
     project = project_copy(pipeline, tmp_path)
     guidance = project / "src/dmat/core/guidance.py"
     guidance.write_text(guidance.read_text() + "\nGUIDANCE_EDITED = True\n")
-    status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
-    for always in ("fetch", "fetch_generated"):  # `always_changed`: they check data outside DVC's view on every repro
-        status.pop(always, None)
+    status = image_pipeline_status(project)
     assert status == {"generate": [{"changed deps": {"src/dmat/core/guidance.py": "modified"}}]}
     with Repo(str(project)) as repo:  # everything downstream of generate reruns once data/synthetic changes
         graph = repo.index.graph
@@ -279,9 +286,7 @@ def test_a_diffusion_variant_reruns_the_diffusion_chain_but_not_the_reference(pi
 
     project = project_copy(pipeline, tmp_path)
     apply_overrides(str(project / "params.yaml"), ["train_diffusion.adversarial.mode=none"])  # what `-S` does
-    status = json.loads(run([str(BIN_DIR / "dvc"), "status", "--json"], project).stdout)
-    status.pop("fetch", None)
-    status.pop("fetch_generated", None)
+    status = image_pipeline_status(project)
     assert status == {"train_diffusion": [{"changed deps": {"params.yaml": {"train_diffusion": "modified"}}}]}
     with Repo(str(project)) as repo:
         graph = repo.index.graph
