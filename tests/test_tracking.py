@@ -49,7 +49,8 @@ def test_stage_with_unreachable_server_exits_in_seconds(tmp_path: Path, image_ar
 
 def test_params_paths_resolve_against_the_project_root_from_dvc_temp_copies(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """`dvc exp run --queue` runs stages in <root>/.dvc/tmp/exps/<name>: ../shared is beside <root>, not the copy."""
+    """`dvc exp run --queue` runs stages in <root>/.dvc/tmp/exps/<name>: the data directory beside <root> is not
+    beside the copy."""
     from dmat.files import in_project
 
     (tmp_path / ".dvc").mkdir()

@@ -97,7 +97,7 @@ def project_root(start: Path | None = None) -> Path:
 def in_project(path: str | Path) -> Path:
     """A path from params.yaml: absolute as given, relative to the project root. In DVC's temporary copies
     (`dvc exp run --temp/--queue`), which hold only the repository's files, that is the real project's root,
-    where the data beside it (../shared) and the download directory are."""
+    where the data directory beside the checkout and the download directory are."""
     path = Path(path)
     if path.is_absolute():
         return path
