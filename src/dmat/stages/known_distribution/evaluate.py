@@ -45,6 +45,7 @@ SECTIONS = ("base", "data", "train", "evaluate")  # the condition and the AT mod
 # Random streams of the evaluation, keyed (evaluate.seed, purpose, truth[, noise level]).
 CURVE, WEIGHTED, LATENTS, TRUE_REFERENCE, TRUE_FLOOR, PROJECTIONS, ATTACK = range(7)
 PICTURE_SAMPLES = 32  # images shown for image-shaped truths
+VIEW_LIMIT = 4.0  # the 2-D picture shows at most this many times the truth's extent: beyond it the density's contours vanish
 
 Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -176,8 +177,12 @@ def write_outputs(truth: str, title: str, metrics: dict[str, float], curve: list
 
 def _scatter(path: Path, title: str, mixture: GaussianMixture, samples: Tensor, training: Tensor) -> None:
     """Model samples and training points over the true density's contours; the view holds the truth and
-    nearly all samples (outliers of the training set beyond it are not drawn)."""
-    ticks, log_density = log_density_grid(mixture, max(1.25 * mixture.extent(), float(samples.abs().quantile(0.995))))
+    nearly all samples, up to VIEW_LIMIT times the truth's extent (points beyond it, such as the training set's
+    outliers or a diverged sampler's output, are not drawn)."""
+    finite = samples[torch.isfinite(samples).all(dim=1)]
+    spread = float(finite.abs().quantile(0.995)) if len(finite) else 0.0
+    extent = mixture.extent()
+    ticks, log_density = log_density_grid(mixture, min(max(1.25 * extent, spread), VIEW_LIMIT * extent))
     save_scatter_over_density(path, ticks.numpy(), log_density.numpy(),
                               [("training points", training.numpy(), "0.6"), ("samples", samples.numpy(), "tab:blue")],
                               title=title)
