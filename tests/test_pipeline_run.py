@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,57 @@ def test_pipeline_status_reads_the_latest_run_of_each_stage() -> None:
         "FAILED", ["evaluate@linf"])
     assert pipeline_status([("train", "KILLED", 2), ("verify", "RUNNING", 3)]) == ("KILLED", ["train"])
     assert pipeline_status([("verify", "RUNNING", 3)]) == ("FINISHED", [])
+
+
+REUSE_PROBE = """\
+import json, sys
+from dmat.execution import reused_stages
+json.dump(reused_stages(exclude={"probe"}), open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["workspace", "queue-worker"])
+def test_a_stage_learns_which_stages_dvc_reused_in_the_workspace_and_in_a_queue_worker(
+        tmp_path: Path, queued: bool) -> None:
+    """`reused` is up to date when `probe` runs (its metrics file exists): the probe names it, whether DVC runs
+    the experiment in the checkout or in a queue worker's copy of it (where $DVC_ROOT still names the checkout)."""
+    import sys
+
+    (tmp_path / "probe.py").write_text(REUSE_PROBE)
+    seen = tmp_path.parent / f"seen-{tmp_path.name}.json"  # outside the project: DVC's copies do not move it
+    (tmp_path / "params.yaml").write_text("probe: 1\n")
+    (tmp_path / "dvc.yaml").write_text(f"""stages:
+  reused:
+    cmd: {sys.executable} -c "import os; os.makedirs('metrics', exist_ok=True); open('metrics/reused.json', 'w').write('{{}}')"
+    metrics: [metrics/reused.json: {{cache: false}}]
+  probe:
+    cmd: {sys.executable} probe.py {seen}
+    deps: [metrics/reused.json, probe.py]
+    params: [probe]
+""")
+    env = {**os.environ, **GIT_ENV, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env.pop("DVC_ROOT", None)
+    env.pop("DVC_STAGE", None)
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, cwd=tmp_path, check=True, env=env, stdout=subprocess.DEVNULL)
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("dvc", "repro", "reused")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "reused stage ran")
+    if queued:
+        run("dvc", "exp", "run", "--queue", "-S", "probe=2")
+        run("dvc", "queue", "start", "-j", "1")
+        for _ in range(240):
+            status = subprocess.run(["dvc", "queue", "status"], cwd=tmp_path, env=env, capture_output=True,
+                                    text=True).stdout
+            if any(word in status for word in ("Success", "Failed")):
+                break
+            time.sleep(0.5)
+        run("dvc", "queue", "stop", "--kill")
+        assert "Success" in status, status
+    else:
+        run("dvc", "exp", "run", "-S", "probe=2")
+    assert json.loads(seen.read_text()) == ["reused"]

@@ -141,7 +141,9 @@ def reused_stages(exclude: set[str]) -> list[str]:
         from dvc.exceptions import DvcException
         from dvc.repo import Repo
 
-        repo = Repo(os.environ.get("DVC_ROOT") or None)
+        # The repository around the stage's working directory, not $DVC_ROOT: a `dvc queue` worker runs the
+        # experiment in a copy under .dvc/tmp/exps/ and still sets DVC_ROOT to the original checkout
+        repo = Repo()
     except Exception:  # not a DVC project, or DVC cannot read it: nothing is known to be reused
         return []
     reused = []

@@ -131,8 +131,6 @@ def test_pipeline_params_and_metrics_equal_the_stage_values_they_were_copied_fro
             assert {i["dataset"]["digest"] for i in stage["inputs"].get("dataset_inputs", [])} <= inputs
 
 
-@pytest.mark.xfail(reason="known broken (issue 29): pipeline runs of queued experiments get no dmat.reused_stages tag; "
-                          "execution.reused_stages finds no reused stage inside a DVC queue worker's run")
 def test_stages_taken_from_the_run_cache_bring_the_numbers_recorded_when_they_ran(ui: dict[str, str]) -> None:
     parents, children = runs_of(ui["base"])
     by_name = {p["info"]["run_name"]: p for p in parents.values()}
