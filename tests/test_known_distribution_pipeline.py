@@ -155,3 +155,19 @@ def test_profile_variant_labels_are_the_changes_from_the_pipelines_own_file() ->
 
     label = variant_label(parse_params(raw, KnownDistributionParams), flatten(as_dict(reference)))
     assert label == 'train.adversarial.mode="adversarial"'
+
+
+def test_the_2d_picture_is_drawn_when_the_sampler_diverged(tmp_path: Path) -> None:
+    """A diverged model (samples at 1e22, as the invariance ablation makes at λ = 3) still gets its picture: the
+    view stops at a few times the truth's extent instead of flattening the density's contours to nothing."""
+    import torch
+
+    from dmat.artifacts.known_distribution import truth_of
+    from dmat.stages.known_distribution.evaluate import _scatter
+
+    params = load_params(PIPELINE / "params.yaml", KnownDistributionParams)
+    mixture = truth_of(params.truths["ring"])
+    samples = torch.cat([mixture.sample(64, torch.Generator().manual_seed(0))[0], torch.full((64, 2), 1e22)])
+    picture = tmp_path / "samples.png"
+    _scatter(picture, "diverged", mixture, samples, mixture.sample(32, torch.Generator().manual_seed(1))[0])
+    assert picture.read_bytes().startswith(b"\x89PNG")
