@@ -121,6 +121,7 @@ def test_pipeline_status_reads_the_latest_run_of_each_stage() -> None:
     assert pipeline_status([("verify", "RUNNING", 3)]) == ("FINISHED", [])
 
 
+WRITE_METRICS = "import os; os.makedirs('metrics', exist_ok=True); open('metrics/reused.json', 'w').write('{}')"
 REUSE_PROBE = """\
 import json, sys
 from dmat.execution import reused_stages
@@ -140,7 +141,7 @@ def test_a_stage_learns_which_stages_dvc_reused_in_the_workspace_and_in_a_queue_
     (tmp_path / "params.yaml").write_text("probe: 1\n")
     (tmp_path / "dvc.yaml").write_text(f"""stages:
   reused:
-    cmd: {sys.executable} -c "import os; os.makedirs('metrics', exist_ok=True); open('metrics/reused.json', 'w').write('{{}}')"
+    cmd: {sys.executable} -c "{WRITE_METRICS}"
     metrics: [metrics/reused.json: {{cache: false}}]
   probe:
     cmd: {sys.executable} probe.py {seen}

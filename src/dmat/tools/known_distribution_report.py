@@ -53,6 +53,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the axis compared and its reference value (default mode=none)")
     parser.add_argument("--from-csv", action="store_true",
                         help="recompute summary.csv and summary.md from DIR/per_seed.csv, without MLflow")
+    parser.add_argument("--doc", metavar="FILE",
+                        help="also write the tables into FILE between `<!-- compare: DIR -->` and `<!-- /compare -->` "
+                             "(the docs page that publishes the result; DIR is --out)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
     write_csv(out / "summary.csv", [vars(row) for row in summary])
     text = markdown(summary, axis, reference, len({r["seed"] for r in rows}))
     (out / "summary.md").write_text(text, encoding="utf-8")
+    if args.doc:
+        from dmat.tools.compare import publish
+
+        try:
+            publish(Path(args.doc), out, text)
+        except (OSError, LookupError) as err:
+            return _fail(str(err), EXIT_USAGE)
     print(text)
     print(f"dmat known-distribution report: {len(rows)} runs -> {out}", file=sys.stderr)
     return EXIT_OK

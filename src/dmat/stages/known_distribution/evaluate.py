@@ -45,7 +45,8 @@ SECTIONS = ("base", "data", "train", "evaluate")  # the condition and the AT mod
 # Random streams of the evaluation, keyed (evaluate.seed, purpose, truth[, noise level]).
 CURVE, WEIGHTED, LATENTS, TRUE_REFERENCE, TRUE_FLOOR, PROJECTIONS, ATTACK = range(7)
 PICTURE_SAMPLES = 32  # images shown for image-shaped truths
-VIEW_LIMIT = 4.0  # the 2-D picture shows at most this many times the truth's extent: beyond it the density's contours vanish
+# The 2-D picture shows at most this many times the truth's extent: beyond it the density's contours vanish
+VIEW_LIMIT = 4.0
 
 Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
