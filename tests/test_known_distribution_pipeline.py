@@ -171,3 +171,23 @@ def test_the_2d_picture_is_drawn_when_the_sampler_diverged(tmp_path: Path) -> No
     picture = tmp_path / "samples.png"
     _scatter(picture, "diverged", mixture, samples, mixture.sample(32, torch.Generator().manual_seed(1))[0])
     assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+RESULTS = REPO_ROOT / "experiments" / "results" / "known-distribution"
+
+
+def test_the_published_tables_come_from_the_committed_per_seed_values() -> None:
+    """docs/known-distribution.md quotes `dmat known-distribution report --doc`: its tables are what the committed
+    per-seed CSV gives today (anyone can recompute them with `--from-csv`)."""
+    from dmat.tools.compare import doc_markers
+    from dmat.tools.known_distribution_report import markdown
+
+    if not (RESULTS / "per_seed.csv").is_file():
+        pytest.skip("no committed results of the known-distribution grid")
+    grid = load_grid(PIPELINE / "grid.yaml", REPO_ROOT)
+    rows = read_per_seed(RESULTS / "per_seed.csv")
+    expected = markdown(summarise(rows, grid.axes, "mode", "none"), "mode", "none", len({r["seed"] for r in rows}))
+    page = (REPO_ROOT / "docs" / "known-distribution.md").read_text(encoding="utf-8")
+    begin, end = doc_markers(Path("experiments/results/known-distribution"))
+    assert page.split(begin, 1)[1].split(end, 1)[0] == f"\n{expected}"
+    assert (RESULTS / "summary.md").read_text(encoding="utf-8") == expected
