@@ -29,7 +29,7 @@ from dmat.core.accumulation import accumulate_gradients, deferred_sync
 from dmat.core.attacks import default_step_size, pgd
 from dmat.core.classifiers import CLASSIFIERS
 from dmat.core.ema import WeightAverage, trades_ema_decay
-from dmat.core.losses import one_cycle_lr, pgd_at_loss, trades_loss
+from dmat.core.losses import pgd_at_loss, trades_loss
 from dmat.core.precision import full_precision
 from dmat.core.rng import seeded_generator
 from dmat.data.store import ArrayStore
@@ -54,14 +54,14 @@ class Trainer(ClassifierTraining):
     SELECT_BY = "val_robust_acc"
     CURVES = layout.TRAIN_CURVES
     CURVES_EACH_EPOCH = True  # a long run's curves, readable while it trains
+    TRAIN_FIGURES = ("train_clean_acc", "train_adv_acc")
 
     def __init__(self, params: Params, w: World):
-        real = ArrayStore.open(layout.REAL_TRAIN)
-        self.val = ArrayStore.open(layout.REAL_VAL)
+        real, val = ArrayStore.open(layout.REAL_TRAIN), ArrayStore.open(layout.REAL_VAL)
         self.manifest, rows = load_mix_manifest()
         self.fraction = self.manifest.synthetic_fraction
-        self.synthetic = open_mixed_store(self.manifest) if self.fraction > 0 else None  # the store the mix names
-        super().__init__(params, w, real, rows=rows, fraction=self.fraction)
+        synthetic = open_mixed_store(self.manifest) if self.fraction > 0 else None  # the store the mix names
+        super().__init__(params, w, real, val, synthetic=synthetic, rows=rows, fraction=self.fraction)
         self.ema = WeightAverage(self.model)
         self.fingerprint = fingerprint(as_dict(self.cfg), params.base.seed, self.real.digest, self.val.digest,
                                        self.manifest.synthetic.sha256, self.manifest.indices_sha256,
@@ -71,13 +71,6 @@ class Trainer(ClassifierTraining):
         return {"threat": {"norm": self.cfg.attack.norm, "eps": self.cfg.attack.eps}}
 
     # --- one epoch ---------------------------------------------------------------------------------------
-
-    def batch(self, plan) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.real.read(plan.real)
-        if len(plan.synthetic):
-            syn_images, syn_labels = self.synthetic.read(plan.synthetic)
-            images, labels = np.concatenate([images, syn_images]), np.concatenate([labels, syn_labels])
-        return to_unit_tensor(images, self.world.device), to_device(labels, self.world.device)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One optimiser step on this rank's batch, in micro-batches of at most `train.micro_batch` images.
@@ -102,29 +95,15 @@ class Trainer(ClassifierTraining):
         self.scaler.update()
         return sum(totals for _, totals in parts)
 
-    def train_epoch(self, progress: tqdm) -> dict[str, float]:
-        cfg, w = self.cfg, self.world
-        self.model.train()
-        generator = seeded_generator(self.params.base.seed, w.rank, self.epoch)
-        totals = torch.zeros(4, dtype=torch.float64, device=w.device)  # loss·n, clean correct, adversarial correct, n
-        for step, plan in enumerate(self.sampler.epoch(self.epoch, rank=w.rank, world_size=w.size)):
-            global_step = self.epoch * self.sampler.steps_per_epoch + step
-            x, y = self.batch(plan)
-            if self.augment is not None:
-                x = self.augment(x, generator=generator)
-            for group in self.optimizer.param_groups:
-                group["lr"] = one_cycle_lr(global_step, self.total_steps, cfg.lr, cfg.warmup_fraction)
-            totals += self.step(x, y, generator)
-            self.ema.update(self.model, trades_ema_decay(global_step + 1, self.total_steps, cfg.ema_tau,
-                                                         cfg.warmup_fraction))
-            progress.update(1)
-            if step % POSTFIX_EVERY == 0:
-                loss_sum, clean, adv, n = totals.tolist()
-                progress.set_postfix(loss=f"{loss_sum / n:.3f}", adv_acc=f"{adv / n:.2f}")
-        totals = all_reduce_sum(w, totals)
-        loss_sum, clean, adv, n = totals.tolist()
-        return {"train_loss": loss_sum / n, "train_clean_acc": clean / n, "train_adv_acc": adv / n,
-                "lr": self.optimizer.param_groups[0]["lr"]}
+    def after_step(self, global_step: int) -> None:
+        cfg = self.cfg
+        self.ema.update(self.model, trades_ema_decay(global_step + 1, self.total_steps, cfg.ema_tau,
+                                                     cfg.warmup_fraction))
+
+    def show_progress(self, step: int, totals: torch.Tensor, progress: tqdm) -> None:
+        if step % POSTFIX_EVERY == 0:
+            loss_sum, clean, adv, n = totals.tolist()
+            progress.set_postfix(loss=f"{loss_sum / n:.3f}", adv_acc=f"{adv / n:.2f}")
 
     @full_precision()
     def validate(self) -> dict[str, float]:
@@ -151,13 +130,11 @@ class Trainer(ClassifierTraining):
         clean, robust, count = all_reduce_sum(w, counts).tolist()
         return {"val_clean_acc": clean / max(count, 1), "val_robust_acc": robust / max(count, 1)}
 
-
     def epoch_summary(self, row: dict[str, float]) -> str:
         return f"val clean {row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f}"
 
     def log_inputs(self, tracked) -> None:
-        tracked.log_store(self.real, "real/train", context="training")
-        tracked.log_store(self.val, "real/val", context="validation")
+        super().log_inputs(tracked)
         synthetic, attack = self.manifest.synthetic, self.cfg.attack
         tracked.log_dataset("synthetic", str(Path(synthetic.path).resolve()), synthetic.sha256, context="training",
                             used=synthetic.used, fraction=self.fraction)

@@ -167,7 +167,6 @@ class DiffusionTrainer(ModelTraining):
         self.ema.update(self.model, half_life_decay(cfg.batch_size, half_life))
         return torch.cat([rows for _, rows in parts])
 
-
     def train(self, tracked) -> None:
         """Steps up to `steps`: the interval's figures logged every `log_every`, checkpoints every
         `checkpoint_every`, both after the last step too."""

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from dmat import pipeline
 from dmat.artifacts import layout
@@ -36,9 +35,7 @@ from dmat.checkpoint import fingerprint, load_checkpoint
 from dmat.config import Params, as_dict
 from dmat.core.accumulation import accumulate_gradients, deferred_sync
 from dmat.core.classifiers import CLASSIFIERS
-from dmat.core.losses import one_cycle_lr
 from dmat.core.precision import full_precision
-from dmat.core.rng import seeded_generator
 from dmat.core.stats import wilson_interval
 from dmat.data.store import ArrayStore
 from dmat.data.tensors import to_device, to_unit_tensor
@@ -108,43 +105,28 @@ class ReferenceTrainer(ClassifierTraining):
     CHECKPOINTS = (layout.REFERENCE_BEST, layout.REFERENCE_LAST)
     SELECT_BY = "val_acc"
     CURVES = layout.REFERENCE_CURVES
+    TRAIN_FIGURES = ("train_acc",)
 
     def __init__(self, params: Params, w: World):
-        real, self.val, self.test = (ArrayStore.open(path) for path in (layout.REAL_TRAIN, layout.REAL_VAL,
-                                                                        layout.REAL_TEST))
-        for store in (real, self.val, self.test):
+        real, val, self.test = (ArrayStore.open(path) for path in (layout.REAL_TRAIN, layout.REAL_VAL,
+                                                                   layout.REAL_TEST))
+        for store in (real, val, self.test):
             if len(store) == 0:
                 raise DataError(f"{store.path} is empty: the reference classifier trains on data/real/train, selects "
                                 "its checkpoint on data/real/val (data.val_size) and is scored on data/real/test")
-        super().__init__(params, w, real, rows=np.empty(0, np.int64), fraction=0.0)
+        super().__init__(params, w, real, val, rows=np.empty(0, np.int64), fraction=0.0)
         self.fingerprint = fingerprint(as_dict(self.cfg), params.base.seed, self.real.digest, self.val.digest)
 
     def log_inputs(self, tracked) -> None:
-        tracked.log_store(self.real, "real/train", context="training")
-        tracked.log_store(self.val, "real/val", context="validation")
+        super().log_inputs(tracked)
         tracked.log_params({"model.parameters": sum(p.numel() for p in self.model.parameters()),
                             "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total_steps})
 
-    def train_epoch(self, progress: tqdm) -> dict[str, float]:
-        cfg, w = self.cfg, self.world
-        self.model.train()
-        generator = seeded_generator(self.params.base.seed, w.rank, self.epoch)
-        totals = torch.zeros(3, dtype=torch.float64, device=w.device)  # loss·n, correct, n: read once per epoch
-        for step, plan in enumerate(self.sampler.epoch(self.epoch, rank=w.rank, world_size=w.size)):
-            images, labels = self.real.read(plan.real)
-            x, y = to_unit_tensor(images, w.device), to_device(labels, w.device)
-            if self.augment is not None:
-                x = self.augment(x, generator=generator)
-            lr = one_cycle_lr(self.epoch * self.sampler.steps_per_epoch + step, self.total_steps, cfg.lr,
-                              cfg.warmup_fraction)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss, correct = train_step(self.trained, self.optimizer, x, y, label_smoothing=cfg.label_smoothing,
-                                       scaler=self.scaler, micro_batch=cfg.micro_batch)
-            totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
-            progress.update(1)
-        loss_sum, correct, n = all_reduce_sum(w, totals).tolist()
-        return {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": lr}
+    def step(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        loss, correct = train_step(self.trained, self.optimizer, x, y, label_smoothing=self.cfg.label_smoothing,
+                                   scaler=self.scaler, micro_batch=self.cfg.micro_batch)
+        return torch.stack([loss.double() * len(y), correct.double(),
+                            torch.tensor(len(y), dtype=torch.float64, device=y.device)])
 
     def validate(self) -> dict[str, float]:
         correct, count = self.accuracy(self.val, self.cfg.val_limit).sum(1).tolist()

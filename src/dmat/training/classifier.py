@@ -15,12 +15,14 @@ from tqdm import tqdm
 
 from dmat.config import Params
 from dmat.core.classifiers import build_classifier
-from dmat.core.losses import param_groups_without_bn_decay
+from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay
+from dmat.core.rng import seeded_generator
 from dmat.data.augment import augmentation_for
 from dmat.data.normalisation import normalisation
 from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import ArrayStore
-from dmat.distributed import World
+from dmat.data.tensors import to_device, to_unit_tensor
+from dmat.distributed import World, all_reduce_sum
 from dmat.files import atomic_path
 from dmat.stage_setup import classifier_probe_passes
 from dmat.training.skeleton import ModelTraining
@@ -28,18 +30,21 @@ from dmat.training.skeleton import ModelTraining
 
 class ClassifierTraining(ModelTraining):
     """A classifier trained epoch by epoch on (mixed) batches of its training store with SGD, scored after every
-    epoch; the best epoch by `SELECT_BY` is kept beside the last. A subclass implements `train_epoch` and
-    `validate` (each returns its part of the epoch's row) and `epoch_summary`."""
+    epoch; the best epoch by `SELECT_BY` is kept beside the last. A subclass implements `step` (its loss),
+    `validate` and `epoch_summary`, and may add to each step (`after_step`, `show_progress`)."""
 
     CHECKPOINTS: ClassVar[tuple[Path, Path]]  # (best, last)
     SELECT_BY: ClassVar[str]  # the validation figure that picks the best epoch
     CURVES: ClassVar[Path]  # the per-epoch rows as CSV
     CURVES_EACH_EPOCH: ClassVar[bool] = False  # rewrite them after every epoch too, not only at the end
+    TRAIN_FIGURES: ClassVar[tuple[str, ...]]  # the epoch's training accuracies, from the counts `step` returns
 
-    def __init__(self, params: Params, w: World, real: ArrayStore, *, rows: np.ndarray, fraction: float):
-        """Trains on `real` and on `rows` of the generated store, which fill `fraction` of every batch."""
+    def __init__(self, params: Params, w: World, real: ArrayStore, val: ArrayStore, *,
+                 synthetic: ArrayStore | None = None, rows: np.ndarray, fraction: float):
+        """Trains on `real` and on `rows` of the `synthetic` store, which fill `fraction` of every batch; picks the
+        best epoch on `val`."""
         super().__init__(params, w)
-        cfg, self.real = self.cfg, real
+        cfg, self.real, self.val, self.synthetic = self.cfg, real, val, synthetic
         self.sampler = MixedBatchSampler(len(real), rows, batch_size=cfg.batch_size, fraction=fraction,
                                          seed=params.base.seed)
         self.total_steps = cfg.epochs * self.sampler.steps_per_epoch
@@ -52,17 +57,59 @@ class ClassifierTraining(ModelTraining):
                                          momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
         self.augment = augmentation_for(dataset) if cfg.augment else None
 
-    def train_epoch(self, progress: tqdm) -> dict[str, float]:
-        """One epoch of optimiser steps (each one a step of `progress`): its training figures."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One optimiser step on this rank's batch (`generator`: its attack's draws, if any). Returns float64
+        [loss·n, the `TRAIN_FIGURES`' counts, n] on the device (no host sync)."""
         raise NotImplementedError
 
+    def after_step(self, global_step: int) -> None:
+        """What follows each optimiser step (a weight average's update)."""
+
+    def show_progress(self, step: int, totals: torch.Tensor, progress: tqdm) -> None:
+        """The progress bar's figures after this epoch's `step` (`totals`: the sums so far)."""
+
+    def batch(self, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images in [0, 1] and labels of a batch plan's real rows, then its generated rows."""
+        images, labels = self.real.read(plan.real)
+        if len(plan.synthetic):
+            syn_images, syn_labels = self.synthetic.read(plan.synthetic)
+            images, labels = np.concatenate([images, syn_images]), np.concatenate([labels, syn_labels])
+        return to_unit_tensor(images, self.world.device), to_device(labels, self.world.device)
+
+    def train_epoch(self, progress: tqdm) -> dict[str, float]:
+        """One epoch of optimiser steps on this rank's share of every batch (augmented, one-cycle learning rate),
+        each a step of `progress`: the mean loss and `TRAIN_FIGURES` over all ranks, and the last learning rate."""
+        cfg, w = self.cfg, self.world
+        self.model.train()
+        generator = seeded_generator(self.params.base.seed, w.rank, self.epoch)
+        totals = torch.zeros(len(self.TRAIN_FIGURES) + 2, dtype=torch.float64, device=w.device)  # as `step`'s
+        for step, plan in enumerate(self.sampler.epoch(self.epoch, rank=w.rank, world_size=w.size)):
+            global_step = self.epoch * self.sampler.steps_per_epoch + step
+            x, y = self.batch(plan)
+            if self.augment is not None:
+                x = self.augment(x, generator=generator)
+            for group in self.optimizer.param_groups:
+                group["lr"] = one_cycle_lr(global_step, self.total_steps, cfg.lr, cfg.warmup_fraction)
+            totals += self.step(x, y, generator)
+            self.after_step(global_step)
+            progress.update(1)
+            self.show_progress(step, totals, progress)
+        loss_sum, *counts, n = all_reduce_sum(w, totals).tolist()
+        return {"train_loss": loss_sum / n, **{name: count / n for name, count in zip(self.TRAIN_FIGURES, counts,
+                                                                                       strict=True)},
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
     def validate(self) -> dict[str, float]:
-        """The epoch's validation figures, `SELECT_BY` among them."""
+        """The epoch's validation figures (`SELECT_BY` among them), after its training."""
         raise NotImplementedError
 
     def epoch_summary(self, row: dict[str, float]) -> str:
         """The epoch's figures on the console, between `epoch i/n:` and its duration."""
         raise NotImplementedError
+
+    def log_inputs(self, tracked) -> None:
+        tracked.log_store(self.real, "real/train", context="training")
+        tracked.log_store(self.val, "real/val", context="validation")
 
     def probe_passes(self):
         return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world,
@@ -84,7 +131,8 @@ class ClassifierTraining(ModelTraining):
                 if w.is_main:
                     self.save_epoch(is_best=row[self.SELECT_BY] > best)
                     tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=self.epoch)
-                    progress.write(f"epoch {self.epoch}/{cfg.epochs}: {self.epoch_summary(row)} ({row['epoch_s']:.0f}s)")
+                    progress.write(f"epoch {self.epoch}/{cfg.epochs}: {self.epoch_summary(row)} "
+                                   f"({row['epoch_s']:.0f}s)")
 
     def save_epoch(self, *, is_best: bool) -> None:
         best, last = self.CHECKPOINTS

@@ -138,6 +138,7 @@ class ModelTraining:
         return {}
 
     def checkpoint_state(self, *, with_optimizer: bool) -> dict[str, Any]:
+        """What a checkpoint holds; `with_optimizer`: also what resuming needs (the optimiser, the loss scale)."""
         state = {"format": self.FORMAT, "fingerprint": self.fingerprint, self.COUNTER: getattr(self, self.COUNTER),
                  "model": self.model.state_dict(), **({} if self.ema is None else {"ema": self.ema.state_dict()}),
                  "model_config": self.model_config, "classes": list(self.real.classes), **self.record(),
