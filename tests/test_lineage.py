@@ -241,3 +241,27 @@ def test_tracking_lookups_read_runs_and_find_them_by_digest(built: Path) -> None
     assert find_runs("train_diffusion", input_digest="0" * 64, uri=uri) == []
     assert find_runs("generate", uri=uri) == []
     assert describe_run("0" * 32, uri) is None
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (None, None),
+    (lambda d: d.pop("robust_acc"), "models/eval/linf/report.json: missing robust_acc"),
+    (lambda d: d.update(n="4"), "models/eval/linf/report.json: n = '4' is not of type int"),
+])
+def test_an_evaluation_report_of_another_shape_is_stale_naming_the_key(project: Path, capsys: pytest.CaptureFixture,
+                                                                       edit, says: str | None) -> None:
+    from dmat.artifacts.records import to_json
+    from tests.test_records import eval_report
+
+    data = to_json(eval_report())
+    if edit:
+        edit(data)
+    write_json(project / "models/eval/linf/report.json", data)
+    _, report, _ = lineage(capsys, "models/eval/linf")
+    evaluation = next(s for s in report["stages"] if s["path"] == "models/eval/linf")
+    stale = [p["check"] for p in report["problems"] if p["path"] == "models/eval/linf" and p["status"] == STALE]
+    if says is None:
+        assert not stale and evaluation["details"]["accuracy"].startswith("clean 0.75, robust 0.25 (n=4;")
+    else:
+        assert evaluation["status"] == STALE and len(stale) == 1 and stale[0].startswith(says)
+        assert "accuracy" not in evaluation["details"]

@@ -14,7 +14,7 @@ import numpy as np
 from torch import nn
 
 from dmat.artifacts import layout
-from dmat.artifacts.records import MixManifest, from_json
+from dmat.artifacts.records import EvalReport, MixManifest, from_json
 from dmat.checkpoint import load_checkpoint
 from dmat.core.classifiers import build_classifier
 from dmat.core.denoisers import build_denoiser
@@ -92,13 +92,15 @@ def open_mixed_store(manifest: MixManifest) -> ArrayStore:
     return store
 
 
-def load_eval_report(threat: str) -> dict:
-    """The evaluation report of one threat model, as saved with its adversarial examples."""
-    path = layout.eval_dir(threat) / layout.EVAL_REPORT_FILE
+def load_eval_report(threat: str, root: Path = Path()) -> EvalReport:
+    """The evaluation report of one threat model, as saved with its adversarial examples (under the project
+    `root`); a file of another shape is refused (RecordError names the file and the key)."""
+    path = root / layout.eval_dir(threat) / layout.EVAL_REPORT_FILE
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: unreadable evaluation report ({err}); run evaluate@{threat}") from None
+    return from_json(EvalReport, data, str(path))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """What stages hand each other, as typed records (today: the mix manifest that `mix` writes for `train` and
-`evaluate_diffusion`).
+`evaluate_diffusion`; the evaluation report that `evaluate` writes for `export`, `verify` and `dmat lineage`).
 
 Each record is a frozen dataclass with `to_json()` (plain data: JSON files, or the non-tensor part of a checkpoint,
 loadable with `weights_only=True`) and `from_json(data, where)`, which refuses data of another shape — a file
@@ -111,3 +111,79 @@ class MixManifest:
     classes: tuple[str, ...]
     indices_file: str
     indices_sha256: str
+
+
+# --- the evaluation report --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+    """Robust accuracy under PGD-CE at one eps of the sweep (a row of plots/evaluate_<threat>_sweep.csv)."""
+
+    eps: float
+    robust_acc: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PerClassAccuracy:
+    """Accuracy within each class, by class name (None for a class with no points among the n)."""
+
+    clean: dict
+    robust: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRows:
+    """Which test rows the evaluation used: the first `first`, and their identity (what paired comparisons share)."""
+
+    first: int
+    rows_id: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalReport:
+    """models/eval/<threat>/report.json, what `evaluate` writes for one threat model and export, verify and
+    `dmat lineage` read: the numbers of `dmat.core.robustness.evaluate_robustness`, what was evaluated, and a 95%
+    Wilson interval ([low, high]) for every accuracy."""
+
+    threat: str
+    # the threat model, the attacks and their outcome (dmat.core.robustness.evaluate_robustness)
+    n: int
+    norm: str
+    eps: float
+    version: str  # AutoAttack's
+    attacks: tuple[str, ...]
+    suite: dict | None = None  # the attack suite's identity; absent from reports written before it was recorded
+    seed: int
+    clean_acc: float
+    robust_acc: float
+    per_attack: dict  # cumulative robust accuracy after each attack, by name ("clean" first)
+    per_class: PerClassAccuracy
+    flags: tuple[str, ...]
+    autoattack_warnings: tuple[str, ...]
+    gradient_free_only: bool
+    sweep: tuple[SweepPoint, ...]
+    sanity: dict  # check name -> {"passed": bool, and the values it compared}
+    sanity_passed: bool
+    seconds_autoattack: float
+    images_per_s: float
+    # what was evaluated
+    classes: tuple[str, ...]
+    model: str
+    checkpoint_sha256: str
+    test_sha256: str
+    train_run_id: str | None
+    mlflow_run_id: str | None
+    seconds_total: float
+    # the intervals
+    confidence: float
+    rows: EvalRows
+    clean_acc_ci: tuple[float, ...]
+    robust_acc_ci: tuple[float, ...]
+    per_attack_ci: dict
+    per_class_n: dict
+    per_class_ci: dict  # "clean" | "robust" -> class name -> [low, high] (None for a class with no points)
+
+    def failed_checks(self) -> list[str]:
+        """The sanity checks that did not pass, by name."""
+        return [name for name, check in self.sanity.items() if not check["passed"]]

@@ -78,31 +78,31 @@ def provenance(params: Params, checkpoint: dict) -> dict:
     manifest, _ = load_mix_manifest()
     generated = generated_source()
     main = primary_threat(params, checkpoint)
+    report = reports[main]
     return {
         "classes": checkpoint["classes"],
         "input": {"name": INPUT_NAME, "shape": _chw(checkpoint["model_config"]["input_shape"]), "dtype": "float32",
                   "range": [0, 1], "layout": "NCHW"},
-        "threat": {"name": main, "norm": reports[main]["norm"], "eps": reports[main]["eps"]},
-        "metrics": {"clean_acc": reports[main]["clean_acc"], "robust_acc": reports[main]["robust_acc"],
-                    "clean_acc_ci": reports[main]["clean_acc_ci"],
-                    "robust_acc_ci": reports[main]["robust_acc_ci"], "confidence": reports[main]["confidence"],
-                    "n": reports[main]["n"], "rows_id": reports[main]["rows"]["rows_id"],
-                    "attack": f"autoattack-{reports[main]['version']}", "attack_suite": reports[main].get("suite"),
-                    "sanity_passed": reports[main]["sanity_passed"]},
-        "evaluations": {name: {"norm": r["norm"], "eps": r["eps"], "clean_acc": r["clean_acc"],
-                               "robust_acc": r["robust_acc"], "n": r["n"], "mlflow_run_id": r.get("mlflow_run_id")}
+        "threat": {"name": main, "norm": report.norm, "eps": report.eps},
+        "metrics": {"clean_acc": report.clean_acc, "robust_acc": report.robust_acc,
+                    "clean_acc_ci": list(report.clean_acc_ci), "robust_acc_ci": list(report.robust_acc_ci),
+                    "confidence": report.confidence, "n": report.n, "rows_id": report.rows.rows_id,
+                    "attack": f"autoattack-{report.version}", "attack_suite": report.suite,
+                    "sanity_passed": report.sanity_passed},
+        "evaluations": {name: {"norm": r.norm, "eps": r.eps, "clean_acc": r.clean_acc, "robust_acc": r.robust_acc,
+                               "n": r.n, "mlflow_run_id": r.mlflow_run_id}
                         for name, r in reports.items()},
         "lineage": {
             "git_commit": git_commit(project_root()),
             "train_run_id": checkpoint["mlflow_run_id"],
-            "evaluate_run_ids": {name: r.get("mlflow_run_id") for name, r in reports.items()},
+            "evaluate_run_ids": {name: r.mlflow_run_id for name, r in reports.items()},
             "diffusion_run_id": generated.get("diffusion", {}).get("mlflow_run_id"),
             "adversarial_mode": generated.get("diffusion", {}).get("adversarial", {}).get("mode"),
             "checkpoint_sha256": sha256_file(layout.CLASSIFIER_BEST),
             "diffusion_checkpoint_sha256": generated.get("diffusion", {}).get("checkpoint_sha256"),
             "data_sha256": {"train": manifest.real.sha256, "synthetic": manifest.synthetic.sha256,
                             "mixed_indices": manifest.indices_sha256,
-                            "test": reports[main].get("test_sha256")},
+                            "test": report.test_sha256},
         },
     }
 

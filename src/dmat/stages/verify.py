@@ -79,10 +79,10 @@ def square_gate(onnx_model: OnnxClassifier, x: torch.Tensor, y: torch.Tensor, th
     """Square on the deployed artifact must not beat the white-box evaluation, nor do worse than nothing."""
     cfg = params.verify
     report = load_eval_report(threat)
-    n = min(cfg.square_n, len(x), report["n"])
+    n = min(cfg.square_n, len(x), report.n)
     examples = load_adversarial_examples(threat)
     autoattack_acc = float((examples.predictions[:n] == examples.labels[:n]).mean())
-    result = run_autoattack(onnx_model, x[:n], y[:n], norm=report["norm"], eps=report["eps"], version="custom",
+    result = run_autoattack(onnx_model, x[:n], y[:n], norm=report.norm, eps=report.eps, version="custom",
                             attacks=("square",), seed=params.base.seed, batch_size=n, square_queries=cfg.square_queries)
     clean_acc = float(result.per_attack["clean"])
     square_acc = float(result.correct.double().mean())

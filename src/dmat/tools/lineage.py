@@ -397,23 +397,40 @@ def build_evaluation(ws: Workspace, node: Node) -> None:
         node.add(compare(f"sha256 of {name}", recorded, ws.sha256(node.path / name),
                          f"{ws.display(node.path / META_FILE)}"))
     report_file = node.path / layout.EVAL_REPORT_FILE  # what export read
-    report = ws.read_json(node, report_file) or {}
-    node.facts.update(run_id=report.get("mlflow_run_id"), robust_acc=report.get("robust_acc"))
-    node.details.update({
-        "threat": f"{threat}: {report.get('norm')} eps={_num(report.get('eps'))}",
-        "accuracy": f"clean {_num(report.get('clean_acc'))}, robust {_num(report.get('robust_acc'))} (n="
-                    f"{report.get('n')}; AutoAttack {report.get('version')}: {', '.join(report.get('attacks', []))})",
-        "sanity": "passed" if report.get("sanity_passed") else "FAILED",
-        "flags": ", ".join(report.get("flags", [])) or "none",
-    })
+    report = _eval_report(ws, node, threat, report_file)
+    if report is not None:
+        node.facts.update(run_id=report.mlflow_run_id, robust_acc=report.robust_acc)
+        node.details.update({
+            "threat": f"{threat}: {report.norm} eps={_num(report.eps)}",
+            "accuracy": f"clean {_num(report.clean_acc)}, robust {_num(report.robust_acc)} (n={report.n}; "
+                        f"AutoAttack {report.version}: {', '.join(report.attacks)})",
+            "sanity": "passed" if report.sanity_passed else "FAILED",
+            "flags": ", ".join(report.flags) or "none",
+        })
     by = ws.display(report_file)
-    run = check_run(ws, node, report.get("mlflow_run_id"), f"evaluate@{threat}", f"{by} mlflow_run_id")
+    run = check_run(ws, node, report and report.mlflow_run_id, f"evaluate@{threat}", f"{by} mlflow_run_id")
     classifier = node_key("classifier", ws.root / layout.CLASSIFIER_BEST)
-    node.record(classifier, "sha256", report.get("checkpoint_sha256"), f"{by} checkpoint_sha256")
-    node.record(classifier, "run_id", report.get("train_run_id"), f"{by} train_run_id")
+    node.record(classifier, "sha256", report and report.checkpoint_sha256, f"{by} checkpoint_sha256")
+    node.record(classifier, "run_id", report and report.train_run_id, f"{by} train_run_id")
     test = node_key("real", ws.root / layout.REAL_TEST)
-    node.record(test, "sha256", report.get("test_sha256"), f"{by} test_sha256")
+    node.record(test, "sha256", report and report.test_sha256, f"{by} test_sha256")
     _record_run_inputs(ws, node, run, {"test": test})
+
+
+def _eval_report(ws: Workspace, node: Node, threat: str, path: Path):
+    """The evaluation report (an EvalReport), or None with a check that says why: absent, unreadable, or of
+    another shape (written by another version of DMAT, or edited)."""
+    from dmat.artifacts.loaders import load_eval_report
+    from dmat.errors import DataError
+
+    if not path.is_file():
+        node.add(Check(MISSING, f"{ws.display(path)} is not on disk"))
+        return None
+    try:
+        return load_eval_report(threat, root=ws.root)
+    except DataError as err:  # the message names the file: as this report shows paths
+        node.add(Check(STALE, str(err).replace(str(path), ws.display(path), 1)))
+        return None
 
 
 def build_classifier(ws: Workspace, node: Node) -> None:
