@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmat.artifacts import layout
+from dmat.artifacts.records import DenoiserConfig, DiffusionHeader, checkpoint_contents
 from dmat.checkpoint import save_checkpoint
 from dmat.cli import main
 from dmat.data.store import ArrayStore, write_store
@@ -70,9 +72,13 @@ def build_project(root: Path) -> Path:
                                                      "sha256": sha256_file(root / "source.bin"), "split": "train"})
     run_id = diffusion_run(root, real)
     checkpoint = root / "models/diffusion/checkpoint.pt"
-    save_checkpoint(checkpoint, {"mlflow_run_id": run_id, "step": 4, "model_config": {"name": "unet-tiny"},
-                                 "adversarial": {"mode": "adversarial", "lam": 0.3},
-                                 "train_config": {"steps": 4, "corrupt": {"fraction": 0.0}}})
+    header = DiffusionHeader(
+        format=layout.DIFFUSION_FORMAT, fingerprint="0" * 16, step=4,
+        model_config=DenoiserConfig(name="unet-tiny", img_resolution=8, in_channels=3, num_classes=2,
+                                    label_dropout=0.0),
+        classes=("a", "b"), adversarial={"mode": "adversarial", "lam": 0.3}, mlflow_run_id=run_id, log=(),
+        train_config={"steps": 4, "corrupt": {"fraction": 0.0}}, precision={"precision": "fp32"})
+    save_checkpoint(checkpoint, checkpoint_contents(header, {}))
     synthetic = tiny_store(root / "data/synthetic", 1, {
         "kind": "generated", "sampler": "heun", "steps": 2, "seed": 0, "filter_keep": 1.0,
         "diffusion": {"mlflow_run_id": run_id, "checkpoint_sha256": sha256_file(checkpoint),

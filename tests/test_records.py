@@ -12,18 +12,29 @@ import pytest
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_eval_report
 from dmat.artifacts.records import (
+    ClassifierConfig,
+    ClassifierHeader,
+    DenoiserConfig,
+    DiffusionHeader,
     EvalReport,
     EvalRows,
+    ImportedClassifierHeader,
     MixedStoreRef,
     MixManifest,
     PerClassAccuracy,
     RealStoreRef,
     RecordError,
+    ReferenceHeader,
     SweepPoint,
+    Threat,
+    checkpoint_contents,
     from_json,
     to_json,
 )
 from dmat.errors import DataError
+from tests.test_diffusion_stages import trained as diffusion_trained  # noqa: F401  (fixtures of the stage tests)
+from tests.test_train_reference import prepared, trained  # noqa: F401
+from tests.tools.test_import_checkpoint import published  # noqa: F401
 
 
 def manifest() -> MixManifest:
@@ -191,7 +202,7 @@ def test_what_the_evaluate_stage_writes_loads_as_its_report(tmp_path: Path, monk
     layout.CLASSIFIER_BEST.parent.mkdir(parents=True)
     layout.CLASSIFIER_BEST.write_bytes(b"a checkpoint")  # what the report's checkpoint_sha256 digests
     params = parse_params(EVALUATE_PARAMS)
-    checkpoint = {"model_config": {"name": "tiny"}, "mlflow_run_id": "f" * 32}
+    checkpoint = classifier_header()
     recipe = {"diffusion": {"adversarial_mode": "none"}, "train": {"loss": "trades"},
               "mix": {"source": "generated", "synthetic_fraction": 0.5, "generated_images_used": 10}}
     x, y = first_points(test, 6)
@@ -205,3 +216,138 @@ def test_what_the_evaluate_stage_writes_loads_as_its_report(tmp_path: Path, monk
     assert set(json.loads(evaluate.metrics_file("linf").read_text())) == {
         f"linf_{key}" for key in ("n", "eps", "clean_acc", "clean_acc_ci_low", "clean_acc_ci_high", "robust_acc",
                                   "robust_acc_ci_low", "robust_acc_ci_high", "sanity_passed", "s")}
+
+
+# --- checkpoint headers ------------------------------------------------------------------------------------------
+
+
+def classifier_header() -> ClassifierHeader:
+    return ClassifierHeader(
+        format=layout.CLASSIFIER_FORMAT, fingerprint="0123456789abcdef", epoch=2,
+        model_config=ClassifierConfig(name="wrn-16-1", num_classes=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2),
+                                      dataset="", input_shape=(16, 16, 3)),
+        classes=("apple", "banana", "cherry"), threat=Threat(norm="Linf", eps=8 / 255), mlflow_run_id="f" * 32,
+        history=({"epoch": 1, "val_robust_acc": 0.25}, {"epoch": 2, "val_robust_acc": 0.5}),
+        train_config={"loss": "trades", "epochs": 2}, precision={"precision": "fp32", "probe_s": {}})
+
+
+def classifier_checkpoint(fmt: str, config: ClassifierConfig, classes: tuple[str, ...], weights: dict) -> dict:
+    """The contents of a classifier checkpoint as `train` (CLASSIFIER_FORMAT) or `train_reference` writes one,
+    around a test's own network `weights` (`ema`, or `model` for the reference)."""
+    fields = {"format": fmt, "fingerprint": "0" * 16, "epoch": 1, "model_config": config, "classes": classes,
+              "mlflow_run_id": None, "history": ({"epoch": 1},), "train_config": {}, "precision": {}}
+    header = (ClassifierHeader(**fields, threat=Threat(norm="Linf", eps=8 / 255)) if fmt == layout.CLASSIFIER_FORMAT
+              else ReferenceHeader(**fields))
+    return checkpoint_contents(header, weights)
+
+
+def test_a_checkpoint_header_survives_a_checkpoint_unchanged(tmp_path: Path) -> None:
+    """Written with its weights and read back with weights_only=True: the same header, its fields in the order
+    DMAT has always written them, the weights before model_config and what resuming needs at the end."""
+    import torch
+
+    from dmat.artifacts.loaders import checkpoint_header
+    from dmat.checkpoint import load_checkpoint, save_checkpoint
+
+    weights = {"model": {"w": torch.ones(2)}, "ema": {"w": torch.zeros(2)}}
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, checkpoint_contents(classifier_header(), weights, {"optimizer": {}, "grad_scaler": {}}))
+    state = load_checkpoint(path)
+    assert list(state) == ["format", "fingerprint", "epoch", "model", "ema", "model_config", "classes", "threat",
+                           "mlflow_run_id", "history", "train_config", "precision", "optimizer", "grad_scaler"]
+    assert state["model_config"]["mean"] == [0.5, 0.4, 0.3] and state["threat"] == {"norm": "Linf", "eps": 8 / 255}
+    assert checkpoint_header(state, path) == classifier_header()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d.pop("threat"), "missing threat"),
+    (lambda d: d.pop("precision"), "missing precision"),  # written before the precision was recorded
+    (lambda d: d["model_config"].pop("input_shape"), "missing model_config.input_shape"),
+    (lambda d: d.update(epoch="2"), "epoch = '2' is not of type int"),
+    (lambda d: d.update(classes="apple"), "classes is not a list"),
+    (lambda d: d["threat"].update(eps=None), "threat.eps = None is not of type float"),
+])
+def test_a_checkpoint_of_another_shape_names_the_file_and_the_key(tmp_path: Path, edit, message: str) -> None:
+    import torch
+
+    from dmat.artifacts.loaders import load_classifier
+    from dmat.checkpoint import save_checkpoint
+
+    state = checkpoint_contents(classifier_header(), {"ema": {"w": torch.ones(1)}})
+    edit(state)
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, state)
+    with pytest.raises(RecordError, match=re.escape(f"{path}: {message}")):
+        load_classifier(path)
+
+
+def test_a_checkpoint_of_an_unknown_format_is_refused(tmp_path: Path) -> None:
+    from dmat.artifacts.loaders import checkpoint_header
+    from dmat.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=re.escape("x.pt: not a DMAT checkpoint (format 'dmat-classifier-0')")):
+        checkpoint_header({**to_json(classifier_header()), "format": "dmat-classifier-0"}, "x.pt")
+
+
+def same(a, b) -> bool:
+    """Equal, and of the same types all the way down (a list is not a tuple, an int not a float)."""
+    import torch
+
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def rewritten(path: Path, cls: type) -> None:
+    """A stage's checkpoint, read as its header and put together again with its tensors: the same keys in the same
+    order, with the same values of the same types (the header holds every field of the file as it was written)."""
+    from dmat.artifacts.loaders import checkpoint_header
+    from dmat.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    header = checkpoint_header(state, path)
+    assert type(header) is cls
+    fields = set(to_json(header))
+    weights = {k: v for k, v in state.items() if k in ("model", "ema")}
+    training = {k: v for k, v in state.items() if k in ("optimizer", "grad_scaler")}
+    assert set(state) == fields | set(weights) | set(training), "every key of the file is the header's or a tensor's"
+    assert same(checkpoint_contents(header, weights, training or None), state)
+
+
+def test_the_reference_stages_checkpoints_load_as_their_header(trained: Path) -> None:  # noqa: F811
+    for name in ("best.pt", "last.pt"):
+        rewritten(trained / "models/reference" / name, ReferenceHeader)
+    from dmat.artifacts.loaders import load_reference_classifier
+
+    _, header = load_reference_classifier(trained / "models/reference/best.pt")
+    assert header.format == layout.REFERENCE_FORMAT and header.epoch == len(header.history) >= 1
+    assert isinstance(header.model_config, ClassifierConfig) and header.model_config.input_shape == (16, 16, 3)
+
+
+def test_the_diffusion_stages_checkpoint_loads_as_its_header(diffusion_trained: Path) -> None:  # noqa: F811
+    from dmat.artifacts.loaders import load_denoiser
+
+    rewritten(diffusion_trained / layout.DIFFUSION_CHECKPOINT, DiffusionHeader)
+    _, header = load_denoiser(diffusion_trained / layout.DIFFUSION_CHECKPOINT)
+    assert header.step == 2 and header.adversarial["mode"] == "adversarial" and len(header.log) >= 1
+    assert isinstance(header.model_config, DenoiserConfig) and header.model_config.img_resolution == 16
+
+
+def test_an_imported_checkpoint_loads_as_its_header(published, tmp_path: Path, capsys) -> None:  # noqa: F811
+    from dmat.cli import main
+
+    checkpoint, _, store = published
+    out = tmp_path / "imported.pt"
+    assert main(["import", str(checkpoint), "--arch", "wrn-16-1-swish", "--dataset", "cifar10", "--classes-from",
+                 str(store), "--out", str(out)]) == 0
+    rewritten(out, ImportedClassifierHeader)
+    from dmat.checkpoint import load_checkpoint
+
+    assert list(load_checkpoint(out)) == ["format", "epoch", "ema", "model_config", "classes", "threat",
+                                          "mlflow_run_id", "history", "train_config", "imported"]

@@ -1,5 +1,7 @@
-"""What stages hand each other, as typed records (today: the mix manifest that `mix` writes for `train` and
-`evaluate_diffusion`; the evaluation report that `evaluate` writes for `export`, `verify` and `dmat lineage`).
+"""What stages hand each other, as typed records: the mix manifest that `mix` writes for `train` and
+`evaluate_diffusion`; the evaluation report that `evaluate` writes for `export`, `verify` and `dmat lineage`; the
+header of the checkpoints that the model stages (`train`, `train_reference`, `train_diffusion`) and `dmat import`
+write for the stages that load their models.
 
 Each record is a frozen dataclass with `to_json()` (plain data: JSON files, or the non-tensor part of a checkpoint,
 loadable with `weights_only=True`) and `from_json(data, where)`, which refuses data of another shape — a file
@@ -187,3 +189,117 @@ class EvalReport:
     def failed_checks(self) -> list[str]:
         """The sanity checks that did not pass, by name."""
         return [name for name, check in self.sanity.items() if not check["passed"]]
+
+
+# --- checkpoint headers ------------------------------------------------------------------------------------------
+# A checkpoint is its header (one of the records below, plain data) and its tensors: the weights (`model`, `ema`),
+# kept before the header's `model_config`, and in a resumable checkpoint what resuming needs (`optimizer`,
+# `grad_scaler`) at the end. `checkpoint_contents` puts them together; `from_json(Header, state, path)` reads the
+# header back (the tensors are not part of it).
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """The classifier's network (`core.classifiers.build_classifier`) and its input."""
+
+    name: str
+    num_classes: int
+    mean: tuple[float, ...]  # the input normalisation, per channel
+    std: tuple[float, ...]
+    dataset: str  # "" when the training store names none
+    input_shape: tuple[int, ...]  # H, W, C
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserConfig:
+    """The diffusion model's network (`core.denoisers.build_denoiser`)."""
+
+    name: str
+    img_resolution: int
+    in_channels: int
+    num_classes: int
+    label_dropout: float
+
+    def build_args(self) -> dict[str, Any]:
+        """build_denoiser's keyword arguments (all but the name)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Threat:
+    """The threat model a robust classifier was trained against."""
+
+    norm: str
+    eps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceHeader:
+    """models/reference/{best,last}.pt (train_reference: standard training on real data; weights `model`)."""
+
+    format: str
+    fingerprint: str  # of the configuration and inputs: a checkpoint resumes only its own run
+    epoch: int  # epochs trained
+    model_config: ClassifierConfig
+    classes: tuple[str, ...]
+    mlflow_run_id: str | None
+    history: tuple[dict, ...]  # one row of figures per epoch
+    train_config: dict  # the params section it trained from
+    precision: dict  # `core.precision.Decision.record()`
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierHeader:
+    """models/classifier/{best,last}.pt (train: adversarial training on the mix; weights `model` and `ema`)."""
+
+    format: str
+    fingerprint: str
+    epoch: int
+    model_config: ClassifierConfig
+    classes: tuple[str, ...]
+    threat: Threat
+    mlflow_run_id: str | None
+    history: tuple[dict, ...]
+    train_config: dict
+    precision: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportedClassifierHeader:
+    """A classifier checkpoint that `dmat import` wrote from the reference's published weights (`ema`): trained
+    elsewhere, so no fingerprint, epochs, run or precision of its own, and where it came from (`imported`)."""
+
+    format: str
+    epoch: int | None  # None
+    model_config: ClassifierConfig
+    classes: tuple[str, ...]
+    threat: Threat
+    mlflow_run_id: str | None  # None
+    history: tuple[dict, ...]  # empty
+    train_config: dict  # empty
+    imported: dict  # the source file, its digest and how its weights were mapped
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionHeader:
+    """models/diffusion/model.pt (train_diffusion; weights `model` and `ema`)."""
+
+    format: str
+    fingerprint: str
+    step: int  # optimiser steps trained
+    model_config: DenoiserConfig
+    classes: tuple[str, ...]
+    adversarial: dict  # train_diffusion.adversarial as trained (`mode` first among them)
+    mlflow_run_id: str | None
+    log: tuple[dict, ...]  # one row of figures per logging interval
+    train_config: dict
+    precision: dict
+
+
+def checkpoint_contents(header: Any, weights: dict[str, Any], training: dict[str, Any] | None = None) -> dict:
+    """What a checkpoint file holds: the header's fields with the `weights` before its model_config, then
+    `training` (what resuming needs), in the order DMAT has always written them."""
+    fields = to_json(header)
+    at = list(fields).index("model_config")
+    items = list(fields.items())
+    return {**dict(items[:at]), **weights, **dict(items[at:]), **(training or {})}

@@ -37,7 +37,7 @@ import torch
 
 from dmat import pipeline
 from dmat.artifacts import layout
-from dmat.artifacts.loaders import generated_source, load_classifier, load_mix_manifest
+from dmat.artifacts.loaders import RobustClassifierHeader, generated_source, load_classifier, load_mix_manifest
 from dmat.artifacts.records import EvalReport, EvalRows, PerClassAccuracy, SweepPoint, to_json
 from dmat.config import Params, ParamsError, ThreatEvalConfig, flatten
 from dmat.core.precision import full_precision
@@ -62,7 +62,7 @@ def metrics_file(threat: str) -> Path:
     return layout.metrics_file(f"{STAGE}_{threat}")
 
 
-def upstream_recipe(checkpoint: dict) -> dict:
+def upstream_recipe(checkpoint: RobustClassifierHeader) -> dict:
     """The pipeline choices that produced the classifier, from the files this stage depends on. `mix.source` says
     which store supplied the "synthetic" share (generated, or heldout_real: the held-out real control); `diffusion`
     and `generate` describe data/synthetic either way."""
@@ -77,7 +77,7 @@ def upstream_recipe(checkpoint: dict) -> dict:
                      "filter_scorer": generated.get("filter", {}).get("scorer")},
         "mix": {"source": manifest.source, "synthetic_fraction": manifest.synthetic_fraction,
                 "generated_images_used": manifest.synthetic.used, "real_images": manifest.real.images},
-        "train": {**checkpoint["train_config"], "run_id": checkpoint["mlflow_run_id"]},
+        "train": {**checkpoint.train_config, "run_id": checkpoint.mlflow_run_id},
     }
 
 
@@ -99,14 +99,14 @@ def run(params: Params, threat: str | None = None) -> dict[str, EvalReport]:
     return reports if w.is_main else {}
 
 
-def evaluate_threat(params: Params, name: str, model, checkpoint: dict, test: ArrayStore, x: torch.Tensor,
-                    y: torch.Tensor, recipe: dict, w: World) -> EvalReport | None:
+def evaluate_threat(params: Params, name: str, model, checkpoint: RobustClassifierHeader, test: ArrayStore,
+                    x: torch.Tensor, y: torch.Tensor, recipe: dict, w: World) -> EvalReport | None:
     """One threat model; every torchrun rank attacks its shard, rank 0 reports and writes (the other ranks
     return None)."""
     threat, device = params.evaluate.threats[name], w.device
     with stage_run(f"{STAGE}@{name}", params, SECTIONS, enabled=w.is_main) as tracked:
         tracked.log_params({f"recipe.{k}": v for k, v in flatten(recipe).items()})
-        tracked.set_tags({"dmat.threat": name, "dmat.train_run_id": checkpoint["mlflow_run_id"] or ""})
+        tracked.set_tags({"dmat.threat": name, "dmat.train_run_id": checkpoint.mlflow_run_id or ""})
         tracked.log_store(test, "test", context="evaluation")
         started = time.perf_counter()
         try:
@@ -122,9 +122,9 @@ def evaluate_threat(params: Params, name: str, model, checkpoint: dict, test: Ar
         predictions = predict(model, attacked.to(device), params.evaluate.batch_size).cpu()
         clean_correct = (predict(model, x.to(device), params.evaluate.batch_size).cpu() == y).numpy()
         report = eval_report(measured, threat=name, classes=tuple(test.classes),
-                             model=checkpoint["model_config"]["name"],
+                             model=checkpoint.model_config.name,
                              checkpoint_sha256=sha256_file(layout.CLASSIFIER_BEST), test_sha256=test.digest,
-                             train_run_id=checkpoint["mlflow_run_id"], mlflow_run_id=tracked.run_id,
+                             train_run_id=checkpoint.mlflow_run_id, mlflow_run_id=tracked.run_id,
                              seconds_total=seconds_total, **intervals(measured, y.numpy(), test))
         record = robustbench_record(report, checkpoint, recipe, test)
         write_outputs(name, report, record, attacked, y, predictions, clean_correct)
@@ -171,14 +171,14 @@ def settings_for(params: Params, threat: ThreatEvalConfig, device: str) -> Evalu
         sweep_n=cfg.sweep_n, tolerance=cfg.tolerance)
 
 
-def robustbench_record(report: EvalReport, checkpoint: dict, recipe: dict, test: ArrayStore) -> dict:
+def robustbench_record(report: EvalReport, checkpoint: RobustClassifierHeader, recipe: dict, test: ArrayStore) -> dict:
     """A RobustBench-style model card entry (accuracies as percentage strings, as RobustBench writes them)."""
     used = recipe["mix"]["generated_images_used"]
     return {
-        "name": f"DMAT {checkpoint['model_config']['name']}", "link": "", "authors": "", "venue": "",
-        "dataset": checkpoint["model_config"].get("dataset") or test.meta.source.get("dataset", ""),
+        "name": f"DMAT {checkpoint.model_config.name}", "link": "", "authors": "", "venue": "",
+        "dataset": checkpoint.model_config.dataset or test.meta.source.get("dataset", ""),
         "threat_model": report.norm, "eps": _eps_text(report.eps, report.norm),
-        "architecture": checkpoint["model_config"]["name"], "number_forward_passes": 1,
+        "architecture": checkpoint.model_config.name, "number_forward_passes": 1,
         # Generated images come from a diffusion model trained on the same training split, which
         # RobustBench does not count as additional data.
         "additional_data": False,

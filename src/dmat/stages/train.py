@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_classifier, load_mix_manifest, open_mixed_store
+from dmat.artifacts.records import ClassifierHeader, Threat
 from dmat.checkpoint import fingerprint
 from dmat.config import Params, as_dict
 from dmat.core.accumulation import accumulate_gradients, deferred_sync
@@ -50,6 +51,7 @@ class Trainer(ClassifierTraining):
     SECTION = "train"
     NETWORKS = CLASSIFIERS
     FORMAT = layout.CLASSIFIER_FORMAT
+    HEADER = ClassifierHeader
     CHECKPOINTS = (layout.CLASSIFIER_BEST, layout.CLASSIFIER_LAST)
     SELECT_BY = "val_robust_acc"
     CURVES = layout.TRAIN_CURVES
@@ -68,7 +70,7 @@ class Trainer(ClassifierTraining):
                                        self.fraction)
 
     def record(self) -> dict:
-        return {"threat": {"norm": self.cfg.attack.norm, "eps": self.cfg.attack.eps}}
+        return {"threat": Threat(norm=self.cfg.attack.norm, eps=self.cfg.attack.eps)}
 
     # --- one epoch ---------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from dmat import pipeline
 from dmat.artifacts import layout
+from dmat.artifacts.records import DenoiserConfig, DiffusionHeader, to_json
 from dmat.checkpoint import fingerprint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.accumulation import accumulate_gradients, deferred_sync
@@ -79,6 +80,7 @@ class DiffusionTrainer(ModelTraining):
     SECTION = "train_diffusion"
     NETWORKS = DENOISERS
     FORMAT = layout.DIFFUSION_FORMAT
+    HEADER = DiffusionHeader
     CHECKPOINTS = (layout.DIFFUSION_CHECKPOINT,)
     COUNTER = "step"
     HISTORY = "log"  # one row per logging interval
@@ -92,9 +94,9 @@ class DiffusionTrainer(ModelTraining):
         h, w_, c = self.real.image_shape
         if h != w_:
             raise ParamsError(f"train_diffusion needs square images, {layout.REAL_TRAIN} holds {h}x{w_}")
-        self.model_config = {"name": cfg.model, "img_resolution": h, "in_channels": c,
-                             "num_classes": len(self.real.classes), "label_dropout": cfg.label_dropout}
-        self.model = build_denoiser(cfg.model, **{k: v for k, v in self.model_config.items() if k != "name"})
+        self.model_config = DenoiserConfig(name=cfg.model, img_resolution=h, in_channels=c,
+                                           num_classes=len(self.real.classes), label_dropout=cfg.label_dropout)
+        self.model = build_denoiser(cfg.model, **self.model_config.build_args())
         self.model.to(w.device)
         self.ema = WeightAverage(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -199,7 +201,7 @@ class DiffusionTrainer(ModelTraining):
             grid = sample_grid(self.ema.module.eval(), len(self.real.classes), _chw(self.real.image_shape),
                                cfg.grid_steps, self.params.base.seed, w.device)
             tracked.log_image(grid, "samples_grid.png")
-            tracked.log_dict(self.model_config, "model_config.json")
+            tracked.log_dict(to_json(self.model_config), "model_config.json")
         return metrics
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from dmat import pipeline
 from dmat.artifacts import layout
+from dmat.artifacts.records import ReferenceHeader
 from dmat.checkpoint import fingerprint, load_checkpoint
 from dmat.config import Params, as_dict
 from dmat.core.accumulation import accumulate_gradients, deferred_sync
@@ -102,6 +103,7 @@ class ReferenceTrainer(ClassifierTraining):
     SECTION = "train_reference"
     NETWORKS = CLASSIFIERS
     FORMAT = layout.REFERENCE_FORMAT
+    HEADER = ReferenceHeader
     CHECKPOINTS = (layout.REFERENCE_BEST, layout.REFERENCE_LAST)
     SELECT_BY = "val_acc"
     CURVES = layout.REFERENCE_CURVES

@@ -434,22 +434,26 @@ def _eval_report(ws: Workspace, node: Node, threat: str, path: Path):
 
 
 def build_classifier(ws: Workspace, node: Node) -> None:
-    state = _checkpoint(node)
+    from dmat.artifacts.records import ClassifierHeader, ImportedClassifierHeader
+
+    state = _checkpoint(node, ClassifierHeader, ImportedClassifierHeader)
     digest = node.facts["sha256"] = ws.sha256(node.path)
-    node.facts["run_id"] = state.get("mlflow_run_id")
-    cfg, history = state.get("train_config", {}), state.get("history") or [{}]
+    if state is None:
+        return
+    node.facts["run_id"] = state.mlflow_run_id
+    cfg, history = state.train_config, state.history or [{}]
     best = max(history, key=lambda row: row.get("val_robust_acc", -1))
     attack = cfg.get("attack", {})
     node.details.update({
-        "sha256": digest, "model": state.get("model_config", {}).get("name"),
-        "recipe": f"{cfg.get('loss')} beta={cfg.get('beta')}, {state.get('epoch')}/{cfg.get('epochs')} epochs, "
+        "sha256": digest, "model": state.model_config.name,
+        "recipe": f"{cfg.get('loss')} beta={cfg.get('beta')}, {state.epoch}/{cfg.get('epochs')} epochs, "
                   f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, EMA tau {cfg.get('ema_tau')}",
         "attack": f"{attack.get('norm')} eps={_num(attack.get('eps'))}, {attack.get('steps')} steps of "
                   + (_num(attack["step_size"]) if attack.get("step_size") is not None else "the size derived from eps"),
         "best_epoch": f"{best.get('epoch')}: val clean {_num(best.get('val_clean_acc'))}, "
                       f"robust {_num(best.get('val_robust_acc'))}",
     })
-    run = check_run(ws, node, state.get("mlflow_run_id"), "train", f"{node.path.name} mlflow_run_id")
+    run = check_run(ws, node, state.mlflow_run_id, "train", f"{node.path.name} mlflow_run_id")
     mixed = node_key("mixed", ws.root / layout.MIXED_DIR)
     targets = {"real/train": node_key("real", ws.root / layout.REAL_TRAIN),
                "real/val": node_key("real", ws.root / layout.REAL_VAL),
@@ -546,20 +550,24 @@ def _external_files(ws: Workspace, node: Node, source: dict) -> None:
 
 
 def build_diffusion(ws: Workspace, node: Node) -> None:
-    state = _checkpoint(node)
+    from dmat.artifacts.records import DiffusionHeader
+
+    state = _checkpoint(node, DiffusionHeader)
     digest = node.facts["sha256"] = ws.sha256(node.path)
-    adversarial, cfg = state.get("adversarial", {}), state.get("train_config", {})
-    node.facts.update(run_id=state.get("mlflow_run_id"), adversarial_mode=adversarial.get("mode"))
+    if state is None:
+        return
+    adversarial, cfg = state.adversarial, state.train_config
+    node.facts.update(run_id=state.mlflow_run_id, adversarial_mode=adversarial.get("mode"))
     corrupt = cfg.get("corrupt") or {}
     node.details.update({
-        "sha256": digest, "model": state.get("model_config", {}).get("name"),
-        "steps": f"{state.get('step')}/{cfg.get('steps')}, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}",
+        "sha256": digest, "model": state.model_config.name,
+        "steps": f"{state.step}/{cfg.get('steps')}, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}",
         "adversarial_training": f"mode {adversarial.get('mode')}, lambda {adversarial.get('lam')}, rho "
                                 f"{adversarial.get('rho')}, floor {_num(adversarial.get('floor_min'))}.."
                                 f"{_num(adversarial.get('floor_max'))}",
         "corrupt": f"fraction {corrupt.get('fraction')}, sigma {corrupt.get('sigma')}",
     })
-    run = check_run(ws, node, state.get("mlflow_run_id"), "train_diffusion", f"{node.path.name} mlflow_run_id")
+    run = check_run(ws, node, state.mlflow_run_id, "train_diffusion", f"{node.path.name} mlflow_run_id")
     real = node_key("real", ws.root / layout.REAL_TRAIN)
     _record_run_inputs(ws, node, run, {"real/train": real})
     node.upstream.append(real)
@@ -604,14 +612,20 @@ def _layout_upstream(ws: Workspace, node: Node) -> None:
         node.upstream += [k for k in (locate(ws.root, ws.root / read.path) for read in declared.reads) if k]
 
 
-def _checkpoint(node: Node) -> dict:
-    from dmat.checkpoint import CheckpointError, load_checkpoint
+def _checkpoint(node: Node, *kinds: type):
+    """The checkpoint's header (one of the records `kinds`), or None with a STALE check that says why not."""
+    from dmat.artifacts.loaders import checkpoint_header
+    from dmat.checkpoint import load_checkpoint
+    from dmat.errors import CheckpointError, DataError
 
     try:
-        return load_checkpoint(node.path)
-    except CheckpointError as err:
+        header = checkpoint_header(load_checkpoint(node.path), node.path)
+        if not isinstance(header, kinds):
+            raise CheckpointError(f"{node.path}: a {header.format} checkpoint, not a {node.kind} one")
+    except (CheckpointError, DataError) as err:  # unreadable, or a header of another shape (RecordError)
         node.add(Check(STALE, str(err)))
-        return {}
+        return None
+    return header
 
 
 def check_run(ws: Workspace, node: Node, run_id: str | None, stage: str, by: str) -> dict | None:

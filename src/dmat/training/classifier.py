@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dmat.artifacts.records import ClassifierConfig
 from dmat.config import Params
 from dmat.core.classifiers import build_classifier
 from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay
@@ -50,8 +51,8 @@ class ClassifierTraining(ModelTraining):
         self.total_steps = cfg.epochs * self.sampler.steps_per_epoch
         dataset = real.meta.source.get("dataset", "")
         mean, std = normalisation(real)
-        self.model_config = {"name": cfg.model, "num_classes": len(real.classes), "mean": mean, "std": std,
-                             "dataset": dataset, "input_shape": list(real.image_shape)}
+        self.model_config = ClassifierConfig(name=cfg.model, num_classes=len(real.classes), mean=tuple(mean),
+                                             std=tuple(std), dataset=dataset, input_shape=tuple(real.image_shape))
         self.model = build_classifier(cfg.model, num_classes=len(real.classes), mean=mean, std=std).to(w.device)
         self.optimizer = torch.optim.SGD(param_groups_without_bn_decay(self.model, cfg.weight_decay), lr=cfg.lr,
                                          momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from tqdm import tqdm
 
 from dmat.artifacts import layout
+from dmat.artifacts.records import checkpoint_contents, from_json
 from dmat.checkpoint import load_resumable, publish, restore_training, save_checkpoint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.distributed import World, barrier, broadcast_object, world
@@ -32,7 +33,7 @@ class ModelTraining:
     """One run of a model-training stage: network, weight average, optimiser, precision, progress, MLflow run.
 
     A subclass declares its stage and checkpoints (the class attributes below), builds in `__init__` (after
-    `super().__init__`) `real` (its training store), `model`, `model_config`, `optimizer`, `fingerprint` and,
+    `super().__init__`) `real` (its training store), `model`, `model_config` (a record), `optimizer`, `fingerprint` and,
     when it averages weights, `ema`; and implements `probe_passes`, `log_inputs`, `train` and `finish`.
     """
 
@@ -40,9 +41,10 @@ class ModelTraining:
     SECTION: ClassVar[str]  # the params section it trains from
     NETWORKS: ClassVar[dict]  # the registry its `model` names one of
     FORMAT: ClassVar[str]  # its checkpoints' format (`layout`), which loaders check
+    HEADER: ClassVar[type]  # its checkpoints' header (`artifacts.records`)
     CHECKPOINTS: ClassVar[tuple[Path, ...]]  # what it publishes, one output directory; a re-run resumes the last
-    COUNTER: ClassVar[str] = "epoch"  # the attribute counting what is trained, and its checkpoint key
-    HISTORY: ClassVar[str] = "history"  # the attribute holding its per-epoch or per-interval rows, and its key
+    COUNTER: ClassVar[str] = "epoch"  # the attribute counting what is trained, and its header's field
+    HISTORY: ClassVar[str] = "history"  # the attribute holding its per-epoch or per-interval rows, and its field
 
     def __init__(self, params: Params, w: World):
         self.params, self.world, self.cfg = params, w, getattr(params, self.SECTION)
@@ -122,32 +124,37 @@ class ModelTraining:
 
     def resume(self) -> bool:
         """Load the work directory's last checkpoint if it belongs to this configuration and these inputs."""
-        state = load_resumable(self.work / self.CHECKPOINTS[-1].name, format=self.FORMAT,
-                               fingerprint=self.fingerprint, map_location=self.world.device)
+        path = self.work / self.CHECKPOINTS[-1].name
+        state = load_resumable(path, format=self.FORMAT, fingerprint=self.fingerprint, map_location=self.world.device)
         if state is None:
             return False
+        header = from_json(self.HEADER, state, str(path))
         restore_training(state, model=self.model, ema=self.ema, optimizer=self.optimizer)
-        setattr(self, self.COUNTER, state[self.COUNTER])
-        setattr(self, self.HISTORY, state[self.HISTORY])
-        self.run_id = state["mlflow_run_id"]
-        self.recorded_precision, self.recorded_scaler = state.get("precision"), state.get("grad_scaler")
+        setattr(self, self.COUNTER, getattr(header, self.COUNTER))
+        setattr(self, self.HISTORY, list(getattr(header, self.HISTORY)))
+        self.run_id = header.mlflow_run_id
+        self.recorded_precision, self.recorded_scaler = header.precision, state.get("grad_scaler")
         return True
 
     def record(self) -> dict[str, Any]:
-        """What only this stage's checkpoints record (after the classes)."""
+        """The fields of the header that only this stage's checkpoints have (after the classes)."""
         return {}
 
+    def header(self):
+        """The header of a checkpoint written now (a `HEADER`)."""
+        return self.HEADER(format=self.FORMAT, fingerprint=self.fingerprint,
+                           **{self.COUNTER: getattr(self, self.COUNTER)}, model_config=self.model_config,
+                           classes=tuple(self.real.classes), **self.record(), mlflow_run_id=self.run_id,
+                           **{self.HISTORY: tuple(getattr(self, self.HISTORY))}, train_config=as_dict(self.cfg),
+                           precision=self.precision.record())
+
     def checkpoint_state(self, *, with_optimizer: bool) -> dict[str, Any]:
-        """What a checkpoint holds; `with_optimizer`: also what resuming needs (the optimiser, the loss scale)."""
-        state = {"format": self.FORMAT, "fingerprint": self.fingerprint, self.COUNTER: getattr(self, self.COUNTER),
-                 "model": self.model.state_dict(), **({} if self.ema is None else {"ema": self.ema.state_dict()}),
-                 "model_config": self.model_config, "classes": list(self.real.classes), **self.record(),
-                 "mlflow_run_id": self.run_id, self.HISTORY: getattr(self, self.HISTORY),
-                 "train_config": as_dict(self.cfg), "precision": self.precision.record()}
-        if with_optimizer:
-            state["optimizer"] = self.optimizer.state_dict()
-            state["grad_scaler"] = self.scaler.state_dict()
-        return state
+        """What a checkpoint holds: its header and weights; `with_optimizer`: also what resuming needs (the
+        optimiser, the loss scale)."""
+        weights = {"model": self.model.state_dict(), **({} if self.ema is None else {"ema": self.ema.state_dict()})}
+        training = ({"optimizer": self.optimizer.state_dict(), "grad_scaler": self.scaler.state_dict()}
+                    if with_optimizer else None)
+        return checkpoint_contents(self.header(), weights, training)
 
     def save(self, checkpoint: Path, *, with_optimizer: bool = True) -> None:
         """Write `checkpoint` (a `CHECKPOINTS` path) atomically into the work directory."""
