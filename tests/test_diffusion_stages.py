@@ -154,19 +154,23 @@ def test_generate_keeps_the_scorers_most_confident_images(trained: Path, tmp_pat
     import torch
 
     from dmat.artifacts import layout
+    from dmat.artifacts.records import ClassifierConfig
     from dmat.checkpoint import save_checkpoint
     from dmat.core.classifiers import build_classifier
+    from tests.test_records import classifier_checkpoint
 
-    config = {"name": "wrn-16-1", "num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    config = ClassifierConfig(name="wrn-16-1", num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3, dataset="",
+                              input_shape=(16, 16, 3))
     torch.manual_seed(0)
-    model = build_classifier("wrn-16-1", num_classes=3, mean=config["mean"], std=config["std"]).eval()
+    model = build_classifier("wrn-16-1", num_classes=3, mean=config.mean, std=config.std).eval()
     path = layout.REFERENCE_BEST if scorer == "reference" else Path(scorer)
     stores = {}
     for name, generate in (("all", "per_class: 10"), ("kept", f"per_class: 5, filter_keep: 0.5, filter_scorer: "
                                                               f"{scorer}")):
         workdir = _copy(trained, tmp_path / name)
-        save_checkpoint(workdir / path, {"format": getattr(layout, fmt), "model_config": config,
-                                         "classes": ["apple", "banana", "cherry"], weights: model.state_dict()})
+        save_checkpoint(workdir / path, classifier_checkpoint(getattr(layout, fmt), config,
+                                                              ("apple", "banana", "cherry"),
+                                                              {weights: model.state_dict()}))
         params = (workdir / "params.yaml").read_text().split("generate:")[0]
         (workdir / "params.yaml").write_text(params + f"generate: {{{generate}, network_batch: 4, steps: 2}}\n")
         result = run_dmat("generate", cwd=workdir)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dmat.artifacts import layout
+from dmat.artifacts.records import ClassifierConfig
 from dmat.checkpoint import save_checkpoint
 from dmat.cli import main
 from dmat.core.classifiers import build_classifier
@@ -20,6 +21,7 @@ from dmat.data.store import ArrayStore, write_store
 from dmat.data.tensors import to_unit_tensor
 from dmat.files import sha256_file
 from tests.conftest import run_dmat
+from tests.test_records import classifier_checkpoint
 
 CLASSES = ("a", "b", "c")
 SHAPE = (8, 8, 3)
@@ -52,10 +54,10 @@ def scorer_checkpoint(path: Path) -> Path:
     """A DMAT classifier checkpoint (random wrn-16-1 on 8×8 images) to filter with."""
     torch.manual_seed(0)
     model = build_classifier("wrn-16-1", num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3)
-    save_checkpoint(path, {"format": layout.CLASSIFIER_FORMAT, "ema": model.state_dict(),
-                           "model_config": {"name": "wrn-16-1", "num_classes": 3, "mean": [0.5] * 3, "std": [0.25] * 3,
-                                            "input_shape": list(SHAPE)},
-                           "classes": list(CLASSES), "threat": {"norm": "Linf", "eps": 8 / 255}})
+    config = ClassifierConfig(name="wrn-16-1", num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3, dataset="",
+                              input_shape=tuple(SHAPE))
+    save_checkpoint(path, classifier_checkpoint(layout.CLASSIFIER_FORMAT, config, tuple(CLASSES),
+                                                {"ema": model.state_dict()}))
     return path
 
 

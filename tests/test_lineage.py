@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmat.artifacts import layout
+from dmat.artifacts.records import DenoiserConfig, DiffusionHeader, checkpoint_contents
 from dmat.checkpoint import save_checkpoint
 from dmat.cli import main
 from dmat.data.store import ArrayStore, write_store
@@ -70,9 +72,13 @@ def build_project(root: Path) -> Path:
                                                      "sha256": sha256_file(root / "source.bin"), "split": "train"})
     run_id = diffusion_run(root, real)
     checkpoint = root / "models/diffusion/checkpoint.pt"
-    save_checkpoint(checkpoint, {"mlflow_run_id": run_id, "step": 4, "model_config": {"name": "unet-tiny"},
-                                 "adversarial": {"mode": "adversarial", "lam": 0.3},
-                                 "train_config": {"steps": 4, "corrupt": {"fraction": 0.0}}})
+    header = DiffusionHeader(
+        format=layout.DIFFUSION_FORMAT, fingerprint="0" * 16, step=4,
+        model_config=DenoiserConfig(name="unet-tiny", img_resolution=8, in_channels=3, num_classes=2,
+                                    label_dropout=0.0),
+        classes=("a", "b"), adversarial={"mode": "adversarial", "lam": 0.3}, mlflow_run_id=run_id, log=(),
+        train_config={"steps": 4, "corrupt": {"fraction": 0.0}}, precision={"precision": "fp32"})
+    save_checkpoint(checkpoint, checkpoint_contents(header, {}))
     synthetic = tiny_store(root / "data/synthetic", 1, {
         "kind": "generated", "sampler": "heun", "steps": 2, "seed": 0, "filter_keep": 1.0,
         "diffusion": {"mlflow_run_id": run_id, "checkpoint_sha256": sha256_file(checkpoint),
@@ -241,3 +247,27 @@ def test_tracking_lookups_read_runs_and_find_them_by_digest(built: Path) -> None
     assert find_runs("train_diffusion", input_digest="0" * 64, uri=uri) == []
     assert find_runs("generate", uri=uri) == []
     assert describe_run("0" * 32, uri) is None
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (None, None),
+    (lambda d: d.pop("robust_acc"), "models/eval/linf/report.json: missing robust_acc"),
+    (lambda d: d.update(n="4"), "models/eval/linf/report.json: n = '4' is not of type int"),
+])
+def test_an_evaluation_report_of_another_shape_is_stale_naming_the_key(project: Path, capsys: pytest.CaptureFixture,
+                                                                       edit, says: str | None) -> None:
+    from dmat.artifacts.records import to_json
+    from tests.test_records import eval_report
+
+    data = to_json(eval_report())
+    if edit:
+        edit(data)
+    write_json(project / "models/eval/linf/report.json", data)
+    _, report, _ = lineage(capsys, "models/eval/linf")
+    evaluation = next(s for s in report["stages"] if s["path"] == "models/eval/linf")
+    stale = [p["check"] for p in report["problems"] if p["path"] == "models/eval/linf" and p["status"] == STALE]
+    if says is None:
+        assert not stale and evaluation["details"]["accuracy"].startswith("clean 0.75, robust 0.25 (n=4;")
+    else:
+        assert evaluation["status"] == STALE and len(stale) == 1 and stale[0].startswith(says)
+        assert "accuracy" not in evaluation["details"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmat.artifacts.records import ClassifierHeader
 from dmat.checkpoint import load_checkpoint
 from dmat.data.store import ArrayStore, write_store
 from tests.conftest import (
@@ -21,6 +22,7 @@ from tests.conftest import (
     run_torchrun,
     write_params,
 )
+from tests.test_records import rewritten
 
 PARAMS = """
 base: {{seed: 0}}
@@ -116,6 +118,8 @@ def test_train_writes_checkpoints_metrics_curves_and_mlflow_record(workspace, fr
     for state in (best, last):
         assert {"model", "ema", "model_config", "classes", "threat", "mlflow_run_id"} <= set(state)
         assert state["classes"] == list(TINY_CLASSES) and state["threat"]["norm"] == norm
+    for name in ("best.pt", "last.pt"):  # each loads as its header, and is written again byte for byte from it
+        rewritten(workdir / "models/classifier" / name, ClassifierHeader)
     assert "optimizer" in last and last["epoch"] == 2 and len(last["history"]) == 2
     metrics = json.loads((workdir / "metrics/train.json").read_text())
     assert metrics["train_epochs"] == 2 and metrics["train_steps"] == 2 * 5  # an epoch is ceil(72 real / 16) steps

@@ -82,7 +82,7 @@ def test_headline_is_the_best_checkpoints_accuracy_on_all_test_images(trained: P
     assert metrics["test_acc"] >= 0.8, "the class colours are easy: a reference that cannot learn them is broken"
     history = load_checkpoint(trained / "models/reference/last.pt")["history"]
     best = max(history, key=lambda r: r["val_acc"])
-    assert state["epoch"] == metrics["best_epoch"] == best["epoch"] and metrics["best_val_acc"] == best["val_acc"]
+    assert state.epoch == metrics["best_epoch"] == best["epoch"] and metrics["best_val_acc"] == best["val_acc"]
     report = json.loads((trained / "reports/train_reference.json").read_text())
     assert set(report["test_acc_per_class"]) == set(TINY_CLASSES) and report["test_sha256"] == test.digest
     assert (trained / "plots/train_reference_curves.csv").read_text().count("\n") == 1 + 3
@@ -105,11 +105,12 @@ def test_its_own_checkpoint_format_is_never_mistaken_for_a_robust_one(trained: P
     with pytest.raises(CheckpointError, match="not a DMAT classifier checkpoint"):
         load_classifier(best)
     robust = tmp_path / "robust.pt"
-    save_checkpoint(robust, {**state, "format": layout.CLASSIFIER_FORMAT, "ema": state["model"]})
+    save_checkpoint(robust, {**state, "format": layout.CLASSIFIER_FORMAT, "ema": state["model"],
+                             "threat": {"norm": "Linf", "eps": 8 / 255}})
     with pytest.raises(CheckpointError, match="not a reference classifier checkpoint"):
         load_reference_classifier(robust)
     for path in (best, robust):  # generate's filter accepts either when named
-        assert load_scoring_classifier(path)[1]["format"] == load_checkpoint(path)["format"]
+        assert load_scoring_classifier(path)[1].format == load_checkpoint(path)["format"]
 
 
 @pytest.mark.slow

@@ -69,10 +69,12 @@ def publish(work: str | Path, out: str | Path, names: tuple[str, ...]) -> None:
     shutil.rmtree(work)
 
 
-def restore_training(state: dict[str, Any], *, model: Any, ema: Any, optimizer: Any) -> None:
-    """Load the weights, their average and the optimiser of a resumable checkpoint."""
+def restore_training(state: dict[str, Any], *, model: Any, ema: Any | None, optimizer: Any) -> None:
+    """Load the weights, their average (`ema` None: a stage that keeps none) and the optimiser of a resumable
+    checkpoint."""
     model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
 
 

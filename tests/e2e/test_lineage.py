@@ -42,7 +42,7 @@ def test_exported_model_is_verified_through_the_whole_chain(pipeline: Path) -> N
     assert [stage["stage"] for stage in report["stages"]] == CHAIN
     stages = {stage["path"]: stage for stage in report["stages"]}
     _, checkpoint = load_classifier(pipeline / "models/classifier/best.pt")
-    assert stages["models/classifier/best.pt"]["details"]["mlflow_run"].startswith(checkpoint["mlflow_run_id"])
+    assert stages["models/classifier/best.pt"]["details"]["mlflow_run"].startswith(checkpoint.mlflow_run_id)
     evaluation = json.loads((pipeline / "models/eval/linf/report.json").read_text())
     assert stages["models/eval/linf"]["details"]["mlflow_run"].startswith(evaluation["mlflow_run_id"])
     assert "mode adversarial" in stages["models/diffusion/checkpoint.pt"]["details"]["adversarial_training"]

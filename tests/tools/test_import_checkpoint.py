@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dmat.artifacts.loaders import load_classifier
+from dmat.artifacts.records import Threat
 from dmat.cli import main
 from dmat.data.store import ArrayStore, write_store
 from dmat.data.tensors import first_points
@@ -45,13 +46,13 @@ def test_import_gives_identical_logits_and_records_the_source_file(published, tm
     x = first_points(ArrayStore.open(store), None)[0]
     with torch.no_grad():
         assert torch.equal(model(x), source(x))
-    imported = state["imported"]
+    imported = state.imported
     assert imported == summary["imported"]
     assert (imported["sha256"], imported["size"]) == (sha256_file(checkpoint), checkpoint.stat().st_size)
     assert (imported["key_prefix"], imported["data_parallel"], imported["sequential_index"]) == ("module.0.", True, 0)
     assert imported["top_level_keys"] == ["model_state_dict", "unaveraged_model_state_dict"]
-    assert state["classes"] == list(CLASS_NAMES["cifar10"]) and state["threat"] == {"norm": "Linf", "eps": 8 / 255}
-    assert state["model_config"]["name"] == "wrn-16-1" and summary["sha256"] == sha256_file(out)
+    assert state.classes == CLASS_NAMES["cifar10"] and state.threat == Threat(norm="Linf", eps=8 / 255)
+    assert state.model_config.name == "wrn-16-1" and summary["sha256"] == sha256_file(out)
 
 
 def test_another_architecture_is_refused_and_nothing_is_written(published, tmp_path: Path, capsys) -> None:

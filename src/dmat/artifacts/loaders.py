@@ -1,6 +1,6 @@
-"""Loading what one stage wrote for another: checkpoints as models (robust, reference, or either as a scorer),
-the mix manifest and the store it mixes, evaluation reports, adversarial examples, the generated store's
-recorded source. Every loader names the file when it cannot be used (CheckpointError, DataError);
+"""Loading what one stage wrote for another: checkpoints as models (robust, reference, or either as a scorer) with
+their headers, the mix manifest and the store it mixes, evaluation reports, adversarial examples, the generated
+store's recorded source. Every loader names the file when it cannot be used (CheckpointError, DataError);
 checkpoints load with weights_only=True."""
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ import numpy as np
 from torch import nn
 
 from dmat.artifacts import layout
-from dmat.artifacts.records import MixManifest, from_json
+from dmat.artifacts.records import (
+    ClassifierHeader,
+    DiffusionHeader,
+    EvalReport,
+    ImportedClassifierHeader,
+    MixManifest,
+    ReferenceHeader,
+    from_json,
+)
 from dmat.checkpoint import load_checkpoint
 from dmat.core.classifiers import build_classifier
 from dmat.core.denoisers import build_denoiser
@@ -26,44 +34,63 @@ from dmat.files import sha256_file
 # standard training.
 _CLASSIFIER_WEIGHTS = {layout.CLASSIFIER_FORMAT: "ema", layout.REFERENCE_FORMAT: "model"}
 
+RobustClassifierHeader = ClassifierHeader | ImportedClassifierHeader  # trained by `train`, or imported
+ClassifierHeaders = RobustClassifierHeader | ReferenceHeader
 
-def load_classifier(path: str | Path = layout.CLASSIFIER_BEST, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """The EMA classifier of a DMAT (robust) checkpoint, in eval mode on `device`, and the checkpoint's contents."""
+
+def checkpoint_header(state: dict[str, Any], path: str | Path) -> ClassifierHeaders | DiffusionHeader:
+    """The header of a checkpoint's contents `state` (read from `path`), by its format; a header of another shape
+    is refused (RecordError names the file and the key)."""
+    fmt = state.get("format")
+    if fmt == layout.CLASSIFIER_FORMAT:
+        cls = ImportedClassifierHeader if "imported" in state else ClassifierHeader
+    elif fmt in (layout.REFERENCE_FORMAT, layout.DIFFUSION_FORMAT):
+        cls = ReferenceHeader if fmt == layout.REFERENCE_FORMAT else DiffusionHeader
+    else:
+        raise CheckpointError(f"{path}: not a DMAT checkpoint (format {fmt!r})")
+    return from_json(cls, state, str(path))
+
+
+def load_classifier(path: str | Path = layout.CLASSIFIER_BEST,
+                    device: str = "cpu") -> tuple[nn.Module, RobustClassifierHeader]:
+    """The EMA classifier of a DMAT (robust) checkpoint, in eval mode on `device`, and the checkpoint's header."""
     return _load_classifier(path, device, (layout.CLASSIFIER_FORMAT,), "DMAT classifier")
 
 
 def load_reference_classifier(path: str | Path = layout.REFERENCE_BEST,
-                              device: str = "cpu") -> tuple[nn.Module, dict]:
+                              device: str = "cpu") -> tuple[nn.Module, ReferenceHeader]:
     """The reference classifier (train_reference: standard training on real data only), in eval mode on `device`,
-    and the checkpoint's contents. A robust checkpoint is refused: it is not the yardstick."""
+    and the checkpoint's header. A robust checkpoint is refused: it is not the yardstick."""
     return _load_classifier(path, device, (layout.REFERENCE_FORMAT,), "reference classifier")
 
 
-def load_scoring_classifier(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+def load_scoring_classifier(path: str | Path, device: str = "cpu") -> tuple[nn.Module, ClassifierHeaders]:
     """Any DMAT classifier checkpoint, reference or robust, in eval mode: what generate's filter may score with."""
     return _load_classifier(path, device, tuple(_CLASSIFIER_WEIGHTS), "DMAT classifier")
 
 
-def _load_classifier(path: str | Path, device: str, formats: tuple[str, ...], what: str) -> tuple[nn.Module, dict]:
+def _load_classifier(path: str | Path, device: str, formats: tuple[str, ...], what: str) -> tuple[nn.Module, Any]:
     state = load_checkpoint(path, map_location=device)
     if state.get("format") not in formats:
         raise CheckpointError(f"{path}: not a {what} checkpoint (format {state.get('format')!r})")
-    config = state["model_config"]
-    model = build_classifier(config["name"], num_classes=config["num_classes"], mean=config["mean"],
-                             std=config["std"])
-    model.load_state_dict(state[_CLASSIFIER_WEIGHTS[state["format"]]])
-    return model.to(device).eval(), state
+    header = checkpoint_header(state, path)
+    config = header.model_config
+    model = build_classifier(config.name, num_classes=config.num_classes, mean=config.mean,
+                             std=config.std)
+    model.load_state_dict(state[_CLASSIFIER_WEIGHTS[header.format]])
+    return model.to(device).eval(), header
 
 
-def load_denoiser(path: str | Path = layout.DIFFUSION_CHECKPOINT, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """The EMA denoiser of a DMAT diffusion checkpoint, in eval mode on `device`, and the checkpoint's contents."""
+def load_denoiser(path: str | Path = layout.DIFFUSION_CHECKPOINT,
+                  device: str = "cpu") -> tuple[nn.Module, DiffusionHeader]:
+    """The EMA denoiser of a DMAT diffusion checkpoint, in eval mode on `device`, and the checkpoint's header."""
     state = load_checkpoint(path, map_location=device)
     if state.get("format") != layout.DIFFUSION_FORMAT:
         raise CheckpointError(f"{path}: not a DMAT diffusion checkpoint (format {state.get('format')!r})")
-    config = state["model_config"]
-    denoiser = build_denoiser(config["name"], **{k: v for k, v in config.items() if k != "name"})
+    header = checkpoint_header(state, path)
+    denoiser = build_denoiser(header.model_config.name, **header.model_config.build_args())
     denoiser.load_state_dict(state["ema"])
-    return denoiser.to(device).eval(), state
+    return denoiser.to(device).eval(), header
 
 
 def load_mix_manifest(directory: Path = layout.MIXED_DIR) -> tuple[MixManifest, np.ndarray]:
@@ -92,13 +119,15 @@ def open_mixed_store(manifest: MixManifest) -> ArrayStore:
     return store
 
 
-def load_eval_report(threat: str) -> dict:
-    """The evaluation report of one threat model, as saved with its adversarial examples."""
-    path = layout.eval_dir(threat) / layout.EVAL_REPORT_FILE
+def load_eval_report(threat: str, root: Path = Path()) -> EvalReport:
+    """The evaluation report of one threat model, as saved with its adversarial examples (under the project
+    `root`); a file of another shape is refused (RecordError names the file and the key)."""
+    path = root / layout.eval_dir(threat) / layout.EVAL_REPORT_FILE
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: unreadable evaluation report ({err}); run evaluate@{threat}") from None
+    return from_json(EvalReport, data, str(path))
 
 
 @dataclass(frozen=True)

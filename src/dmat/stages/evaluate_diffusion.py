@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from dmat import pipeline
 from dmat.artifacts import layout
 from dmat.artifacts.loaders import load_denoiser, load_mix_manifest, load_reference_classifier
-from dmat.artifacts.records import MixManifest
+from dmat.artifacts.records import DiffusionHeader, MixManifest, ReferenceHeader
 from dmat.checkpoint import load_checkpoint
 from dmat.config import Params, flatten
 from dmat.core.diffusion_at import DiffusionATConfig
@@ -128,7 +128,7 @@ def run(params: Params) -> dict:
         _log_inputs(tracked, stores, diffusion, reference_state, selection)
         started = time.perf_counter()
         metrics = {
-            "adversarial_mode": diffusion.get("adversarial", {}).get("mode", "none"),
+            "adversarial_mode": diffusion.adversarial.get("mode", "none"),
             "box": {"rho": cfg.radius_rho, "floor": cfg.radius_floor, "attack_steps": cfg.attack_steps},
             "training_box": _training_box(diffusion),
             "denoiser": denoiser_metrics(denoiser, stores.test, params, device),
@@ -177,11 +177,11 @@ def load_inception(path: str, device: str) -> nn.Module:
         raise CheckpointError(f"{path}: not torchvision Inception-v3 weights ({reason})") from None
 
 
-def check_inputs(stores: Inputs, diffusion: dict, reference_state: dict) -> None:
+def check_inputs(stores: Inputs, diffusion: DiffusionHeader, reference_state: ReferenceHeader) -> None:
     """Refuse stores and models that do not belong together, naming them."""
     real = stores.test
-    named = {str(layout.REFERENCE_BEST): reference_state["classes"],
-             str(layout.DIFFUSION_CHECKPOINT): diffusion["classes"],
+    named = {str(layout.REFERENCE_BEST): reference_state.classes,
+             str(layout.DIFFUSION_CHECKPOINT): diffusion.classes,
              **{str(store.path): store.classes for store in (stores.synthetic, stores.heldout, stores.train,
                                                              stores.val)}}
     for name, classes in named.items():
@@ -369,31 +369,32 @@ def _feature_pass(reference: nn.Module, inception: nn.Module | None, store: Arra
             "predicted": torch.cat(predicted), "labels": torch.cat(labels)}
 
 
-def _training_box(diffusion: dict) -> dict | None:
+def _training_box(diffusion: DiffusionHeader) -> dict | None:
     """The box the diffusion model was trained with, when it was trained with one (for reference)."""
-    adversarial = diffusion.get("adversarial")
+    adversarial = diffusion.adversarial
     if not adversarial or adversarial.get("mode", "none") == "none":
         return None
     return {key: adversarial[key] for key in ("mode", "rho", "floor_min", "floor_max") if key in adversarial}
 
 
-def _describe_reference(state: dict) -> dict:
-    return {"path": str(layout.REFERENCE_BEST), "model": state["model_config"]["name"], "epoch": state["epoch"],
-            "sha256": sha256_file(layout.REFERENCE_BEST), "mlflow_run_id": state.get("mlflow_run_id")}
+def _describe_reference(state: ReferenceHeader) -> dict:
+    return {"path": str(layout.REFERENCE_BEST), "model": state.model_config.name, "epoch": state.epoch,
+            "sha256": sha256_file(layout.REFERENCE_BEST), "mlflow_run_id": state.mlflow_run_id}
 
 
-def _log_inputs(tracked, stores: Inputs, diffusion: dict, reference_state: dict, selection: dict) -> None:
+def _log_inputs(tracked, stores: Inputs, diffusion: DiffusionHeader, reference_state: ReferenceHeader,
+                selection: dict) -> None:
     for store, name in ((stores.test, "real/test"), (stores.synthetic, "synthetic"), (stores.heldout, "real/heldout"),
                         (stores.train, "real/train"), (stores.val, "real/val")):
         tracked.log_store(store, name, context="evaluation")
-    recipe = {"train_diffusion": {**diffusion.get("train_config", {}), "trained_steps": diffusion.get("step")},
+    recipe = {"train_diffusion": {**diffusion.train_config, "trained_steps": diffusion.step},
               "synthetic": {"images": len(stores.synthetic), "source": dict(stores.synthetic.meta.source)},
-              "reference": {"model": reference_state["model_config"]["name"]},
+              "reference": {"model": reference_state.model_config.name},
               "rows": {"mix_source": selection["mix_source"], "reused_mixed_rows": selection["reused_mixed_rows"]}}
     tracked.log_params(flatten(recipe))
-    tracked.set_tags({"dmat.diffusion_run_id": diffusion.get("mlflow_run_id") or "",
-                      "dmat.reference_run_id": reference_state.get("mlflow_run_id") or "",
-                      "dmat.adversarial_mode": diffusion.get("adversarial", {}).get("mode", "none")})
+    tracked.set_tags({"dmat.diffusion_run_id": diffusion.mlflow_run_id or "",
+                      "dmat.reference_run_id": reference_state.mlflow_run_id or "",
+                      "dmat.adversarial_mode": diffusion.adversarial.get("mode", "none")})
 
 
 def _numeric(flat: dict) -> dict[str, float]:

@@ -21,7 +21,14 @@ from torch import nn
 
 from dmat import pipeline
 from dmat.artifacts import layout
-from dmat.artifacts.loaders import generated_source, load_classifier, load_denoiser, load_eval_report, load_mix_manifest
+from dmat.artifacts.loaders import (
+    RobustClassifierHeader,
+    generated_source,
+    load_classifier,
+    load_denoiser,
+    load_eval_report,
+    load_mix_manifest,
+)
 from dmat.artifacts.onnx_export import EXAMPLE_BATCH, batch_dim, export_classifier_onnx, save_onnx
 from dmat.config import Params
 from dmat.execution import git_commit
@@ -63,46 +70,46 @@ def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     torch.export.save(program, str(path))  # into the stage's staging directory: published with it
 
 
-def primary_threat(params: Params, checkpoint: dict) -> str:
+def primary_threat(params: Params, checkpoint: RobustClassifierHeader) -> str:
     """The evaluated threat model the classifier was trained against (else the first one evaluated)."""
-    trained = checkpoint["threat"]
+    trained = checkpoint.threat
     for name, threat in params.evaluate.threats.items():
-        if threat.norm == trained["norm"] and abs(threat.eps - trained["eps"]) < 1e-9:
+        if threat.norm == trained.norm and abs(threat.eps - trained.eps) < 1e-9:
             return name
     return next(iter(params.evaluate.threats))
 
 
-def provenance(params: Params, checkpoint: dict) -> dict:
+def provenance(params: Params, checkpoint: RobustClassifierHeader) -> dict:
     """Where the classifier came from: runs, commit, recipe and the digests of everything upstream."""
     reports = {name: load_eval_report(name) for name in params.evaluate.threats}
     manifest, _ = load_mix_manifest()
     generated = generated_source()
     main = primary_threat(params, checkpoint)
+    report = reports[main]
     return {
-        "classes": checkpoint["classes"],
-        "input": {"name": INPUT_NAME, "shape": _chw(checkpoint["model_config"]["input_shape"]), "dtype": "float32",
+        "classes": list(checkpoint.classes),
+        "input": {"name": INPUT_NAME, "shape": _chw(checkpoint.model_config.input_shape), "dtype": "float32",
                   "range": [0, 1], "layout": "NCHW"},
-        "threat": {"name": main, "norm": reports[main]["norm"], "eps": reports[main]["eps"]},
-        "metrics": {"clean_acc": reports[main]["clean_acc"], "robust_acc": reports[main]["robust_acc"],
-                    "clean_acc_ci": reports[main]["clean_acc_ci"],
-                    "robust_acc_ci": reports[main]["robust_acc_ci"], "confidence": reports[main]["confidence"],
-                    "n": reports[main]["n"], "rows_id": reports[main]["rows"]["rows_id"],
-                    "attack": f"autoattack-{reports[main]['version']}", "attack_suite": reports[main].get("suite"),
-                    "sanity_passed": reports[main]["sanity_passed"]},
-        "evaluations": {name: {"norm": r["norm"], "eps": r["eps"], "clean_acc": r["clean_acc"],
-                               "robust_acc": r["robust_acc"], "n": r["n"], "mlflow_run_id": r.get("mlflow_run_id")}
+        "threat": {"name": main, "norm": report.norm, "eps": report.eps},
+        "metrics": {"clean_acc": report.clean_acc, "robust_acc": report.robust_acc,
+                    "clean_acc_ci": list(report.clean_acc_ci), "robust_acc_ci": list(report.robust_acc_ci),
+                    "confidence": report.confidence, "n": report.n, "rows_id": report.rows.rows_id,
+                    "attack": f"autoattack-{report.version}", "attack_suite": report.suite,
+                    "sanity_passed": report.sanity_passed},
+        "evaluations": {name: {"norm": r.norm, "eps": r.eps, "clean_acc": r.clean_acc, "robust_acc": r.robust_acc,
+                               "n": r.n, "mlflow_run_id": r.mlflow_run_id}
                         for name, r in reports.items()},
         "lineage": {
             "git_commit": git_commit(project_root()),
-            "train_run_id": checkpoint["mlflow_run_id"],
-            "evaluate_run_ids": {name: r.get("mlflow_run_id") for name, r in reports.items()},
+            "train_run_id": checkpoint.mlflow_run_id,
+            "evaluate_run_ids": {name: r.mlflow_run_id for name, r in reports.items()},
             "diffusion_run_id": generated.get("diffusion", {}).get("mlflow_run_id"),
             "adversarial_mode": generated.get("diffusion", {}).get("adversarial", {}).get("mode"),
             "checkpoint_sha256": sha256_file(layout.CLASSIFIER_BEST),
             "diffusion_checkpoint_sha256": generated.get("diffusion", {}).get("checkpoint_sha256"),
             "data_sha256": {"train": manifest.real.sha256, "synthetic": manifest.synthetic.sha256,
                             "mixed_indices": manifest.indices_sha256,
-                            "test": reports[main].get("test_sha256")},
+                            "test": report.test_sha256},
         },
     }
 
@@ -116,16 +123,16 @@ def run(params: Params) -> dict:
     shape = tuple(info["input"]["shape"])
     example = torch.rand(EXAMPLE_BATCH, *shape, generator=torch.Generator().manual_seed(params.base.seed))
     with stage_run(STAGE, params, SECTIONS) as tracked:
-        tracked.set_tags({"dmat.train_run_id": checkpoint["mlflow_run_id"] or ""})
+        tracked.set_tags({"dmat.train_run_id": checkpoint.mlflow_run_id or ""})
         with atomic_path(layout.EXPORT_DIR, directory=True) as staging:
             staged = {path: staging / path.name for path in (layout.EXPORTED_CLASSIFIER_ONNX,
                                                              layout.EXPORTED_CLASSIFIER_PT2,
                                                              layout.EXPORTED_DENOISER_ONNX, layout.EXPORT_MANIFEST)}
             export_classifier_onnx(model, example, staged[layout.EXPORTED_CLASSIFIER_ONNX], encode_metadata(info))
             export_program(model, example, staged[layout.EXPORTED_CLASSIFIER_PT2])
-            denoiser_info = {"lineage": {"diffusion_run_id": diffusion_state["mlflow_run_id"],
+            denoiser_info = {"lineage": {"diffusion_run_id": diffusion_state.mlflow_run_id,
                                          "checkpoint_sha256": sha256_file(layout.DIFFUSION_CHECKPOINT)},
-                             "classes": diffusion_state["classes"], "sigma_data": 0.5}
+                             "classes": list(diffusion_state.classes), "sigma_data": 0.5}
             export_denoiser_onnx(denoiser, shape, staged[layout.EXPORTED_DENOISER_ONNX], encode_metadata(denoiser_info))
             files = {name: sha256_file(staging / name) for name in layout.EXPORTED_FILES}
             write_json(staged[layout.EXPORT_MANIFEST], {**info, "files": files, "denoiser": denoiser_info,

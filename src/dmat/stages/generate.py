@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from dmat import pipeline
 from dmat.artifacts import layout
-from dmat.artifacts.loaders import load_denoiser, load_reference_classifier, load_scoring_classifier
+from dmat.artifacts.loaders import ClassifierHeaders, load_denoiser, load_reference_classifier, load_scoring_classifier
+from dmat.artifacts.records import DiffusionHeader
 from dmat.config import Params, ParamsError
 from dmat.core.guidance import GuidedDenoiser
 from dmat.core.precision import (
@@ -96,7 +97,7 @@ class FixedBatchDenoiser(torch.nn.Module):
         return torch.cat(outputs)
 
 
-def sampling_network(denoiser: torch.nn.Module, state: dict, params: Params, setting: Setting,
+def sampling_network(denoiser: torch.nn.Module, state: DiffusionHeader, params: Params, setting: Setting,
                      device: str) -> torch.nn.Module:
     """The denoiser as the sampler calls it: in `setting` (precision and memory format), in fixed-size
     chunks, with classifier-free guidance if asked. The sampler's own arithmetic stays float64."""
@@ -104,14 +105,14 @@ def sampling_network(denoiser: torch.nn.Module, state: dict, params: Params, set
     network = FixedBatchDenoiser(Autocast(to_memory_format(denoiser, setting), setting, device), cfg.network_batch)
     if cfg.guidance == 1:
         return network
-    config = state["model_config"]
-    if not config.get("label_dropout"):
+    config = state.model_config
+    if not config.label_dropout:
         raise ParamsError(f"generate.guidance = {cfg.guidance:g} is not allowed with this denoiser: guidance needs "
                           "the unconditional denoiser that label dropout trains, and "
                           f"{layout.DIFFUSION_CHECKPOINT} was trained with "
                           "train_diffusion.label_dropout = 0")
     interval = (0.0, math.inf) if cfg.guidance_interval is None else tuple(cfg.guidance_interval)
-    return GuidedDenoiser(network, cfg.guidance, null_label=config["num_classes"], interval=interval)
+    return GuidedDenoiser(network, cfg.guidance, null_label=config.num_classes, interval=interval)
 
 
 @exact_kernels()
@@ -217,7 +218,7 @@ def _configure_torch(params: Params) -> str:
     return device
 
 
-def load_scorer(params: Params, device: str) -> tuple[torch.nn.Module, dict, Path]:
+def load_scorer(params: Params, device: str) -> tuple[torch.nn.Module, ClassifierHeaders, Path]:
     """The filter's scorer: `reference` is models/reference/best.pt, anything else a DMAT classifier checkpoint."""
     name = params.generate.filter_scorer
     if name == "reference":
@@ -257,11 +258,11 @@ def run(params: Params) -> dict:
     check_precision(params.base, device)
     with world(device) as w:
         denoiser, state = load_denoiser(device=w.device)
-        classes, config = state["classes"], state["model_config"]
-        shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
+        classes, config = list(state.classes), state.model_config
+        shape = (config.in_channels, config.img_resolution, config.img_resolution)
         # Decided once (rank 0, in the parent of any workers): the setting changes the images' last bits. Timed
         # with the kernels that sampling uses.
-        workload = {"stage": STAGE, "network": config.get("name", ""), "batch": params.generate.network_batch,
+        workload = {"stage": STAGE, "network": config.name, "batch": params.generate.network_batch,
                     "image_shape": list(shape)}
         with exact_kernels():
             decision = choose_setting(params.base, w, lambda: probe_passes(denoiser, params, shape, w.device),
@@ -269,12 +270,12 @@ def run(params: Params) -> dict:
         network = sampling_network(denoiser, state, params, decision.setting, w.device)
         per_class = candidates_per_class(params)
         scorer = load_scorer(params, w.device) if w.is_main and params.generate.filter_keep < 1 else None
-        if scorer is not None and list(scorer[1]["classes"]) != list(classes):  # before hours of sampling
-            raise DataError(f"{scorer[2]}: the scorer's classes {scorer[1]['classes']} differ from the diffusion "
+        if scorer is not None and list(scorer[1].classes) != classes:  # before hours of sampling
+            raise DataError(f"{scorer[2]}: the scorer's classes {list(scorer[1].classes)} differ from the diffusion "
                             f"model's {classes} (generate.filter_scorer)")
         with stage_run(STAGE, params, SECTIONS, enabled=w.is_main) as tracked:
-            tracked.set_tags({"dmat.diffusion_run_id": state["mlflow_run_id"] or "",
-                              "dmat.adversarial_mode": state["adversarial"]["mode"]})
+            tracked.set_tags({"dmat.diffusion_run_id": state.mlflow_run_id or "",
+                              "dmat.adversarial_mode": state.adversarial["mode"]})
             log_precision(tracked, decision)
             started = time.perf_counter()
             filtered = _generate(network, params, w, classes, per_class, shape, diffusion_recipe(state), scorer,
@@ -288,7 +289,7 @@ def run(params: Params) -> dict:
                        "sampler": cfg.sampler, "steps": cfg.steps,
                        "nfe": network_evaluations(cfg), "guidance": cfg.guidance,
                        "seconds": seconds, "images_per_s": per_class * len(classes) / max(seconds, 1e-9),
-                       "sha256": store.digest, "adversarial_mode": state["adversarial"]["mode"],
+                       "sha256": store.digest, "adversarial_mode": state.adversarial["mode"],
                        "filter": filtered, **decision.summary()}
             report(tracked, store, metrics)
     return metrics
@@ -303,9 +304,9 @@ def run_external(params: Params, device: str) -> dict:
     paths = [in_project(path) for path in cfg.external]
     filtering = cfg.filter_keep < 1
     scorer = load_scorer(params, device) if filtering else None
-    if scorer is not None and list(scorer[1]["classes"]) != list(real.classes):
-        raise DataError(f"{scorer[2]}: the scorer's classes {scorer[1]['classes']} differ from {layout.REAL_TRAIN}'s "
-                        f"{list(real.classes)} (generate.filter_scorer)")
+    if scorer is not None and list(scorer[1].classes) != list(real.classes):
+        raise DataError(f"{scorer[2]}: the scorer's classes {list(scorer[1].classes)} differ from "
+                        f"{layout.REAL_TRAIN}'s {list(real.classes)} (generate.filter_scorer)")
     started = time.perf_counter()
     external = ExternalSet(paths, real.classes, real.image_shape)  # every file checked before anything is written
     with stage_run(STAGE, params, SECTIONS) as tracked:
@@ -345,11 +346,11 @@ def report(tracked, store: ArrayStore, metrics: dict) -> None:
     tracked.log_artifact(layout.report_file(STAGE))
 
 
-def diffusion_recipe(state: dict) -> dict:
+def diffusion_recipe(state: DiffusionHeader) -> dict:
     """What the generated store records about the model that made it (for lineage and run comparison)."""
-    return {"model": state["model_config"]["name"], "train_steps": state["step"],
-            "adversarial": state["adversarial"], "corrupt": state["train_config"].get("corrupt"),
-            "mlflow_run_id": state["mlflow_run_id"], "checkpoint_sha256": sha256_file(layout.DIFFUSION_CHECKPOINT)}
+    return {"model": state.model_config.name, "train_steps": state.step,
+            "adversarial": state.adversarial, "corrupt": state.train_config.get("corrupt"),
+            "mlflow_run_id": state.mlflow_run_id, "checkpoint_sha256": sha256_file(layout.DIFFUSION_CHECKPOINT)}
 
 
 def _generate(denoiser, params: Params, w: World, classes: list[str], per_class: int,
@@ -390,8 +391,8 @@ def _keep_most_confident(candidates: ArrayStore, params: Params, out: Path, sour
     model, state, path = scorer
     confidence = conditioning_confidence(model, candidates, params.generate.batch_size, device)
     rows = top_per_class(confidence, np.asarray(candidates.labels), keep)
-    summary = {"scorer": params.generate.filter_scorer, "scorer_format": state["format"],
-               "scorer_model": state["model_config"]["name"], "scorer_sha256": sha256_file(path),
+    summary = {"scorer": params.generate.filter_scorer, "scorer_format": state.format,
+               "scorer_model": state.model_config.name, "scorer_sha256": sha256_file(path),
                "candidates": len(candidates), "kept": len(rows),
                "mean_confidence_candidates": float(confidence.mean()), "mean_confidence_kept": float(
                    confidence[rows].mean())}

@@ -21,40 +21,29 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dmat import pipeline
 from dmat.artifacts import layout
-from dmat.checkpoint import fingerprint, load_resumable, publish, restore_training, save_checkpoint
+from dmat.artifacts.records import DenoiserConfig, DiffusionHeader, to_json
+from dmat.checkpoint import fingerprint
 from dmat.config import Params, ParamsError, as_dict
 from dmat.core.accumulation import accumulate_gradients, deferred_sync
 from dmat.core.denoisers import DENOISERS, build_denoiser
 from dmat.core.diffusion_at import DiffusionATConfig, diffusion_training_loss, draw_training_noise
 from dmat.core.edm import sample_training_sigma
 from dmat.core.ema import WeightAverage, half_life_decay
-from dmat.core.precision import Decision, network_passes
+from dmat.core.precision import network_passes
 from dmat.core.rng import seeded_generator
 from dmat.core.samplers import edm_sigma_steps, heun_sampler, image_noise, to_uint8
 from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import ArrayStore
 from dmat.data.tensors import to_device, to_model_space
-from dmat.distributed import World, all_gather_rows, barrier, broadcast_object, world
-from dmat.files import write_json
+from dmat.distributed import World, all_gather_rows
 from dmat.plots import image_grid
-from dmat.stage_setup import (
-    apply_torch,
-    check_precision,
-    choose_setting,
-    log_precision,
-    probe_batch,
-    training_network,
-)
-from dmat.tracking import stage_run
+from dmat.stage_setup import probe_batch
+from dmat.training.skeleton import ModelTraining
 
 DECLARED = pipeline.for_module(__name__)
-STAGE = DECLARED.name
-WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
-SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 # Noise-level bands for the loss split: where the denoiser's work is fine detail vs global layout.
 SIGMA_BANDS = ((0.0, 0.2), (0.2, 1.0), (1.0, 5.0), (5.0, float("inf")))
 GRID_PER_CLASS = 10
@@ -84,44 +73,40 @@ def corrupt(x0: torch.Tensor, rows: np.ndarray, chosen: np.ndarray, params: Para
     return torch.where(torch.from_numpy(mask).to(x0.device).reshape(-1, 1, 1, 1), x0 + sigma * noise, x0)
 
 
-class DiffusionTrainer:
+class DiffusionTrainer(ModelTraining):
+    """The denoiser, its EMA and Adam, trained step by step on data/real/train."""
+
+    DECLARED = DECLARED
+    SECTION = "train_diffusion"
+    NETWORKS = DENOISERS
+    FORMAT = layout.DIFFUSION_FORMAT
+    HEADER = DiffusionHeader
+    CHECKPOINTS = (layout.DIFFUSION_CHECKPOINT,)
+    COUNTER = "step"
+    HISTORY = "log"  # one row per logging interval
+
     def __init__(self, params: Params, w: World):
-        cfg = self.cfg = params.train_diffusion
-        self.params, self.world = params, w
+        super().__init__(params, w)
+        cfg = self.cfg
         self.real = ArrayStore.open(layout.REAL_TRAIN)
         if len(self.real) == 0:
             raise ParamsError(f"{layout.REAL_TRAIN} is empty: nothing to train the diffusion model on")
         h, w_, c = self.real.image_shape
         if h != w_:
             raise ParamsError(f"train_diffusion needs square images, {layout.REAL_TRAIN} holds {h}x{w_}")
-        self.model_config = {"name": cfg.model, "img_resolution": h, "in_channels": c,
-                             "num_classes": len(self.real.classes), "label_dropout": cfg.label_dropout}
-        self.model = build_denoiser(cfg.model, **{k: v for k, v in self.model_config.items() if k != "name"})
+        self.model_config = DenoiserConfig(name=cfg.model, img_resolution=h, in_channels=c,
+                                           num_classes=len(self.real.classes), label_dropout=cfg.label_dropout)
+        self.model = build_denoiser(cfg.model, **self.model_config.build_args())
         self.model.to(w.device)
         self.ema = WeightAverage(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-        # Set by use(), once the precision is chosen; a resumed run brings its recorded choice and loss scale.
-        self.trained, self.scaler, self.precision = None, None, None
-        self.recorded_precision, self.recorded_scaler = None, None
         self.sampler = MixedBatchSampler(len(self.real), np.empty(0, np.int64), batch_size=cfg.batch_size,
                                          fraction=0.0, seed=params.base.seed)
         self.at = at_config(params)
         self.corrupted = corrupted_rows(len(self.real), params)
         self.fingerprint = fingerprint(as_dict(cfg), params.base.seed, self.real.digest)
-        self.step, self.run_id, self.log = 0, None, []
-
-    def resume(self) -> bool:
-        state = load_resumable(WORK / layout.DIFFUSION_CHECKPOINT.name, format=layout.DIFFUSION_FORMAT,
-                               fingerprint=self.fingerprint, map_location=self.world.device)
-        if state is None:
-            return False
-        restore_training(state, model=self.model, ema=self.ema, optimizer=self.optimizer)
-        self.step, self.run_id, self.log = state["step"], state["mlflow_run_id"], state["log"]
-        self.recorded_precision, self.recorded_scaler = state.get("precision"), state.get("grad_scaler")
-        return True
 
     def probe_passes(self):
-        """Forward and backward passes of the denoiser at this rank's micro-batch, for the `auto` probe."""
         h, w_, c = self.real.image_shape
         n = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)
         generator = torch.Generator().manual_seed(0)
@@ -131,27 +116,12 @@ class DiffusionTrainer:
         return network_passes(self.model, [t.to(self.world.device) for t in inputs], self.world.device,
                               backward=True)
 
-    def workload(self) -> dict:
-        """What the probe measures, for the machine's kept precision decision."""
-        batch = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)  # as probe_passes
-        return {"stage": STAGE, "network": self.cfg.model, "batch": batch,
-                "image_shape": list(self.real.image_shape)}
+    def record(self) -> dict:
+        return {"adversarial": as_dict(self.cfg.adversarial)}
 
-    def use(self, decision: Decision) -> None:
-        """Train from now on in `decision`'s setting (the EMA copy stays float32 and contiguous)."""
-        self.precision = decision
-        self.trained, self.scaler = training_network(self.model, decision, self.world, compile=self.params.base.compile,
-                                                     scaler_state=self.recorded_scaler)
-
-    def save(self) -> None:
-        save_checkpoint(WORK / layout.DIFFUSION_CHECKPOINT.name, {
-            "format": layout.DIFFUSION_FORMAT, "fingerprint": self.fingerprint, "step": self.step,
-            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "model_config": self.model_config, "classes": list(self.real.classes),
-            "adversarial": as_dict(self.cfg.adversarial), "train_config": as_dict(self.cfg),
-            "mlflow_run_id": self.run_id, "log": self.log, "precision": self.precision.record(),
-            "grad_scaler": self.scaler.state_dict(),
-        })
+    def log_inputs(self, tracked) -> None:
+        tracked.log_store(self.real, "real/train", context="training")
+        tracked.log_params({"model.parameters": sum(p.numel() for p in self.model.parameters())})
 
     def plan(self, step: int):
         """This rank's rows for global step `step` (epochs of the real store, reshuffled each epoch)."""
@@ -199,6 +169,41 @@ class DiffusionTrainer:
         self.ema.update(self.model, half_life_decay(cfg.batch_size, half_life))
         return torch.cat([rows for _, rows in parts])
 
+    def train(self, tracked) -> None:
+        """Steps up to `steps`: the interval's figures logged every `log_every`, checkpoints every
+        `checkpoint_every`, both after the last step too."""
+        cfg, w = self.cfg, self.world
+        rows, started = [], time.perf_counter()
+        with self.progress_bar(cfg.steps, self.step) as progress:
+            while self.step < cfg.steps:
+                rows.append(self.train_step())
+                progress.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    metrics = _reduce_interval(w, torch.cat(rows), time.perf_counter() - started,
+                                               len(rows) * cfg.batch_size)
+                    self.log.append({"step": self.step, **metrics})
+                    tracked.log_metrics(metrics, step=self.step)
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", reg=f"{metrics['regulariser']:.4f}")
+                    rows, started = [], time.perf_counter()
+                if w.is_main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                    self.save(layout.DIFFUSION_CHECKPOINT)
+
+    def finish(self, tracked) -> dict:
+        cfg, w = self.cfg, self.world
+        last = self.log[-1] if self.log else {}
+        metrics = {"steps": self.step, "images_seen": self.step * cfg.batch_size,
+                   "train_s": sum(entry.get("interval_s", 0.0) for entry in self.log),
+                   **{k: last[k] for k in ("loss", "denoise_loss", "regulariser", "images_per_s") if k in last},
+                   **self.precision.headline()}
+        if w.is_main:
+            self.write_results(metrics, {f"diffusion_{key}": value for key, value in metrics.items()},
+                               adversarial_mode=cfg.adversarial.mode, last_interval=last, log=self.log)
+            grid = sample_grid(self.ema.module.eval(), len(self.real.classes), _chw(self.real.image_shape),
+                               cfg.grid_steps, self.params.base.seed, w.device)
+            tracked.log_image(grid, "samples_grid.png")
+            tracked.log_dict(to_json(self.model_config), "model_config.json")
+        return metrics
+
 
 def interval_metrics(rows: torch.Tensor, seconds: float, images: int) -> dict[str, float]:
     """Means over a logging interval (R over the samples that had it), and the loss split by σ band."""
@@ -222,71 +227,14 @@ def sample_grid(denoiser: nn.Module, num_classes: int, shape: tuple[int, int, in
     return image_grid(to_uint8(images).cpu().numpy(), columns=GRID_PER_CLASS)
 
 
-def run(params: Params) -> dict:
-    device = apply_torch(params.base)
-    if params.train_diffusion.model not in DENOISERS:
-        raise ParamsError(f"train_diffusion.model = {params.train_diffusion.model!r} is not allowed: expected one "
-                          f"of {', '.join(DENOISERS)}")
-    check_precision(params.base, device)
-    with world(device) as w:
-        trainer = DiffusionTrainer(params, w)
-        trainer.resume()
-        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision,
-                                    workload=trainer.workload()))
-        with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
-            trainer.run_id = broadcast_object(w, tracked.run_id)
-            if not tracked.continued:
-                tracked.log_store(trainer.real, "real/train", context="training")
-                tracked.log_params({"model.parameters": sum(p.numel() for p in trainer.model.parameters())})
-                log_precision(tracked, trainer.precision)
-            _train(trainer, tracked)
-            return _finish(trainer, tracked)
-
-
-def _train(trainer: DiffusionTrainer, tracked) -> None:
-    cfg, w = trainer.cfg, trainer.world
-    rows, started = [], time.perf_counter()
-    with tqdm(total=cfg.steps, initial=trainer.step, desc="train_diffusion", unit="step", disable=not w.is_main,
-              mininterval=2) as progress:
-        while trainer.step < cfg.steps:
-            rows.append(trainer.train_step())
-            progress.update(1)
-            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
-                metrics = _reduce_interval(w, torch.cat(rows), time.perf_counter() - started,
-                                           len(rows) * cfg.batch_size)
-                trainer.log.append({"step": trainer.step, **metrics})
-                tracked.log_metrics(metrics, step=trainer.step)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", reg=f"{metrics['regulariser']:.4f}")
-                rows, started = [], time.perf_counter()
-            if w.is_main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps):
-                trainer.save()
-
-
 def _reduce_interval(w: World, rows: torch.Tensor, seconds: float, images: int) -> dict[str, float]:
     """Interval metrics over all ranks' samples (rank 0 logs them); ranks may hold different numbers of rows."""
     return interval_metrics(all_gather_rows(w, rows), seconds, images)
 
 
-def _finish(trainer: DiffusionTrainer, tracked) -> dict:
-    cfg, w = trainer.cfg, trainer.world
-    last = trainer.log[-1] if trainer.log else {}
-    metrics = {"steps": trainer.step, "images_seen": trainer.step * cfg.batch_size,
-               "train_s": sum(entry.get("interval_s", 0.0) for entry in trainer.log),
-               **{k: last[k] for k in ("loss", "denoise_loss", "regulariser", "images_per_s") if k in last},
-               **trainer.precision.headline()}
-    if w.is_main:
-        write_json(layout.metrics_file(STAGE), {f"diffusion_{key}": value for key, value in metrics.items()})
-        write_json(layout.report_file(STAGE), {**metrics, **trainer.precision.summary(), "processes": w.size,
-                                               "adversarial_mode": cfg.adversarial.mode,
-                                               "last_interval": last, "log": trainer.log})
-        grid = sample_grid(trainer.ema.module.eval(), len(trainer.real.classes), _chw(trainer.real.image_shape),
-                           cfg.grid_steps, trainer.params.base.seed, w.device)
-        tracked.log_image(grid, "samples_grid.png")
-        tracked.log_dict(trainer.model_config, "model_config.json")
-        publish(WORK, layout.DIFFUSION_DIR, (layout.DIFFUSION_CHECKPOINT.name,))
-    barrier(w)  # keep ranks together until rank 0 is done
-    return metrics
-
-
 def _chw(hwc: tuple[int, int, int]) -> tuple[int, int, int]:
     return hwc[2], hwc[0], hwc[1]
+
+
+def run(params: Params) -> dict:
+    return DiffusionTrainer.run(params)

@@ -24,49 +24,27 @@ at most `train_reference.micro_batch` images whose gradients accumulate before e
 
 from __future__ import annotations
 
-import csv
-import time
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from dmat import pipeline
 from dmat.artifacts import layout
-from dmat.checkpoint import fingerprint, load_checkpoint, load_resumable, publish, save_checkpoint
-from dmat.config import Params, ParamsError, as_dict
+from dmat.artifacts.records import ReferenceHeader
+from dmat.checkpoint import fingerprint, load_checkpoint
+from dmat.config import Params, as_dict
 from dmat.core.accumulation import accumulate_gradients, deferred_sync
-from dmat.core.classifiers import CLASSIFIERS, build_classifier
-from dmat.core.losses import one_cycle_lr, param_groups_without_bn_decay
-from dmat.core.precision import Decision, full_precision
-from dmat.core.rng import seeded_generator
+from dmat.core.classifiers import CLASSIFIERS
+from dmat.core.precision import full_precision
 from dmat.core.stats import wilson_interval
-from dmat.data.augment import augmentation_for
-from dmat.data.normalisation import normalisation
-from dmat.data.sampler import MixedBatchSampler
 from dmat.data.store import ArrayStore
 from dmat.data.tensors import to_device, to_unit_tensor
-from dmat.distributed import World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, world
+from dmat.distributed import World, all_reduce_sum, barrier, broadcast_buffers
 from dmat.errors import DataError
-from dmat.files import atomic_path, write_json
-from dmat.stage_setup import (
-    apply_torch,
-    check_precision,
-    choose_setting,
-    classifier_probe_passes,
-    log_precision,
-    probe_batch,
-    training_network,
-)
-from dmat.tracking import stage_run
+from dmat.training.classifier import ClassifierTraining
 
 DECLARED = pipeline.for_module(__name__)
-STAGE = DECLARED.name
-WORK = layout.work_dir(STAGE)  # resumable checkpoints while training; published at the end
-SECTIONS = DECLARED.sections  # what its MLflow run logs: the params sections it reads
 EVAL_BATCH = 256
 # metrics/train_reference.json, prefixed `reference_` (keys are unique across metrics files); the rest: report
 HEADLINE = ("test_acc", "test_acc_low", "test_acc_high", "train_s")
@@ -117,94 +95,47 @@ def correct_per_class(model: nn.Module, store: ArrayStore, rows: np.ndarray, dev
     return counts
 
 
-class ReferenceTrainer:
-    """The state of one run: model, optimiser, data, schedule, history."""
+class ReferenceTrainer(ClassifierTraining):
+    """Standard training of the reference classifier (model, optimiser) on real data; the best epoch by clean
+    accuracy on data/real/val is kept."""
+
+    DECLARED = DECLARED
+    SECTION = "train_reference"
+    NETWORKS = CLASSIFIERS
+    FORMAT = layout.REFERENCE_FORMAT
+    HEADER = ReferenceHeader
+    CHECKPOINTS = (layout.REFERENCE_BEST, layout.REFERENCE_LAST)
+    SELECT_BY = "val_acc"
+    CURVES = layout.REFERENCE_CURVES
+    TRAIN_FIGURES = ("train_acc",)
 
     def __init__(self, params: Params, w: World):
-        cfg = self.cfg = params.train_reference
-        self.params, self.world = params, w
-        self.real, self.val, self.test = (ArrayStore.open(path) for path in (layout.REAL_TRAIN, layout.REAL_VAL,
-                                                                             layout.REAL_TEST))
-        for store in (self.real, self.val, self.test):
+        real, val, self.test = (ArrayStore.open(path) for path in (layout.REAL_TRAIN, layout.REAL_VAL,
+                                                                   layout.REAL_TEST))
+        for store in (real, val, self.test):
             if len(store) == 0:
                 raise DataError(f"{store.path} is empty: the reference classifier trains on data/real/train, selects "
                                 "its checkpoint on data/real/val (data.val_size) and is scored on data/real/test")
-        self.sampler = MixedBatchSampler(len(self.real), np.empty(0, np.int64), batch_size=cfg.batch_size,
-                                         fraction=0.0, seed=params.base.seed)
-        self.total_steps = cfg.epochs * self.sampler.steps_per_epoch
-        dataset = self.real.meta.source.get("dataset", "")
-        mean, std = normalisation(self.real)
-        self.model_config = {"name": cfg.model, "num_classes": len(self.real.classes), "mean": mean, "std": std,
-                             "dataset": dataset, "input_shape": list(self.real.image_shape)}
-        self.model = build_classifier(cfg.model, num_classes=len(self.real.classes), mean=mean, std=std).to(w.device)
-        self.optimizer = torch.optim.SGD(param_groups_without_bn_decay(self.model, cfg.weight_decay), lr=cfg.lr,
-                                         momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-        # Set by use(), once the precision is chosen; a resumed run brings its recorded choice and loss scale.
-        self.trained, self.scaler, self.precision = None, None, None
-        self.recorded_precision, self.recorded_scaler = None, None
-        self.augment = augmentation_for(dataset) if cfg.augment else None
-        self.fingerprint = fingerprint(as_dict(cfg), params.base.seed, self.real.digest, self.val.digest)
-        self.epoch, self.history, self.run_id = 0, [], None
+        super().__init__(params, w, real, val, rows=np.empty(0, np.int64), fraction=0.0)
+        self.fingerprint = fingerprint(as_dict(self.cfg), params.base.seed, self.real.digest, self.val.digest)
 
-    def resume(self) -> bool:
-        """Load the work directory's last.pt if it belongs to this configuration and these inputs."""
-        state = load_resumable(WORK / layout.REFERENCE_LAST.name, format=layout.REFERENCE_FORMAT,
-                               fingerprint=self.fingerprint, map_location=self.world.device)
-        if state is None:
-            return False
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.history, self.run_id = state["epoch"], state["history"], state["mlflow_run_id"]
-        self.recorded_precision, self.recorded_scaler = state.get("precision"), state.get("grad_scaler")
-        return True
+    def log_inputs(self, tracked) -> None:
+        super().log_inputs(tracked)
+        tracked.log_params({"model.parameters": sum(p.numel() for p in self.model.parameters()),
+                            "steps_per_epoch": self.sampler.steps_per_epoch, "total_steps": self.total_steps})
 
-    def probe_passes(self):
-        """Forward and backward passes of this network at this rank's micro-batch, for the `auto` probe."""
-        return classifier_probe_passes(self.model, self.cfg.batch_size, self.real.image_shape, self.world,
-                                       self.cfg.micro_batch)
+    def step(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        loss, correct = train_step(self.trained, self.optimizer, x, y, label_smoothing=self.cfg.label_smoothing,
+                                   scaler=self.scaler, micro_batch=self.cfg.micro_batch)
+        return torch.stack([loss.double() * len(y), correct.double(),
+                            torch.tensor(len(y), dtype=torch.float64, device=y.device)])
 
-    def workload(self) -> dict:
-        """What the probe measures, for the machine's kept precision decision."""
-        batch = probe_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)  # as probe_passes
-        return {"stage": STAGE, "network": self.cfg.model, "batch": batch,
-                "image_shape": list(self.real.image_shape), "classes": len(self.real.classes)}
+    def validate(self) -> dict[str, float]:
+        correct, count = self.accuracy(self.val, self.cfg.val_limit).sum(1).tolist()
+        return {"val_acc": correct / count}
 
-    def use(self, decision: Decision) -> None:
-        """Train from now on in `decision`'s setting (scoring stays float32: it calls the model directly)."""
-        self.precision = decision
-        self.trained, self.scaler = training_network(self.model, decision, self.world, compile=self.params.base.compile,
-                                                     scaler_state=self.recorded_scaler)
-
-    def checkpoint_state(self, *, with_optimizer: bool) -> dict[str, Any]:
-        state = {"format": layout.REFERENCE_FORMAT, "fingerprint": self.fingerprint, "epoch": self.epoch,
-                 "model": self.model.state_dict(), "model_config": self.model_config,
-                 "classes": list(self.real.classes), "mlflow_run_id": self.run_id, "history": self.history,
-                 "train_config": as_dict(self.cfg), "precision": self.precision.record()}
-        if with_optimizer:
-            state["optimizer"] = self.optimizer.state_dict()
-            state["grad_scaler"] = self.scaler.state_dict()
-        return state
-
-    def train_epoch(self, progress: tqdm) -> dict[str, float]:
-        cfg, w = self.cfg, self.world
-        self.model.train()
-        generator = seeded_generator(self.params.base.seed, w.rank, self.epoch)
-        totals = torch.zeros(3, dtype=torch.float64, device=w.device)  # loss·n, correct, n: read once per epoch
-        for step, plan in enumerate(self.sampler.epoch(self.epoch, rank=w.rank, world_size=w.size)):
-            images, labels = self.real.read(plan.real)
-            x, y = to_unit_tensor(images, w.device), to_device(labels, w.device)
-            if self.augment is not None:
-                x = self.augment(x, generator=generator)
-            lr = one_cycle_lr(self.epoch * self.sampler.steps_per_epoch + step, self.total_steps, cfg.lr,
-                              cfg.warmup_fraction)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss, correct = train_step(self.trained, self.optimizer, x, y, label_smoothing=cfg.label_smoothing,
-                                       scaler=self.scaler, micro_batch=cfg.micro_batch)
-            totals += torch.stack([loss.double() * len(y), correct.double(), totals.new_tensor(len(y))])
-            progress.update(1)
-        loss_sum, correct, n = all_reduce_sum(w, totals).tolist()
-        return {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": lr}
+    def epoch_summary(self, row: dict[str, float]) -> str:
+        return f"train acc {row['train_acc']:.3f}, val acc {row['val_acc']:.3f}"
 
     def accuracy(self, store: ArrayStore, limit: int | None = None) -> Tensor:
         """(2, K) per-class correct and image counts of the model on the first `limit` images of `store`
@@ -214,86 +145,33 @@ class ReferenceTrainer:
         broadcast_buffers(self.world, self.model)
         return all_reduce_sum(self.world, correct_per_class(self.model.eval(), store, rows, self.world.device))
 
+    def finish(self, tracked) -> dict:
+        """The best checkpoint's clean accuracy on all of data/real/test: the headline, with its interval."""
+        w, test = self.world, self.test
+        best = self.best_epoch()
+        barrier(w)  # rank 0 wrote the best weights: every rank scores exactly those
+        self.model.load_state_dict(load_checkpoint(self.work / layout.REFERENCE_BEST.name,
+                                                   map_location=w.device)["model"])
+        correct, count = self.accuracy(test)
+        n, hits = int(count.sum()), int(correct.sum())
+        low, high = wilson_interval(hits, n)
+        metrics = {"test_acc": hits / n, "test_acc_low": low, "test_acc_high": high, "n_test": n,
+                   "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "epochs": self.epoch,
+                   "last_train_acc": self.history[-1]["train_acc"],
+                   "train_s": sum(r["epoch_s"] for r in self.history)}
+        if w.is_main:
+            per_class = (correct / count.clamp(min=1)).tolist()
+            self.write_curves()
+            self.write_results(metrics, {f"reference_{k}": metrics[k] for k in HEADLINE}, model=self.cfg.model,
+                               test_sha256=test.digest,
+                               test_acc_per_class=dict(zip(test.classes, per_class, strict=True)),
+                               history=self.history)
+            tracked.log_store(test, "real/test", context="evaluation")
+            tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "best_epoch")})
+            tracked.log_artifact(self.CURVES)
+            tracked.log_artifact(layout.report_file(self.DECLARED.name))
+        return metrics
+
 
 def run(params: Params) -> dict:
-    device = apply_torch(params.base)
-    if params.train_reference.model not in CLASSIFIERS:
-        raise ParamsError(f"train_reference.model = {params.train_reference.model!r} is not allowed: expected one "
-                          f"of {', '.join(CLASSIFIERS)}")
-    check_precision(params.base, device)
-    with world(device) as w:
-        trainer = ReferenceTrainer(params, w)
-        trainer.resume()
-        trainer.use(choose_setting(params.base, w, trainer.probe_passes, trainer.recorded_precision,
-                                    workload=trainer.workload()))
-        with stage_run(STAGE, params, SECTIONS, resume_run_id=trainer.run_id, enabled=w.is_main) as tracked:
-            trainer.run_id = broadcast_object(w, tracked.run_id)
-            if not tracked.continued:
-                tracked.log_store(trainer.real, "real/train", context="training")
-                tracked.log_store(trainer.val, "real/val", context="validation")
-                tracked.log_params({"model.parameters": sum(p.numel() for p in trainer.model.parameters()),
-                                    "steps_per_epoch": trainer.sampler.steps_per_epoch,
-                                    "total_steps": trainer.total_steps})
-                log_precision(tracked, trainer.precision)
-            _train(trainer, tracked)
-            return _finish(trainer, tracked)
-
-
-def _train(trainer: ReferenceTrainer, tracked) -> None:
-    w, cfg = trainer.world, trainer.cfg
-    with tqdm(total=trainer.total_steps, initial=trainer.epoch * trainer.sampler.steps_per_epoch, desc=STAGE,
-              unit="step", disable=not w.is_main, mininterval=2) as progress:
-        while trainer.epoch < cfg.epochs:
-            started = time.perf_counter()
-            row = {"epoch": trainer.epoch + 1, **trainer.train_epoch(progress)}
-            correct, count = trainer.accuracy(trainer.val, cfg.val_limit).sum(1).tolist()
-            row |= {"val_acc": correct / count, "epoch_s": time.perf_counter() - started}
-            best = max((r["val_acc"] for r in trainer.history), default=-1.0)
-            trainer.history.append(row)
-            trainer.epoch += 1
-            if w.is_main:
-                if row["val_acc"] > best:  # best before last: a kill in between redoes the epoch
-                    save_checkpoint(WORK / layout.REFERENCE_BEST.name, trainer.checkpoint_state(with_optimizer=False))
-                save_checkpoint(WORK / layout.REFERENCE_LAST.name, trainer.checkpoint_state(with_optimizer=True))
-                tracked.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=trainer.epoch)
-                progress.write(f"epoch {trainer.epoch}/{cfg.epochs}: train acc {row['train_acc']:.3f}, "
-                               f"val acc {row['val_acc']:.3f} ({row['epoch_s']:.0f}s)")
-
-
-def _write_curves(history: list[dict]) -> None:
-    with atomic_path(layout.REFERENCE_CURVES) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in history)
-
-
-def _finish(trainer: ReferenceTrainer, tracked) -> dict:
-    """The best checkpoint's clean accuracy on all of data/real/test: the headline, with its interval."""
-    w = trainer.world
-    best = max(trainer.history, key=lambda r: r["val_acc"])
-    barrier(w)  # rank 0 wrote the best weights: every rank scores exactly those
-    trainer.model.load_state_dict(load_checkpoint(WORK / layout.REFERENCE_BEST.name, map_location=w.device)["model"])
-    test = trainer.test
-    correct, count = trainer.accuracy(test)
-    n, hits = int(count.sum()), int(correct.sum())
-    low, high = wilson_interval(hits, n)
-    metrics = {"test_acc": hits / n, "test_acc_low": low, "test_acc_high": high, "n_test": n,
-               "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "epochs": trainer.epoch,
-               "last_train_acc": trainer.history[-1]["train_acc"],
-               "train_s": sum(r["epoch_s"] for r in trainer.history)}
-    if w.is_main:
-        per_class = (correct / count.clamp(min=1)).tolist()
-        _write_curves(trainer.history)  # here, not per epoch: a run resumed after its last epoch writes it too
-        write_json(layout.metrics_file(STAGE), {f"reference_{k}": metrics[k] for k in HEADLINE})
-        write_json(layout.report_file(STAGE), {
-            **metrics, **trainer.precision.summary(), "processes": w.size, "model": trainer.cfg.model,
-            "test_sha256": test.digest, "test_acc_per_class": dict(zip(test.classes, per_class, strict=True)),
-            "history": trainer.history})
-        tracked.log_store(test, "real/test", context="evaluation")
-        tracked.log_metrics({k: v for k, v in metrics.items() if k not in ("epochs", "best_epoch")})
-        tracked.log_artifact(layout.REFERENCE_CURVES)
-        tracked.log_artifact(layout.report_file(STAGE))
-    barrier(w)  # every rank has read the best weights from the work directory
-    if w.is_main:
-        publish(WORK, layout.REFERENCE_DIR, (layout.REFERENCE_BEST.name, layout.REFERENCE_LAST.name))
-    return metrics
+    return ReferenceTrainer.run(params)

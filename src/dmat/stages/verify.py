@@ -79,10 +79,10 @@ def square_gate(onnx_model: OnnxClassifier, x: torch.Tensor, y: torch.Tensor, th
     """Square on the deployed artifact must not beat the white-box evaluation, nor do worse than nothing."""
     cfg = params.verify
     report = load_eval_report(threat)
-    n = min(cfg.square_n, len(x), report["n"])
+    n = min(cfg.square_n, len(x), report.n)
     examples = load_adversarial_examples(threat)
     autoattack_acc = float((examples.predictions[:n] == examples.labels[:n]).mean())
-    result = run_autoattack(onnx_model, x[:n], y[:n], norm=report["norm"], eps=report["eps"], version="custom",
+    result = run_autoattack(onnx_model, x[:n], y[:n], norm=report.norm, eps=report.eps, version="custom",
                             attacks=("square",), seed=params.base.seed, batch_size=n, square_queries=cfg.square_queries)
     clean_acc = float(result.per_attack["clean"])
     square_acc = float(result.correct.double().mean())
@@ -117,14 +117,14 @@ def denoiser_parity_gate(path: Path, sigmas: tuple[float, ...], atol: float, see
 
     denoiser, state = load_denoiser()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    config = state["model_config"]
-    shape = (config["in_channels"], config["img_resolution"], config["img_resolution"])
+    config = state.model_config
+    shape = (config.in_channels, config.img_resolution, config.img_resolution)
     generator = torch.Generator().manual_seed(seed)
     per_sigma = {}
     for sigma in sigmas:
         clean = torch.rand(4, *shape, generator=generator) * 2 - 1
         noisy = clean + sigma * torch.randn(4, *shape, generator=generator)
-        sigmas_t, labels = torch.full((4,), float(sigma)), torch.arange(4) % config["num_classes"]
+        sigmas_t, labels = torch.full((4,), float(sigma)), torch.arange(4) % config.num_classes
         with torch.no_grad():
             reference = denoiser(noisy, sigmas_t, labels).numpy()
         inputs = dict(zip(DENOISER_INPUTS, (noisy.numpy(), sigmas_t.numpy(), labels.numpy()), strict=True))

@@ -116,6 +116,7 @@ def import_checkpoint(source: Path, out: Path, arch: str, dataset: str, classes:
 
     from dmat.artifacts import layout
     from dmat.artifacts.loaders import load_classifier
+    from dmat.artifacts.records import ClassifierConfig, ImportedClassifierHeader, Threat, checkpoint_contents
     from dmat.checkpoint import load_checkpoint, save_checkpoint
     from dmat.core.classifiers import DATASET_STATS, build_classifier
     from dmat.core.reference_layout import REFERENCE_INPUT_NORMALIZATION, LayoutMismatch, load_reference_weights
@@ -138,14 +139,15 @@ def import_checkpoint(source: Path, out: Path, arch: str, dataset: str, classes:
               "key_prefix": found.prefix, "data_parallel": found.data_parallel,
               "sequential_index": found.sequential_index, "input_normalization_folded": found.input_normalization}
     normalisation = model.normalize
-    save_checkpoint(out, {
-        "format": layout.CLASSIFIER_FORMAT, "epoch": None, "ema": model.state_dict(),
-        "model_config": {"name": arch, "num_classes": len(classes), "mean": normalisation.mean.flatten().tolist(),
-                         "std": normalisation.std.flatten().tolist(), "dataset": dataset,
-                         "input_shape": list(IMAGE_SHAPE)},
-        "classes": list(classes), "threat": threat, "mlflow_run_id": None, "history": [], "train_config": {},
-        "imported": record,
-    })
+    header = ImportedClassifierHeader(
+        format=layout.CLASSIFIER_FORMAT, epoch=None,
+        model_config=ClassifierConfig(name=arch, num_classes=len(classes),
+                                      mean=tuple(normalisation.mean.flatten().tolist()),
+                                      std=tuple(normalisation.std.flatten().tolist()), dataset=dataset,
+                                      input_shape=tuple(IMAGE_SHAPE)),
+        classes=tuple(classes), threat=Threat(**threat), mlflow_run_id=None, history=(), train_config={},
+        imported=record)
+    save_checkpoint(out, checkpoint_contents(header, {"ema": model.state_dict()}))
     probe = torch.rand(4, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         same = torch.equal(load_classifier(out)[0](probe), model(probe))
@@ -186,12 +188,12 @@ def export_onnx(checkpoint: Path, path: Path, store_path: str | None, atol: floa
     from dmat.onnx_contract import INPUT_NAME, encode_metadata
 
     model, state = load_classifier(checkpoint)
-    height, width, channels = state["model_config"]["input_shape"]
-    info = {"classes": state["classes"],
+    height, width, channels = state.model_config.input_shape
+    info = {"classes": list(state.classes),
             "input": {"name": INPUT_NAME, "shape": [channels, height, width], "dtype": "float32", "range": [0, 1],
                       "layout": "NCHW"},
-            "threat": {"name": "imported", **state["threat"]},
-            "lineage": {"imported": state["imported"], "checkpoint_sha256": sha256_file(checkpoint)}}
+            "threat": {"name": "imported", "norm": state.threat.norm, "eps": state.threat.eps},
+            "lineage": {"imported": state.imported, "checkpoint_sha256": sha256_file(checkpoint)}}
     count = max(PARITY_BATCHES)
     if store_path:
         x = first_points(ArrayStore.open(store_path), count)[0]

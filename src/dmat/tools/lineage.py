@@ -397,42 +397,63 @@ def build_evaluation(ws: Workspace, node: Node) -> None:
         node.add(compare(f"sha256 of {name}", recorded, ws.sha256(node.path / name),
                          f"{ws.display(node.path / META_FILE)}"))
     report_file = node.path / layout.EVAL_REPORT_FILE  # what export read
-    report = ws.read_json(node, report_file) or {}
-    node.facts.update(run_id=report.get("mlflow_run_id"), robust_acc=report.get("robust_acc"))
-    node.details.update({
-        "threat": f"{threat}: {report.get('norm')} eps={_num(report.get('eps'))}",
-        "accuracy": f"clean {_num(report.get('clean_acc'))}, robust {_num(report.get('robust_acc'))} (n="
-                    f"{report.get('n')}; AutoAttack {report.get('version')}: {', '.join(report.get('attacks', []))})",
-        "sanity": "passed" if report.get("sanity_passed") else "FAILED",
-        "flags": ", ".join(report.get("flags", [])) or "none",
-    })
+    report = _eval_report(ws, node, threat, report_file)
+    if report is not None:
+        node.facts.update(run_id=report.mlflow_run_id, robust_acc=report.robust_acc)
+        node.details.update({
+            "threat": f"{threat}: {report.norm} eps={_num(report.eps)}",
+            "accuracy": f"clean {_num(report.clean_acc)}, robust {_num(report.robust_acc)} (n={report.n}; "
+                        f"AutoAttack {report.version}: {', '.join(report.attacks)})",
+            "sanity": "passed" if report.sanity_passed else "FAILED",
+            "flags": ", ".join(report.flags) or "none",
+        })
     by = ws.display(report_file)
-    run = check_run(ws, node, report.get("mlflow_run_id"), f"evaluate@{threat}", f"{by} mlflow_run_id")
+    run = check_run(ws, node, report and report.mlflow_run_id, f"evaluate@{threat}", f"{by} mlflow_run_id")
     classifier = node_key("classifier", ws.root / layout.CLASSIFIER_BEST)
-    node.record(classifier, "sha256", report.get("checkpoint_sha256"), f"{by} checkpoint_sha256")
-    node.record(classifier, "run_id", report.get("train_run_id"), f"{by} train_run_id")
+    node.record(classifier, "sha256", report and report.checkpoint_sha256, f"{by} checkpoint_sha256")
+    node.record(classifier, "run_id", report and report.train_run_id, f"{by} train_run_id")
     test = node_key("real", ws.root / layout.REAL_TEST)
-    node.record(test, "sha256", report.get("test_sha256"), f"{by} test_sha256")
+    node.record(test, "sha256", report and report.test_sha256, f"{by} test_sha256")
     _record_run_inputs(ws, node, run, {"test": test})
 
 
+def _eval_report(ws: Workspace, node: Node, threat: str, path: Path):
+    """The evaluation report (an EvalReport), or None with a check that says why: absent, unreadable, or of
+    another shape (written by another version of DMAT, or edited)."""
+    from dmat.artifacts.loaders import load_eval_report
+    from dmat.errors import DataError
+
+    if not path.is_file():
+        node.add(Check(MISSING, f"{ws.display(path)} is not on disk"))
+        return None
+    try:
+        return load_eval_report(threat, root=ws.root)
+    except DataError as err:  # the message names the file: as this report shows paths
+        node.add(Check(STALE, str(err).replace(str(path), ws.display(path), 1)))
+        return None
+
+
 def build_classifier(ws: Workspace, node: Node) -> None:
-    state = _checkpoint(node)
+    from dmat.artifacts.records import ClassifierHeader, ImportedClassifierHeader
+
+    state = _checkpoint(node, ClassifierHeader, ImportedClassifierHeader)
     digest = node.facts["sha256"] = ws.sha256(node.path)
-    node.facts["run_id"] = state.get("mlflow_run_id")
-    cfg, history = state.get("train_config", {}), state.get("history") or [{}]
+    if state is None:
+        return
+    node.facts["run_id"] = state.mlflow_run_id
+    cfg, history = state.train_config, state.history or [{}]
     best = max(history, key=lambda row: row.get("val_robust_acc", -1))
     attack = cfg.get("attack", {})
     node.details.update({
-        "sha256": digest, "model": state.get("model_config", {}).get("name"),
-        "recipe": f"{cfg.get('loss')} beta={cfg.get('beta')}, {state.get('epoch')}/{cfg.get('epochs')} epochs, "
+        "sha256": digest, "model": state.model_config.name,
+        "recipe": f"{cfg.get('loss')} beta={cfg.get('beta')}, {state.epoch}/{cfg.get('epochs')} epochs, "
                   f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, EMA tau {cfg.get('ema_tau')}",
         "attack": f"{attack.get('norm')} eps={_num(attack.get('eps'))}, {attack.get('steps')} steps of "
                   + (_num(attack["step_size"]) if attack.get("step_size") is not None else "the size derived from eps"),
         "best_epoch": f"{best.get('epoch')}: val clean {_num(best.get('val_clean_acc'))}, "
                       f"robust {_num(best.get('val_robust_acc'))}",
     })
-    run = check_run(ws, node, state.get("mlflow_run_id"), "train", f"{node.path.name} mlflow_run_id")
+    run = check_run(ws, node, state.mlflow_run_id, "train", f"{node.path.name} mlflow_run_id")
     mixed = node_key("mixed", ws.root / layout.MIXED_DIR)
     targets = {"real/train": node_key("real", ws.root / layout.REAL_TRAIN),
                "real/val": node_key("real", ws.root / layout.REAL_VAL),
@@ -529,20 +550,24 @@ def _external_files(ws: Workspace, node: Node, source: dict) -> None:
 
 
 def build_diffusion(ws: Workspace, node: Node) -> None:
-    state = _checkpoint(node)
+    from dmat.artifacts.records import DiffusionHeader
+
+    state = _checkpoint(node, DiffusionHeader)
     digest = node.facts["sha256"] = ws.sha256(node.path)
-    adversarial, cfg = state.get("adversarial", {}), state.get("train_config", {})
-    node.facts.update(run_id=state.get("mlflow_run_id"), adversarial_mode=adversarial.get("mode"))
+    if state is None:
+        return
+    adversarial, cfg = state.adversarial, state.train_config
+    node.facts.update(run_id=state.mlflow_run_id, adversarial_mode=adversarial.get("mode"))
     corrupt = cfg.get("corrupt") or {}
     node.details.update({
-        "sha256": digest, "model": state.get("model_config", {}).get("name"),
-        "steps": f"{state.get('step')}/{cfg.get('steps')}, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}",
+        "sha256": digest, "model": state.model_config.name,
+        "steps": f"{state.step}/{cfg.get('steps')}, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}",
         "adversarial_training": f"mode {adversarial.get('mode')}, lambda {adversarial.get('lam')}, rho "
                                 f"{adversarial.get('rho')}, floor {_num(adversarial.get('floor_min'))}.."
                                 f"{_num(adversarial.get('floor_max'))}",
         "corrupt": f"fraction {corrupt.get('fraction')}, sigma {corrupt.get('sigma')}",
     })
-    run = check_run(ws, node, state.get("mlflow_run_id"), "train_diffusion", f"{node.path.name} mlflow_run_id")
+    run = check_run(ws, node, state.mlflow_run_id, "train_diffusion", f"{node.path.name} mlflow_run_id")
     real = node_key("real", ws.root / layout.REAL_TRAIN)
     _record_run_inputs(ws, node, run, {"real/train": real})
     node.upstream.append(real)
@@ -587,14 +612,20 @@ def _layout_upstream(ws: Workspace, node: Node) -> None:
         node.upstream += [k for k in (locate(ws.root, ws.root / read.path) for read in declared.reads) if k]
 
 
-def _checkpoint(node: Node) -> dict:
-    from dmat.checkpoint import CheckpointError, load_checkpoint
+def _checkpoint(node: Node, *kinds: type):
+    """The checkpoint's header (one of the records `kinds`), or None with a STALE check that says why not."""
+    from dmat.artifacts.loaders import checkpoint_header
+    from dmat.checkpoint import load_checkpoint
+    from dmat.errors import CheckpointError, DataError
 
     try:
-        return load_checkpoint(node.path)
-    except CheckpointError as err:
+        header = checkpoint_header(load_checkpoint(node.path), node.path)
+        if not isinstance(header, kinds):
+            raise CheckpointError(f"{node.path}: a {header.format} checkpoint, not a {node.kind} one")
+    except (CheckpointError, DataError) as err:  # unreadable, or a header of another shape (RecordError)
         node.add(Check(STALE, str(err)))
-        return {}
+        return None
+    return header
 
 
 def check_run(ws: Workspace, node: Node, run_id: str | None, stage: str, by: str) -> dict | None:
