@@ -184,10 +184,10 @@ def run(params: Params) -> dict:
         write_json(layout.metrics_file(STAGE), headline(report))
         tracked.log_metrics(_flat_numbers(report))
         tracked.log_artifact(layout.report_file(STAGE))
-    _print_summary(report)
-    if failed:
-        raise GateFailed(f"deployment gate(s) failed: {', '.join(failed)} (measured values in "
-                         f"{layout.report_file(STAGE)})")
+        _print_summary(report)
+        if failed:  # raised inside the run: the stage run, and so its pipeline run, ends FAILED naming verify
+            raise GateFailed(f"deployment gate(s) failed: {', '.join(failed)} (measured values in "
+                             f"{layout.report_file(STAGE)})")
     return report
 
 
