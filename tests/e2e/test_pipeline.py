@@ -99,7 +99,7 @@ def build_pipeline(base: Path) -> Path:
     """Copy the repository into `base`, commit it with tiny params and run `dvc repro` (other e2e modules use it)."""
     if SHARED_ARCHIVE.is_file():
         data_path = SHARED_ARCHIVE
-    else:  # a fresh clone without ../shared: a small image folder made here
+    else:  # a fresh clone without the offline archive beside it: a small image folder made here
         data_path = make_archive(make_image_folder(base / "folder", {"train": 40, "test": 10}, size=32),
                                  base / "tiny.tar.gz")
     project = copy_project(base / "project")

@@ -35,7 +35,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_data(project: Path) -> list[str]:
-    """-S overrides that point prepare at the tiny folder (the committed path is ../shared's archive)."""
+    """-S overrides that point prepare at the tiny folder (the committed path is the offline CIFAR-10 archive's)."""
     archive = (project / "tiny-data.txt").read_text()
     return [arg for setting in (f"data.path={archive}", "data.val_size=12", "data.train_limit=60",
                                 "data.test_limit=30", "data.heldout_size=9") for arg in ("-S", setting)]
