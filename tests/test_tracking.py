@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +143,40 @@ def test_an_experiment_first_created_by_a_queued_run_keeps_its_artifacts_in_the_
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracked.run_id)
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri()), run.info.artifact_uri
     assert list((tmp_path / "mlruns").rglob("report.json"))
+
+
+def _select_experiments_at_the_barrier(barrier: Any, uri: str, names: list[str]) -> list[str]:
+    import mlflow
+
+    from dmat import tracking
+
+    mlflow.set_tracking_uri(uri)
+    outcomes = []
+    for name in names:
+        barrier.wait(timeout=120)
+        try:  # an error is an outcome: the other processes still meet at every barrier
+            outcomes.append(tracking._use_experiment(mlflow, name, uri))
+        except Exception as error:
+            outcomes.append(f"{name}: {error}")
+    return outcomes
+
+
+def test_stages_starting_at_once_share_one_new_experiment(tmp_path: Path) -> None:
+    """Queue workers start their first stages at the same moment on a new experiment: each creates it or finds it,
+    marks it as model development, and none fails on another's write (a grid once lost a run this way). Several
+    new experiments in a row, so that the processes do meet in the window."""
+    import multiprocessing
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).search_experiments()  # the store's tables, made once, as the first stage would
+    starts, names = 4, [f"new-grid-{i}" for i in range(8)]
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(starts) as pool:
+        barrier = manager.Barrier(starts)
+        outcomes = pool.starmap(_select_experiments_at_the_barrier, [(barrier, uri, names)] * starts)
+    client = mlflow.MlflowClient(uri)
+    for same in zip(*outcomes, strict=True):
+        assert len(set(same)) == 1, same
+        assert client.get_experiment(same[0]).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -455,14 +455,25 @@ def _use_experiment(mlflow_module: Any, name: str, uri: str) -> str:
         from mlflow.exceptions import MlflowException
 
         try:
-            mlflow_module.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
+            mlflow_module.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri(),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as err:  # two queued experiments starting at once: the other one created it
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
     experiment = mlflow_module.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        mlflow_module.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        _mark_model_development(mlflow_module.MlflowClient(), experiment.experiment_id)
     return experiment.experiment_id
+
+
+def _mark_model_development(client: Any, experiment_id: str) -> None:
+    """Tag an experiment as model development. Two stages starting at once may both find the tag missing, and the
+    store then refuses the second write of the same key: no error, as long as the tag is there afterwards."""
+    try:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    except Exception:
+        if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            raise
 
 
 def _pipeline_run(client: Any, experiment_id: str, execution: Execution) -> str:
