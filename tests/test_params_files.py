@@ -58,10 +58,10 @@ def test_params_apply_writes_what_the_profile_makes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     made = load_params(tmp_path / "made.yaml")
     assert made == load_profile("profiles/cpu-experiment.yaml", REPO_ROOT)[0]
-    assert made.base.profile == "profiles/cpu-experiment.yaml" and made.train.epochs == 40
+    assert made.base.profile == "profiles/cpu-experiment.yaml" and made.train.epochs == 20
     assert "(profile; default 3)" in (tmp_path / "made.yaml").read_text()
     diff = run_dmat("params", "diff", "made.yaml", cwd=tmp_path)
-    assert "train.epochs: 40" in diff.stdout.splitlines() and "mix.synthetic_fraction: 0.5" in diff.stdout
+    assert "train.epochs: 20" in diff.stdout.splitlines() and "mix.synthetic_fraction: 0.5" in diff.stdout
 
 
 def test_dvc_round_trip_keeps_the_resolved_config(committed: Path, tmp_path: Path) -> None:
