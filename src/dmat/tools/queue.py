@@ -8,16 +8,18 @@ start: two runs of one seed starting together would both train the models they s
 classifier), leaving DVC's run cache two entries with different bytes; it restores the newest, so a later
 run of that seed gets a reference the first variant's samples were not scored with, and samples again
 instead of taking them from the cache. With at least as many seeds as workers this cannot happen. `--start N`
-then starts N queue workers (`dvc queue start -j N`). The command to read the outcomes back is
+then starts N queue workers (`dvc queue start -j N`), and `--watch` follows the grid until every experiment has
+finished: a line per change of the counts, and workers started again when DVC's exit with experiments still
+queued (DVC's queue workers sometimes stop early: treeverse/dvc#10562). The command to read the outcomes back is
 printed at the end: `dmat compare --grid GRID`.
 
 A grid of another pipeline (its `pipeline` key) is queued the same way with that pipeline's params file
 (`-S FILE:KEY=VALUE`), running its dvc.yaml; the command printed at the end is that pipeline's report.
 
 Before queueing it creates the MLflow tracking store if there is none yet (queue workers starting together on a
-new store would race on its creation). Exit 0 when everything was queued; 1 when the tracking store cannot be
-used or `dvc` failed (it names the experiments queued so far);
-2 for a bad grid file (nothing queued).
+new store would race on its creation). Exit 0 when everything was queued (with `--watch`: and succeeded); 1 when
+the tracking store cannot be used, `dvc` failed (it names the experiments queued so far) or, with `--watch`, an
+experiment failed (named); 2 for a bad grid file (nothing queued).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import json
 import shlex
 import subprocess
 import sys
+import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +41,8 @@ if TYPE_CHECKING:
     from dmat.tools.grid import Grid
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+WATCH_POLL_S = 30  # seconds between two looks at `dvc queue status` under --watch
+ACTIVE, DONE = ("Running", "Queued"), ("Success", "Failed")  # `dvc queue status` states, in order of precedence
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", action="append", metavar="NAME",
                         help="queue only this variant (repeatable; default: all), e.g. the ones a stopped run lacks")
     parser.add_argument("--dry-run", action="store_true", help="print the dvc commands instead of running them")
+    parser.add_argument("--watch", action="store_true",
+                        help="with --start: follow the grid until every experiment has finished, starting the "
+                             "workers again if they stop early; exit 1 if one failed")
     slurm.configure(parser)
 
 
@@ -52,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
     from dmat.files import project_root
     from dmat.tools.grid import GridError, load_grid
 
+    if args.watch and args.start < 1:
+        print("dmat queue: error: --watch follows the queue workers that --start starts: add --start N",
+              file=sys.stderr)
+        return EXIT_USAGE
     root = project_root()
     try:
         grid = load_grid(args.grid, root)
@@ -94,18 +108,71 @@ def run(args: argparse.Namespace) -> int:
     print(f"dmat queue: {len(queued)} experiments queued ({variants} variants x {len(grid.seeds)} seeds)",
           file=sys.stderr)
     if args.start > 0:
-        # The workers DVC starts outlive this command and inherit its standard streams: with a pipe there,
-        # whoever reads our output (`| tail`, a test) would wait for them to finish. They log to DVC's files.
-        started = subprocess.run(["dvc", "queue", "start", "-j", str(args.start)], cwd=root,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if started.returncode:
-            print(f"dmat queue: error: `dvc queue start -j {args.start}` failed (exit {started.returncode}); the "
-                  "experiments stay queued: start them with `dvc queue start`", file=sys.stderr)
+        if not start_workers(root, args.start):
             return EXIT_FAILED
         print(f"dmat queue: started {args.start} queue worker(s)", file=sys.stderr)
+    if args.watch:
+        code = watch(root, queued, args.start)
+        print(f"compare them:  {grid.report} {shlex.quote(str(args.grid))}", file=sys.stderr)
+        return code
     print(("" if args.start else "start them:    dvc queue start\n")
           + "watch them:    dvc queue status\n"
           + f"compare them:  {grid.report} {shlex.quote(str(args.grid))}", file=sys.stderr)
+    return EXIT_OK
+
+
+def start_workers(root: Path, jobs: int) -> bool:
+    """`dvc queue start -j JOBS`: DVC starts as many workers as it takes to have JOBS."""
+    # The workers DVC starts outlive this command and inherit its standard streams: with a pipe there,
+    # whoever reads our output (`| tail`, a test) would wait for them to finish. They log to DVC's files.
+    started = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=root,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if started.returncode:
+        print(f"dmat queue: error: `dvc queue start -j {jobs}` failed (exit {started.returncode}); the "
+              "experiments stay queued: start them with `dvc queue start`", file=sys.stderr)
+    return started.returncode == 0
+
+
+def queue_states(root: Path, names: list[str]) -> dict[str, str]:
+    """Each named experiment's state in `dvc queue status` (Queued, Running, Success, Failed; absent: not there).
+    A name queued before keeps its old entries: an active entry wins, then a success."""
+    listing = subprocess.run(["dvc", "queue", "status"], cwd=root, capture_output=True, text=True, check=True).stdout
+    entries: dict[str, set[str]] = {}
+    for line in listing.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[1] in names and words[-1] in ACTIVE + DONE:
+            entries.setdefault(words[1], set()).add(words[-1])
+    return {name: next(state for state in ACTIVE + DONE if state in found) for name, found in entries.items()}
+
+
+def watch(root: Path, names: list[str], jobs: int, poll_s: float = WATCH_POLL_S,
+          states: Callable[[Path, list[str]], dict[str, str]] = queue_states) -> int:
+    """Follow the experiments until none is queued or running: a line whenever the counts change, and the workers
+    started again when experiments wait while fewer than `jobs` run, twice in a row (once is a worker between two
+    experiments). Exit 1 naming the experiments that failed or left the queue."""
+    shown, short = "", 0
+    while True:
+        now = states(root, names)
+        counts = Counter(now.values())
+        line = (f"{counts['Success']}/{len(names)} succeeded, {counts['Running']} running, {counts['Queued']} queued, "
+                f"{counts['Failed']} failed")
+        if line != shown:
+            print(f"dmat queue: {time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+            shown = line
+        if not counts["Queued"] and not counts["Running"]:
+            break
+        short = short + 1 if counts["Queued"] and counts["Running"] < jobs else 0
+        if short >= 2:
+            print(f"dmat queue: fewer than {jobs} worker(s) while experiments wait: starting them again",
+                  file=sys.stderr, flush=True)
+            start_workers(root, jobs)
+            short = 0
+        time.sleep(poll_s)
+    unfinished = [name for name in names if now.get(name) != "Success"]
+    if unfinished:
+        print(f"dmat queue: error: did not succeed: {', '.join(unfinished)} (`dvc queue logs NAME` says why)",
+              file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
