@@ -9,8 +9,8 @@ classifier), leaving DVC's run cache two entries with different bytes; it restor
 run of that seed gets a reference the first variant's samples were not scored with, and samples again
 instead of taking them from the cache. With at least as many seeds as workers this cannot happen. `--start N`
 then starts N queue workers (`dvc queue start -j N`), and `--watch` follows the grid until every experiment has
-finished: a line per change of the counts, and workers started again when DVC's exit with experiments still
-queued (DVC's queue workers sometimes stop early: treeverse/dvc#10562). The command to read the outcomes back is
+finished: a line per change of the counts, and workers started again when DVC's workers exit with experiments
+still queued (DVC's queue workers sometimes stop early: treeverse/dvc#10562). The command to read the outcomes back is
 printed at the end: `dmat compare --grid GRID`.
 
 A grid of another pipeline (its `pipeline` key) is queued the same way with that pipeline's params file
@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,14 +144,18 @@ def queue_states(root: Path, names: list[str]) -> dict[str, str]:
     return {name: next(state for state in ACTIVE + DONE if state in found) for name, found in entries.items()}
 
 
-def watch(root: Path, names: list[str], jobs: int, poll_s: float = WATCH_POLL_S,
-          states: Callable[[Path, list[str]], dict[str, str]] = queue_states) -> int:
+def watch(root: Path, names: list[str], jobs: int, poll_s: float = WATCH_POLL_S) -> int:
     """Follow the experiments until none is queued or running: a line whenever the counts change, and the workers
     started again when experiments wait while fewer than `jobs` run, twice in a row (once is a worker between two
     experiments). Exit 1 naming the experiments that failed or left the queue."""
     shown, short = "", 0
     while True:
-        now = states(root, names)
+        try:
+            now = queue_states(root, names)
+        except subprocess.CalledProcessError as err:  # e.g. DVC's queue database busy: the grid goes on
+            print(f"dmat queue: `dvc queue status` failed (exit {err.returncode}); trying again", file=sys.stderr)
+            time.sleep(poll_s)
+            continue
         counts = Counter(now.values())
         line = (f"{counts['Success']}/{len(names)} succeeded, {counts['Running']} running, {counts['Queued']} queued, "
                 f"{counts['Failed']} failed")
