@@ -13,9 +13,8 @@ import pytest
 
 from dmat.tools.queue import queue_states, watch
 from tests.conftest import run_dmat
+from tests.e2e.test_pipeline import GIT_ENV
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@localhost"}
 # The stage fails for x = 3 (after reading params.yaml as DVC set it for the experiment).
 STAGE = "import sys, yaml; x = yaml.safe_load(open('params.yaml'))['x']; open('out.txt', 'w').write(str(x)); " \
         "sys.exit(x == 3)"
