@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dmat.config import load_params, parse_params, read_yaml
@@ -49,20 +51,14 @@ def test_params_check_validates_the_benchmarks_file_against_its_own_schema(monke
     assert schema_of("params.yaml") is Params
 
 
-def dvc_stages() -> dict[str, dict]:
+def test_dvc_yaml_code_deps_cover_what_its_stage_runs() -> None:
     stages = read_yaml((PIPELINE / "dvc.yaml").read_text())["stages"]
-    return {name: stage.get("do", stage) for name, stage in stages.items()}
-
-
-@pytest.mark.parametrize("name", sorted(STAGES))
-def test_dvc_yaml_code_deps_cover_what_each_stage_runs(name: str) -> None:
-    stage = dvc_stages()[name]
-    assert stage["cmd"].split()[:3] == ["dmat", "known-distribution", name]
-    deps = {(PIPELINE / dep).resolve() for dep in stage["deps"]}
-    modules = closure(STAGES[name][0], "dmat.tools.known_distribution", "dmat.cli")
+    assert list(stages) == ["benchmark"] and stages["benchmark"]["cmd"] == "dmat known-distribution run"
+    deps = {(PIPELINE / dep).resolve() for dep in stages["benchmark"]["deps"]}
+    modules = closure(*(module for module, _ in STAGES.values()), "dmat.tools.known_distribution", "dmat.cli")
     missing = sorted(str(module_file(m).relative_to(SRC.parent)) for m in modules
                      if module_file(m).resolve() not in deps)
-    assert not missing, f"{PIPELINE_DIR}/dvc.yaml stage {name!r} runs modules its deps do not list: {missing}"
+    assert not missing, f"{PIPELINE_DIR}/dvc.yaml runs modules its deps do not list: {missing}"
 
 
 def test_bad_params_and_unknown_truths_exit_2_before_writing(tmp_path: Path) -> None:
@@ -71,9 +67,35 @@ def test_bad_params_and_unknown_truths_exit_2_before_writing(tmp_path: Path) -> 
     result = run_dmat("known-distribution", "train", "--truth", "ring", cwd=tmp_path)
     assert result.returncode == 2 and "data.n = 1" in result.stderr, result.stderr
     (tmp_path / "params.yaml").write_text(tiny_params())
-    result = run_dmat("known-distribution", "train", "--truth", "moon", cwd=tmp_path)
-    assert result.returncode == 2 and "truths.moon" in result.stderr and "ring" in result.stderr, result.stderr
+    for command in ("train", "run"):
+        result = run_dmat("known-distribution", command, "--truth", "moon", cwd=tmp_path)
+        assert result.returncode == 2 and "truths.moon" in result.stderr and "ring" in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [".dvc", "params.yaml"]
+
+
+def test_run_gives_each_truth_the_numbers_its_separate_stages_give(tmp_path: Path) -> None:
+    """`run` (DVC's stage) trains and evaluates every truth in one process; the same commands one process each give
+    the same files bit for bit: each stage seeds its own draws, so nothing carries over from the truth before."""
+    second = "  ring6: {distribution: ring, modes: 6, classes: 2, scale: 0.8, std: 0.05, model: mlp-2d}\n"
+    params = tiny_params().replace("\ndata:", f"\n{second}data:")
+    together, apart = tmp_path / "together", tmp_path / "apart"
+    for project in (together, apart):
+        (project / ".dvc").mkdir(parents=True)
+        (project / "params.yaml").write_text(params)
+    result = run_dmat("known-distribution", "run", cwd=together)
+    assert result.returncode == 0, result.stderr
+    for truth in ("ring", "ring6"):
+        for stage in ("train", "evaluate"):
+            result = run_dmat("known-distribution", stage, "--truth", truth, cwd=apart)
+            assert result.returncode == 0, result.stderr
+    for truth in ("ring", "ring6"):
+        for name in ("train.npz", "samples.npz"):
+            with np.load(together / "data" / truth / name) as one, np.load(apart / "data" / truth / name) as other:
+                assert one.files == other.files and all(np.array_equal(one[k], other[k]) for k in one.files)
+        for stage in ("train", "evaluate"):
+            one, other = ({k: v for k, v in json.loads((p / "metrics" / f"{stage}_{truth}.json").read_text()).items()
+                           if k != "train_s"} for p in (together, apart))  # train_s: a duration
+            assert one == other
 
 
 def test_evaluate_refuses_a_model_of_another_truth(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ last checkpoint) and requeues the task (`scontrol requeue`), at most `max_requeu
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -39,6 +40,7 @@ from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 143
 STOP_GRACE_S = 60  # after SIGTERM, how long the experiment may take to stop before it is killed
+KILL_WAIT_S = 10  # after SIGKILL, how long its processes may take to go
 
 
 class StepFailed(RuntimeError):
@@ -146,6 +148,8 @@ class Task:
         self.child = subprocess.Popen(command, cwd=self.checkout if cwd == "checkout" else cwd, env=self.env,
                                       start_new_session=True)
         code = self.child.wait()
+        if self.stop_reason:
+            self.wait_for_group(self.child.pid)
         self.child = None
         if code:
             raise StepFailed(name, code)
@@ -172,9 +176,22 @@ class Task:
         self.stop_reason, self.requeue = reason, requeue
         self.say(reason)
         if self.child is not None:
-            _signal_group(self.child, signal.SIGTERM)
-            signal.signal(signal.SIGALRM, lambda *_: _signal_group(self.child, signal.SIGKILL))
+            group = self.child.pid
+            _signal_group(group, signal.SIGTERM)
+            signal.signal(signal.SIGALRM, lambda *_: _signal_group(group, signal.SIGKILL))
             signal.alarm(STOP_GRACE_S)
+
+    def wait_for_group(self, group: int) -> None:
+        """Return once no process of the stopped command's group is left. DVC dies at once on SIGTERM, but the stage
+        it ran ends its MLflow run and writes its checkpoint first, orphaned: a requeued attempt that started before
+        it ended would resume in the same checkout beside it. The alarm set by `stop` kills what outlives the grace."""
+        deadline = time.monotonic() + STOP_GRACE_S + KILL_WAIT_S
+        while _group_alive(group):
+            if time.monotonic() > deadline:
+                self.say(f"warning: processes of group {group} outlived SIGKILL; going on without them")
+                return
+            time.sleep(0.2)
+        signal.alarm(0)
 
     def stopped(self) -> int:
         self.report("interrupted", f"{self.stop_reason} after {self.minutes()}; a requeued attempt resumes in "
@@ -205,9 +222,23 @@ class Task:
         print(f"[{dt.datetime.now():%H:%M:%S}] dmat slurm task: {message}", file=sys.stderr, flush=True)
 
 
-def _signal_group(child: subprocess.Popen | None, signum: int) -> None:
-    if child is not None and child.poll() is None:
-        os.killpg(child.pid, signum)
+def _signal_group(group: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # every process of the group has ended
+        os.killpg(group, signum)
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of `group` still runs. Zombies do not count: an orphan that ended waits for the container's
+    init to reap it, which may never happen."""
+    import psutil
+
+    for process in psutil.process_iter(["status"]):
+        try:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(process.pid) == group:
+                return True
+        except (ProcessLookupError, psutil.Error):  # ended while we looked
+            continue
+    return False
 
 
 def remote_experiments(git_url: str, commit: str) -> set[str]:
