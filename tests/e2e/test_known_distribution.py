@@ -12,7 +12,6 @@ import pytest
 from dmat.known_distribution_config import PIPELINE_DIR
 from tests.conftest import BIN_DIR
 from tests.e2e.test_pipeline import copy_project, run
-from tests.e2e.test_variants import wait_for_queue
 from tests.test_known_distribution_pipeline import tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -35,8 +34,7 @@ def test_the_benchmark_queues_reproduces_and_reports(tmp_path: Path) -> None:
         run(command, project)
 
     # A new project: two workers start at once on a tracking store that `dmat queue` has just created.
-    run([str(BIN_DIR / "dmat"), "queue", "grid.yaml", "--start", "2"], project)
-    wait_for_queue(project, timeout=600)
+    run([str(BIN_DIR / "dmat"), "queue", "grid.yaml", "--start", "2", "--watch"], project)
     out = project / "reports" / "kd"
     run([str(BIN_DIR / "dmat"), "known-distribution", "report", "--grid", "grid.yaml", "--out", str(out)], project)
     with (out / "per_seed.csv").open() as handle:
